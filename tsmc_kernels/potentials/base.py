@@ -1,0 +1,153 @@
+"""The potential protocol used by every sampler.
+
+A potential maps finished completions to ``log phi`` (SPEC §1)::
+
+    potential(completion_ids, *, texts=None, prompt_index=None) -> Tensor [M] (float, log phi)
+
+* ``completion_ids``: int64 ``[M, T']`` token ids **without the prompt**, padded after EOS with
+  the pad/EOS id.
+* ``texts``: the decoded completions (``list[str]`` of length M), passed only when the potential
+  sets ``needs_text = True`` (the sampler then needs a tokenizer and decodes only those rows).
+* ``prompt_index``: int64 ``[M]``, which prompt each row belongs to (for per-prompt targets such as
+  a gold answer).
+
+Return ``-inf`` for ``phi = 0``; never NaN or ``+inf``. Plain callables taking ``completion_ids``
+alone are accepted too (:func:`as_potential`). Potentials compose: ``p1 * p2`` is the product of
+the potentials (the sum of the logs).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Sequence
+
+import torch
+
+
+class Potential:
+    """Base class. Subclasses implement :meth:`log_phi` and set ``needs_text`` if they read text."""
+
+    needs_text: bool = False
+    name: str = "potential"
+
+    def log_phi(self, completion_ids: torch.Tensor, texts: Sequence[str] | None,
+                prompt_index: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, completion_ids: torch.Tensor, *, texts: Sequence[str] | None = None,
+                 prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+        if self.needs_text and texts is None:
+            raise ValueError(f"potential {self.name!r} needs decoded text: pass texts= (or a tokenizer to the sampler)")
+        if prompt_index is None:
+            prompt_index = torch.zeros(completion_ids.shape[0], dtype=torch.int64, device=completion_ids.device)
+        out = torch.as_tensor(self.log_phi(completion_ids, texts, prompt_index), dtype=torch.float32)
+        return check_log_phi(out, completion_ids.shape[0], self.name)
+
+    def __mul__(self, other: "Potential") -> "Potential":
+        return ProductPotential([self, as_potential(other)])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def check_log_phi(out: torch.Tensor, m: int, name: str) -> torch.Tensor:
+    """Validate a potential's output: shape ``[m]``, no NaN, no ``+inf``. Returns it as fp32."""
+    out = torch.as_tensor(out).float()
+    if out.shape != (m,):
+        raise ValueError(f"potential {name!r} returned shape {tuple(out.shape)}, expected [{m}] (one log phi per row)")
+    if bool(torch.isnan(out).any()):
+        raise ValueError(f"potential {name!r} returned NaN")
+    if bool(torch.isposinf(out).any()):
+        raise ValueError(f"potential {name!r} returned +inf")
+    return out
+
+
+class ProductPotential(Potential):
+    """Product of potentials: ``log phi = sum_i log phi_i``."""
+
+    def __init__(self, parts: Sequence[Potential]):
+        flat = []
+        for p in parts:
+            flat.extend(p.parts if isinstance(p, ProductPotential) else [p])
+        self.parts = flat
+        self.needs_text = any(p.needs_text for p in flat)
+        self.name = " * ".join(p.name for p in flat)
+
+    def log_phi(self, completion_ids, texts, prompt_index):
+        return sum(p(completion_ids, texts=texts, prompt_index=prompt_index).to(completion_ids.device)
+                   for p in self.parts)
+
+
+class CallablePotential(Potential):
+    """Wraps a plain callable ``f(completion_ids, **maybe texts/prompt_index) -> [M]``."""
+
+    def __init__(self, fn: Callable, needs_text: bool | None = None, name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "potential")
+        params = _params(fn)
+        self._kw = {k for k in ("texts", "prompt_index") if k in params or "**" in params}
+        self.needs_text = bool(getattr(fn, "needs_text", False)) if needs_text is None else needs_text
+
+    def log_phi(self, completion_ids, texts, prompt_index):
+        kw = {}
+        if "texts" in self._kw:
+            kw["texts"] = texts
+        if "prompt_index" in self._kw:
+            kw["prompt_index"] = prompt_index
+        return self.fn(completion_ids, **kw)
+
+
+def _params(fn) -> set:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return {"**"}
+    names = set(sig.parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        names.add("**")
+    return names
+
+
+def as_potential(p) -> Potential:
+    """A :class:`Potential` from a Potential or a plain callable."""
+    if isinstance(p, Potential):
+        return p
+    if callable(p):
+        return CallablePotential(p)
+    raise TypeError(f"potential must be callable, got {type(p).__name__}")
+
+
+class RewardPotential(Potential):
+    """``log phi`` from a text reward ``reward_fn(texts, prompt_index) -> [M]`` (list or tensor).
+
+    ``mode="exp"``: ``log phi = beta * r`` (``phi = exp(beta r)``);
+    ``mode="indicator"``: ``log phi = 0`` where ``r > threshold`` else ``-inf``.
+    """
+
+    needs_text = True
+
+    def __init__(self, reward_fn: Callable, *, mode: str = "exp", beta: float = 1.0, threshold: float = 0.0,
+                 name: str | None = None):
+        if mode not in ("exp", "indicator"):
+            raise ValueError(f"mode must be 'exp' or 'indicator', got {mode!r}")
+        self.reward_fn, self.mode, self.beta, self.threshold = reward_fn, mode, beta, threshold
+        self.name = name or getattr(reward_fn, "__name__", "reward")
+
+    def rewards(self, texts: Sequence[str], prompt_index: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.reward_fn(list(texts), prompt_index), dtype=torch.float64).reshape(-1)
+
+    def log_phi(self, completion_ids, texts, prompt_index):
+        r = self.rewards(texts, prompt_index)
+        if self.mode == "exp":
+            return (self.beta * r).float()
+        return torch.where(r > self.threshold, 0.0, -math.inf).float()
+
+
+def from_reward(reward_fn: Callable, *, beta: float = 1.0, name: str | None = None) -> RewardPotential:
+    """``phi = exp(beta * r)`` for a text reward ``reward_fn(texts, prompt_index)``."""
+    return RewardPotential(reward_fn, mode="exp", beta=beta, name=name)
+
+
+def indicator(reward_fn: Callable, *, threshold: float = 0.0, name: str | None = None) -> RewardPotential:
+    """``phi = 1[r > threshold]`` for a text reward ``reward_fn(texts, prompt_index)``."""
+    return RewardPotential(reward_fn, mode="indicator", threshold=threshold, name=name)

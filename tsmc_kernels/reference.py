@@ -1,0 +1,223 @@
+"""PyTorch definition of every kernel contract (SPEC §6): the test oracle and the fallback path.
+
+Each function here is the *meaning* of the op of the same name in :mod:`tsmc_kernels.ops`;
+faster backends (Triton, C++, CUDA) must agree with it. Everything is computed in fp64 and
+returned in fp32 (log values) or int64 (indices). Random numbers come from
+:mod:`tsmc_kernels.rng`, so every backend draws the same numbers.
+
+Conventions (``M = B * N`` particle rows, ``V`` vocabulary):
+
+* ``twist_sample``: the proposal is ``q(v) ∝ exp((log p0(v) + log psi(v)) / temperature)``
+  restricted to the entries ``>=`` the k-th largest when ``top_k > 0``; ``p0 = softmax(logits)``
+  at temperature 1. Rows whose proposal has no finite entry return token 0 and ``logq = -inf``;
+  NaN in a row propagates to its ``log_zpi`` (the flag the sampler checks).
+* ``normalize_log_weights``: returned log weights are normalised (``logsumexp == 0`` per prompt);
+  a prompt whose weights are all ``-inf`` returns ``-inf`` weights, ``ess = 0``,
+  ``log_z_inc = -inf`` and no resampling — never NaN.
+* ``resample``: offspring counts from sorted positions in the cumulative weights, then the
+  ancestor permutation of SPEC §2 (a particle with offspring is its own ancestor; its extra
+  copies fill the dead slots in order).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+
+from . import rng
+
+SCHEMES = ("systematic", "stratified", "multinomial", "residual")
+
+
+class TwistSampleOutput(NamedTuple):
+    """Per-row outputs of :func:`twist_sample`; all ``[M]``."""
+
+    token: torch.Tensor  # int64, sampled token id
+    logp: torch.Tensor  # fp32, log p0(token) at temperature 1
+    logq: torch.Tensor  # fp32, log q(token) under the proposal actually sampled from
+    log_zpi: torch.Tensor  # fp32, logsumexp_v(log p0(v) + log psi(v))
+    log_psi: torch.Tensor  # fp32, log psi(token) (0 without a twist)
+    entropy: torch.Tensor  # fp32, entropy of p0 in nats
+
+
+class NormalizeOutput(NamedTuple):
+    """Outputs of :func:`normalize_log_weights`."""
+
+    log_w: torch.Tensor  # fp32 [B, N], normalised: logsumexp over N is 0 (or all -inf)
+    ess: torch.Tensor  # fp32 [B], (sum W)^2 / sum W^2, 0 for a dead prompt
+    log_z_inc: torch.Tensor  # fp32 [B], logsumexp(log_w + inc) - logsumexp(log_w)
+    resample: torch.Tensor  # bool [B], ess < ess_threshold * N (always if threshold >= 1)
+
+
+def _logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    # torch.logsumexp already returns -inf for all -inf rows and NaN for NaN rows.
+    return torch.logsumexp(x, dim=dim)
+
+
+def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *, temperature: float = 1.0,
+                 top_k: int = 0, seed: int = 0, step=0) -> TwistSampleOutput:
+    """Score the twisted proposal and draw one token per row by Gumbel-max.
+
+    Args:
+        logits: base-model logits ``[M, V]`` (any float dtype).
+        log_twist: log-twists ``log psi_t(s_<t, v)`` ``[M, V]`` or ``None`` (``psi = 1``).
+        temperature: proposal temperature (> 0), applied to ``log p0 + log psi``.
+        top_k: keep only proposal entries ``>=`` the k-th largest (0 = all).
+        seed, step: RNG key; row ``m`` draws noise ``gumbel(seed, step, STREAM_TOKEN, m, v)``.
+    Returns:
+        :class:`TwistSampleOutput` of ``[M]`` tensors.
+    """
+    x = logits.double()
+    M, V = x.shape
+    lse0 = _logsumexp(x)
+    logp0 = torch.where(torch.isneginf(lse0)[:, None], torch.full_like(x, -math.inf), x - lse0[:, None])
+    tw = log_twist.double() if log_twist is not None else torch.zeros_like(x)
+    s = logp0 + tw
+    log_zpi = _logsumexp(s)
+    r = s / temperature
+    if 0 < top_k < V:
+        kth = torch.topk(r, top_k, dim=-1).values[:, -1:]
+        r = torch.where(r >= kth, r, torch.full_like(r, -math.inf))
+    lse_r = _logsumexp(r)
+    logq = r - lse_r[:, None]
+    key = rng.row_key(seed, step, rng.STREAM_TOKEN, torch.arange(M, device=x.device))
+    g = rng.gumbel(key[:, None], torch.arange(V, device=x.device)[None, :])
+    token = torch.argmax(torch.where(torch.isneginf(r), torch.full_like(r, -math.inf), r + g), dim=-1)
+    dead = torch.isneginf(lse_r)
+    token = torch.where(dead, torch.zeros_like(token), token)
+    idx = token[:, None]
+    p0 = logp0.exp()
+    entropy = -torch.where(p0 > 0, p0 * logp0, torch.zeros_like(p0)).sum(-1)
+    entropy = torch.where(torch.isnan(lse0), lse0, entropy)
+    logq_tok = torch.where(dead, torch.full_like(lse_r, -math.inf), logq.gather(1, idx)[:, 0])
+    return TwistSampleOutput(token, logp0.gather(1, idx)[:, 0].float(), logq_tok.float(), log_zpi.float(),
+                             tw.gather(1, idx)[:, 0].float(), entropy.float())
+
+
+def normalize_log_weights(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = None, *,
+                          ess_threshold: float = 0.5) -> NormalizeOutput:
+    """Add increments, normalise per prompt, and decide whether to resample.
+
+    Args:
+        log_w: current log weights ``[B, N]`` (need not be normalised).
+        log_w_inc: log incremental weights ``[B, N]`` or ``None`` (zero).
+        ess_threshold: resample where ``ess < ess_threshold * N``; ``>= 1`` means always, 0 never.
+    Returns:
+        :class:`NormalizeOutput`.
+    """
+    lw_prev = log_w.double()
+    lw = lw_prev + log_w_inc.double() if log_w_inc is not None else lw_prev
+    N = lw.shape[1]
+    lse_prev = _logsumexp(lw_prev)
+    lse = _logsumexp(lw)
+    dead = torch.isneginf(lse)
+    safe_lse = torch.where(dead, torch.zeros_like(lse), lse)
+    norm = lw - safe_lse[:, None]
+    ess = torch.where(dead, torch.zeros_like(lse), 1.0 / torch.exp(2 * norm).sum(-1))
+    safe_prev = torch.where(torch.isneginf(lse_prev), torch.zeros_like(lse_prev), lse_prev)
+    log_z_inc = torch.where(dead, torch.full_like(lse, -math.inf), lse - safe_prev)
+    always = ess_threshold >= 1.0
+    resample = (~dead) & ((ess < ess_threshold * N) | always)
+    return NormalizeOutput(norm.float(), ess.float(), log_z_inc.float(), resample)
+
+
+def resample_positions(scheme: str, N: int, B: int, seed: int, step, device, counts_floor=None) -> torch.Tensor:
+    """Sorted positions in [0, 1) (fp64 ``[B, N]``) whose place in the cumulative weights picks ancestors.
+
+    ``residual`` is handled in :func:`offspring_counts` and does not use this function.
+    """
+    key = rng.row_key(seed, step, rng.STREAM_RESAMPLE, torch.arange(B, device=device))[:, None]
+    k = torch.arange(N, device=device)[None, :]
+    if scheme == "systematic":
+        return (k + rng.uniform(key, torch.zeros_like(k))) / N
+    if scheme == "stratified":
+        return (k + rng.uniform(key, k)) / N
+    if scheme == "multinomial":
+        e = -torch.log(rng.uniform(key, torch.arange(N + 1, device=device)[None, :]))
+        c = e.cumsum(-1)
+        return c[:, :N] / c[:, N:]
+    raise ValueError(f"unknown resampling scheme {scheme!r}; expected one of {SCHEMES}")
+
+
+def offspring_counts(log_w: torch.Tensor, *, scheme: str = "systematic", seed: int = 0, step=0) -> torch.Tensor:
+    """Offspring count of every particle, int64 ``[B, N]`` summing to ``N`` per prompt."""
+    lw = log_w.double()
+    B, N = lw.shape
+    w = torch.exp(lw - _logsumexp(lw)[:, None])
+    if scheme == "residual":
+        base = torch.floor(N * w)
+        rest = N * w - base
+        R = (N - base.sum(-1)).long()
+        counts = base.long()
+        key = rng.row_key(seed, step, rng.STREAM_RESAMPLE, torch.arange(B, device=lw.device))
+        for b in range(B):
+            r = int(R[b])
+            if r == 0:
+                continue
+            e = -torch.log(rng.uniform(key[b], torch.arange(r + 1, device=lw.device)))
+            c = e.cumsum(-1)
+            pos = c[:r] / c[r]
+            cw = rest[b].cumsum(-1)
+            cw = cw / cw[-1]
+            counts[b] += torch.bincount(torch.searchsorted(cw, pos, right=True).clamp_max(N - 1), minlength=N)
+        return counts
+    pos = resample_positions(scheme, N, B, seed, step, lw.device)
+    cw = w.cumsum(-1)
+    cw = cw / cw[:, -1:]  # exact 1.0 at the end: a position < 1 never falls past the last live particle
+    anc = torch.searchsorted(cw, pos, right=True).clamp_max(N - 1)
+    return torch.zeros(B, N, dtype=torch.int64, device=lw.device).scatter_add_(1, anc, torch.ones_like(anc))
+
+
+def ancestors_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """SPEC §2 ancestor permutation from offspring counts ``[B, N]`` (each row sums to N).
+
+    A particle with ``counts >= 1`` is its own ancestor; the ``counts - 1`` extra copies of each
+    particle, in particle order, fill the dead slots (``counts == 0``) in slot order.
+    """
+    B, N = counts.shape
+    idx = torch.arange(N, device=counts.device).expand(B, N)
+    extra = (counts - 1).clamp_min(0)
+    extra_end = extra.cumsum(-1)  # inclusive prefix sum: copies of i fill dead ranks [end_{i-1}, end_i)
+    dead = counts == 0
+    dead_rank = dead.long().cumsum(-1) - 1
+    src = torch.searchsorted(extra_end, dead_rank.clamp_min(0), right=True)
+    return torch.where(dead, src.clamp_max(N - 1), idx).contiguous()
+
+
+def resample(log_w: torch.Tensor, resample_mask: torch.Tensor, *, scheme: str = "systematic", seed: int = 0,
+             step=0) -> torch.Tensor:
+    """Ancestors int64 ``[B, N]`` (indices within each prompt) with the permutation property.
+
+    Prompts where ``resample_mask`` is False, or whose weights are all ``-inf``, get the identity.
+    """
+    B, N = log_w.shape
+    ident = torch.arange(N, device=log_w.device).expand(B, N)
+    live = resample_mask & ~torch.isneginf(_logsumexp(log_w.double()))
+    if not bool(live.any()):
+        return ident.contiguous()
+    safe = torch.where(live[:, None], log_w.double(), torch.zeros_like(log_w, dtype=torch.float64))
+    anc = ancestors_from_counts(offspring_counts(safe, scheme=scheme, seed=seed, step=step))
+    return torch.where(live[:, None], anc, ident).contiguous()
+
+
+def flat_ancestors(ancestors: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` within-prompt ancestors -> ``[M]`` global row indices (a flat ``[M]`` passes through)."""
+    if ancestors.dim() == 1:
+        return ancestors
+    B, N = ancestors.shape
+    return (ancestors + N * torch.arange(B, device=ancestors.device)[:, None]).reshape(-1)
+
+
+def kv_gather_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor) -> None:
+    """In place, for every tensor ``t`` (dim 0 = M rows): ``t[i] = t[a[i]]`` where ``a[i] != i``.
+
+    Relies on the permutation property: rows that are read are never written.
+    """
+    a = flat_ancestors(ancestors)
+    moved = torch.nonzero(a != torch.arange(a.numel(), device=a.device)).flatten()
+    if moved.numel() == 0:
+        return
+    src = a[moved]
+    for t in tensors:
+        t[moved.to(t.device)] = t[src.to(t.device)]

@@ -1,0 +1,63 @@
+"""Counter-based random numbers shared by every backend.
+
+Every kernel that draws randomness (token sampling, resampling) derives it from a pure
+function of ``(seed, step, stream, row, counter)``, never from global generator state. The
+same arithmetic is written in PyTorch (here, the oracle), Triton (``triton/*.py``), C++
+(``csrc/rng.h``) and CUDA, so all backends draw *identical* numbers and tests can compare
+them exactly. Results therefore do not depend on batch layout, and a kernel that reads
+``step`` from a device tensor can be captured once in a CUDA graph and replayed.
+
+The hash is Chris Wellons' ``lowbias32`` on 32-bit words::
+
+    mix32(x):  x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+    key   = mix32(mix32(mix32(seed32 ^ (stream * 0x9E3779B9)) ^ step32) ^ row32)
+    bits  = mix32(key ^ (counter * 0x85EBCA6B))
+    u     = ((bits >> 8) + 0.5) / 2**24            # in (0, 1), exact in fp32 and fp64
+
+with ``seed32 = (seed ^ (seed >> 32)) mod 2**32`` and ``step32``/``row32`` taken mod 2**32.
+"""
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+STREAM_TOKEN = 1  # Gumbel noise for token sampling: row = particle row, counter = vocab id
+STREAM_RESAMPLE = 2  # resampling uniforms: row = prompt index, counter = draw index
+
+_GOLDEN = 0x9E3779B9
+_COUNTER_MUL = 0x85EBCA6B
+
+
+def fold_seed(seed: int) -> int:
+    """Fold a non-negative Python int seed into 32 bits."""
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    return (seed ^ (seed >> 32)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on an int64 tensor holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def row_key(seed: int, step, stream: int, row: torch.Tensor) -> torch.Tensor:
+    """Per-row key. ``step`` is an int or an int64 tensor broadcastable to ``row``."""
+    row = row.to(torch.int64) & MASK32
+    step = torch.as_tensor(step, dtype=torch.int64, device=row.device) & MASK32
+    base = torch.tensor(fold_seed(seed) ^ ((stream * _GOLDEN) & MASK32), dtype=torch.int64, device=row.device)
+    return mix32(mix32(mix32(base) ^ step) ^ row)
+
+
+def uniform(key: torch.Tensor, counter: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """Uniform in (0, 1) for every (key, counter) pair (broadcast)."""
+    bits = mix32(key ^ ((counter.to(torch.int64) * _COUNTER_MUL) & MASK32))
+    return ((bits >> 8).to(dtype) + 0.5) * (2.0 ** -24)
+
+
+def gumbel(key: torch.Tensor, counter: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log(u))`` for every (key, counter) pair."""
+    return -torch.log(-torch.log(uniform(key, counter, dtype)))
