@@ -35,7 +35,7 @@ import torch
 from . import reference, rng
 from .reference import SCHEMES, NormalizeOutput, TwistSampleOutput
 
-__all__ = ["twist_sample", "normalize_log_weights", "resample", "reweight", "kv_gather_", "ReweightOutput",
+__all__ = ["twist_sample", "twist_score", "normalize_log_weights", "resample", "reweight", "kv_gather_", "ReweightOutput",
            "TwistSampleOutput", "NormalizeOutput", "SCHEMES", "backend_for", "native_available"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -180,6 +180,39 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
     return TwistSampleOutput(*_twist_sample_op(logits, log_twist, float(temperature), int(top_k), _seed32(seed), step_t))
 
 
+@torch.library.custom_op("tsmc::twist_score", mutates_args=())
+def _twist_score_op(logits: torch.Tensor, log_twist: Optional[torch.Tensor], tokens: torch.Tensor, temperature: float,
+                    top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = reference.twist_score(logits, log_twist, tokens, temperature=temperature, top_k=top_k)
+    return tuple(t.contiguous() for t in out[1:])
+
+
+@_twist_score_op.register_fake
+def _(logits, log_twist, tokens, temperature, top_k):
+    M = logits.shape[0]
+    return tuple(logits.new_empty(M, dtype=torch.float32) for _ in range(5))
+
+
+def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: torch.Tensor, *,
+                temperature: float = 1.0, top_k: int = 0) -> TwistSampleOutput:
+    """:func:`twist_sample`'s outputs for given ``tokens`` (int64 ``[M]``): teacher forcing, no randomness.
+
+    Used by conditional SMC (a forced particle) and twist training. Shapes as in
+    :func:`twist_sample`; a token outside the top-k has ``logq = -inf``. (PyTorch path on every
+    device: it runs on few rows or off the hot path.)
+    """
+    _check_tensor("logits", logits, 2, _FLOATS)
+    _check_tensor("tokens", tokens, 1, (torch.int64, torch.int32))
+    if tokens.shape[0] != logits.shape[0]:
+        raise ValueError(f"tokens has {tokens.shape[0]} rows but logits has {logits.shape[0]}")
+    if log_twist is not None and log_twist.shape != logits.shape:
+        raise ValueError(f"log_twist shape {tuple(log_twist.shape)} does not match logits {tuple(logits.shape)}")
+    _check_same_device("logits", logits, tokens=tokens, log_twist=log_twist)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return TwistSampleOutput(tokens.long(), *_twist_score_op(logits, log_twist, tokens.long(), float(temperature), int(top_k)))
+
+
 # ----------------------------------------------------------------------------- normalise / resample
 
 def _check_weights(log_w, log_w_inc, validate: bool):
@@ -233,7 +266,10 @@ def normalize_log_weights(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = 
     return NormalizeOutput(*_normalize_op(log_w, log_w_inc, float(ess_threshold)))
 
 
-def _resample_impl(log_w: torch.Tensor, mask: torch.Tensor, scheme: str, seed: int, step: torch.Tensor) -> torch.Tensor:
+def _resample_impl(log_w: torch.Tensor, mask: torch.Tensor, scheme: str, seed: int, step: torch.Tensor,
+                   keep_first: bool = False) -> torch.Tensor:
+    if keep_first:  # conditional SMC (bounds): an analysis path, reference only
+        return reference.resample(log_w, mask, scheme=scheme, seed=seed, step=step, keep_first=True)
     backend = backend_for(log_w.device, "resample")
     if backend == "triton" and scheme in ("systematic", "stratified", "multinomial"):
         from .triton.weights import resample_triton
@@ -245,17 +281,17 @@ def _resample_impl(log_w: torch.Tensor, mask: torch.Tensor, scheme: str, seed: i
 
 @torch.library.custom_op("tsmc::resample", mutates_args=())
 def _resample_op(log_w: torch.Tensor, resample_mask: torch.Tensor, scheme: str, seed: int,
-                 step: torch.Tensor) -> torch.Tensor:
-    return _resample_impl(log_w, resample_mask, scheme, seed, step)
+                 step: torch.Tensor, keep_first: bool) -> torch.Tensor:
+    return _resample_impl(log_w, resample_mask, scheme, seed, step, keep_first)
 
 
 @_resample_op.register_fake
-def _(log_w, resample_mask, scheme, seed, step):
+def _(log_w, resample_mask, scheme, seed, step, keep_first):
     return log_w.new_empty(log_w.shape, dtype=torch.int64)
 
 
 def resample(log_w: torch.Tensor, resample_mask: torch.Tensor | None = None, *, scheme: str = "systematic",
-             seed: int = 0, step=0, validate: bool = True) -> torch.Tensor:
+             seed: int = 0, step=0, keep_first: bool = False, validate: bool = True) -> torch.Tensor:
     """Ancestor indices with the permutation property of SPEC §2 (SPEC §6.3).
 
     Args:
@@ -263,6 +299,8 @@ def resample(log_w: torch.Tensor, resample_mask: torch.Tensor | None = None, *, 
         resample_mask: bool ``[B]``, which prompts resample (``None``: all).
         scheme: ``"systematic"`` (default), ``"stratified"``, ``"multinomial"`` or ``"residual"``.
         seed, step: RNG key (prompt ``b`` uses row ``b`` of the resampling stream).
+        keep_first: conditional SMC (SPEC §4): particle 0 always survives and the other N-1
+            slots are multinomial draws from all N particles (``scheme`` is ignored).
     Returns:
         int64 ``[B, N]``: indices within each prompt's particles; ``a[j] == j`` whenever particle
         ``j`` has an offspring; the identity for prompts that do not resample or are all ``-inf``.
@@ -275,7 +313,7 @@ def resample(log_w: torch.Tensor, resample_mask: torch.Tensor | None = None, *, 
     if resample_mask.shape[0] != log_w.shape[0]:
         raise ValueError(f"resample_mask has {resample_mask.shape[0]} prompts but log_w has {log_w.shape[0]} (B mismatch)")
     _check_same_device("log_w", log_w, resample_mask=resample_mask)
-    return _resample_op(log_w, resample_mask, scheme, _seed32(seed), _step_tensor(step, log_w.device))
+    return _resample_op(log_w, resample_mask, scheme, _seed32(seed), _step_tensor(step, log_w.device), bool(keep_first))
 
 
 class ReweightOutput(NamedTuple):
@@ -290,19 +328,21 @@ class ReweightOutput(NamedTuple):
 
 @torch.library.custom_op("tsmc::reweight", mutates_args=())
 def _reweight_op(log_w: torch.Tensor, log_w_inc: Optional[torch.Tensor], ess_threshold: float, scheme: str, seed: int,
-                 step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend_for(log_w.device, "reweight") == "triton" and scheme in ("systematic", "stratified", "multinomial"):
+                 step: torch.Tensor, keep_first: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if (not keep_first and backend_for(log_w.device, "reweight") == "triton"
+            and scheme in ("systematic", "stratified", "multinomial")):
         from .triton.weights import reweight_triton
         return tuple(reweight_triton(log_w, log_w_inc, ess_threshold=ess_threshold, scheme=scheme, seed=seed, step=step))
     norm = _normalize_op(log_w, log_w_inc, ess_threshold)
-    anc = _resample_impl(norm[0], norm[3], scheme, seed, step)
+    anc = _resample_impl(norm[0], norm[3], scheme, seed, step, keep_first)
     N = log_w.shape[1]
     new_w = torch.where(norm[3][:, None], torch.full_like(norm[0], -math.log(N)), norm[0])
     return new_w, norm[1], norm[2], norm[3], anc
 
 
 @_reweight_op.register_fake
-def _(log_w, log_w_inc, ess_threshold, scheme, seed, step):
+def _(log_w, log_w_inc, ess_threshold, scheme, seed, step, keep_first):
     B, N = log_w.shape
     return (log_w.new_empty(B, N, dtype=torch.float32), log_w.new_empty(B, dtype=torch.float32),
             log_w.new_empty(B, dtype=torch.float32), log_w.new_empty(B, dtype=torch.bool),
@@ -310,7 +350,8 @@ def _(log_w, log_w_inc, ess_threshold, scheme, seed, step):
 
 
 def reweight(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = None, *, ess_threshold: float = 0.5,
-             scheme: str = "systematic", seed: int = 0, step=0, validate: bool = True) -> ReweightOutput:
+             scheme: str = "systematic", seed: int = 0, step=0, keep_first: bool = False,
+             validate: bool = True) -> ReweightOutput:
     """Fused :func:`normalize_log_weights` + :func:`resample` + weight reset: one launch on CUDA.
 
     Args and shapes as in those two functions. Returns :class:`ReweightOutput` whose ``log_w``
@@ -322,7 +363,7 @@ def reweight(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = None, *, ess_
     if ess_threshold < 0:
         raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
     return ReweightOutput(*_reweight_op(log_w, log_w_inc, float(ess_threshold), scheme, _seed32(seed),
-                                        _step_tensor(step, log_w.device)))
+                                        _step_tensor(step, log_w.device), bool(keep_first)))
 
 
 # ----------------------------------------------------------------------------- KV gather

@@ -55,6 +55,30 @@ def _logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.logsumexp(x, dim=dim)
 
 
+def _proposal(logits, log_twist, temperature, top_k):
+    """fp64 ``(logp0, tw, logq, log_zpi, entropy, dead)``: every per-vocab quantity of SPEC §6.1."""
+    x = logits.double()
+    lse0 = _logsumexp(x)
+    logp0 = torch.where(torch.isneginf(lse0)[:, None], torch.full_like(x, -math.inf), x - lse0[:, None])
+    tw = log_twist.double() if log_twist is not None else torch.zeros_like(x)
+    s = logp0 + tw
+    log_zpi = _logsumexp(s)
+    r = s / temperature
+    if 0 < top_k < x.shape[1]:
+        kth = torch.topk(r, top_k, dim=-1).values[:, -1:]
+        r = torch.where(r >= kth, r, torch.full_like(r, -math.inf))
+    lse_r = _logsumexp(r)
+    logq = r - lse_r[:, None]
+    p0 = logp0.exp()
+    entropy = -torch.where(p0 > 0, p0 * logp0, torch.zeros_like(p0)).sum(-1)
+    entropy = torch.where(torch.isnan(lse0), lse0, entropy)
+    return logp0, tw, logq, log_zpi, entropy, torch.isneginf(lse_r)
+
+
+def _at(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, token[:, None])[:, 0]
+
+
 def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *, temperature: float = 1.0,
                  top_k: int = 0, seed: int = 0, step=0) -> TwistSampleOutput:
     """Score the twisted proposal and draw one token per row by Gumbel-max.
@@ -68,31 +92,28 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
     Returns:
         :class:`TwistSampleOutput` of ``[M]`` tensors.
     """
-    x = logits.double()
-    M, V = x.shape
-    lse0 = _logsumexp(x)
-    logp0 = torch.where(torch.isneginf(lse0)[:, None], torch.full_like(x, -math.inf), x - lse0[:, None])
-    tw = log_twist.double() if log_twist is not None else torch.zeros_like(x)
-    s = logp0 + tw
-    log_zpi = _logsumexp(s)
-    r = s / temperature
-    if 0 < top_k < V:
-        kth = torch.topk(r, top_k, dim=-1).values[:, -1:]
-        r = torch.where(r >= kth, r, torch.full_like(r, -math.inf))
-    lse_r = _logsumexp(r)
-    logq = r - lse_r[:, None]
-    key = rng.row_key(seed, step, rng.STREAM_TOKEN, torch.arange(M, device=x.device))
-    g = rng.gumbel(key[:, None], torch.arange(V, device=x.device)[None, :])
-    token = torch.argmax(torch.where(torch.isneginf(r), torch.full_like(r, -math.inf), r + g), dim=-1)
-    dead = torch.isneginf(lse_r)
+    logp0, tw, logq, log_zpi, entropy, dead = _proposal(logits, log_twist, temperature, top_k)
+    M, V = logp0.shape
+    key = rng.row_key(seed, step, rng.STREAM_TOKEN, torch.arange(M, device=logp0.device))
+    g = rng.gumbel(key[:, None], torch.arange(V, device=logp0.device)[None, :])
+    token = torch.argmax(torch.where(torch.isneginf(logq), logq, logq + g), dim=-1)
     token = torch.where(dead, torch.zeros_like(token), token)
-    idx = token[:, None]
-    p0 = logp0.exp()
-    entropy = -torch.where(p0 > 0, p0 * logp0, torch.zeros_like(p0)).sum(-1)
-    entropy = torch.where(torch.isnan(lse0), lse0, entropy)
-    logq_tok = torch.where(dead, torch.full_like(lse_r, -math.inf), logq.gather(1, idx)[:, 0])
-    return TwistSampleOutput(token, logp0.gather(1, idx)[:, 0].float(), logq_tok.float(), log_zpi.float(),
-                             tw.gather(1, idx)[:, 0].float(), entropy.float())
+    logq_tok = torch.where(dead, torch.full_like(log_zpi, -math.inf), _at(logq, token))
+    return TwistSampleOutput(token, _at(logp0, token).float(), logq_tok.float(), log_zpi.float(),
+                             _at(tw, token).float(), entropy.float())
+
+
+def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: torch.Tensor, *,
+                temperature: float = 1.0, top_k: int = 0) -> TwistSampleOutput:
+    """Like :func:`twist_sample` but for given ``tokens`` (int64 ``[M]``) instead of sampled ones.
+
+    Used for teacher forcing (twist training, conditional SMC): the same proposal, no randomness.
+    A token outside the top-k gets ``logq = -inf``.
+    """
+    logp0, tw, logq, log_zpi, entropy, dead = _proposal(logits, log_twist, temperature, top_k)
+    tokens = tokens.to(torch.int64)
+    return TwistSampleOutput(tokens, _at(logp0, tokens).float(), _at(logq, tokens).float(), log_zpi.float(),
+                             _at(tw, tokens).float(), entropy.float())
 
 
 def normalize_log_weights(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = None, *,
@@ -140,11 +161,32 @@ def resample_positions(scheme: str, N: int, B: int, seed: int, step, device, cou
     raise ValueError(f"unknown resampling scheme {scheme!r}; expected one of {SCHEMES}")
 
 
-def offspring_counts(log_w: torch.Tensor, *, scheme: str = "systematic", seed: int = 0, step=0) -> torch.Tensor:
-    """Offspring count of every particle, int64 ``[B, N]`` summing to ``N`` per prompt."""
+def _multinomial_counts(w: torch.Tensor, draws: int, key: torch.Tensor) -> torch.Tensor:
+    """Counts of ``draws`` iid draws from the normalised weights ``w`` (fp64 ``[N]``), sorted-uniform method."""
+    N = w.shape[0]
+    e = -torch.log(rng.uniform(key, torch.arange(draws + 1, device=w.device)))
+    c = e.cumsum(-1)
+    pos = c[:draws] / c[draws]
+    cw = w.cumsum(-1)
+    cw = cw / cw[-1]
+    return torch.bincount(torch.searchsorted(cw, pos, right=True).clamp_max(N - 1), minlength=N)
+
+
+def offspring_counts(log_w: torch.Tensor, *, scheme: str = "systematic", seed: int = 0, step=0,
+                     keep_first: bool = False) -> torch.Tensor:
+    """Offspring count of every particle, int64 ``[B, N]`` summing to ``N`` per prompt.
+
+    ``keep_first=True`` is conditional SMC's resampling (SPEC §4): particle 0 keeps one offspring
+    and the other ``N - 1`` are multinomial draws from all N, whatever ``scheme`` says.
+    """
     lw = log_w.double()
     B, N = lw.shape
     w = torch.exp(lw - _logsumexp(lw)[:, None])
+    if keep_first:
+        key = rng.row_key(seed, step, rng.STREAM_RESAMPLE, torch.arange(B, device=lw.device))
+        counts = torch.stack([_multinomial_counts(w[b], N - 1, key[b]) for b in range(B)])
+        counts[:, 0] += 1
+        return counts
     if scheme == "residual":
         base = torch.floor(N * w)
         rest = N * w - base
@@ -152,15 +194,8 @@ def offspring_counts(log_w: torch.Tensor, *, scheme: str = "systematic", seed: i
         counts = base.long()
         key = rng.row_key(seed, step, rng.STREAM_RESAMPLE, torch.arange(B, device=lw.device))
         for b in range(B):
-            r = int(R[b])
-            if r == 0:
-                continue
-            e = -torch.log(rng.uniform(key[b], torch.arange(r + 1, device=lw.device)))
-            c = e.cumsum(-1)
-            pos = c[:r] / c[r]
-            cw = rest[b].cumsum(-1)
-            cw = cw / cw[-1]
-            counts[b] += torch.bincount(torch.searchsorted(cw, pos, right=True).clamp_max(N - 1), minlength=N)
+            if int(R[b]) > 0:
+                counts[b] += _multinomial_counts(rest[b], int(R[b]), key[b])
         return counts
     pos = resample_positions(scheme, N, B, seed, step, lw.device)
     cw = w.cumsum(-1)
@@ -186,10 +221,11 @@ def ancestors_from_counts(counts: torch.Tensor) -> torch.Tensor:
 
 
 def resample(log_w: torch.Tensor, resample_mask: torch.Tensor, *, scheme: str = "systematic", seed: int = 0,
-             step=0) -> torch.Tensor:
+             step=0, keep_first: bool = False) -> torch.Tensor:
     """Ancestors int64 ``[B, N]`` (indices within each prompt) with the permutation property.
 
     Prompts where ``resample_mask`` is False, or whose weights are all ``-inf``, get the identity.
+    ``keep_first``: conditional resampling (see :func:`offspring_counts`).
     """
     B, N = log_w.shape
     ident = torch.arange(N, device=log_w.device).expand(B, N)
@@ -197,7 +233,7 @@ def resample(log_w: torch.Tensor, resample_mask: torch.Tensor, *, scheme: str = 
     if not bool(live.any()):
         return ident.contiguous()
     safe = torch.where(live[:, None], log_w.double(), torch.zeros_like(log_w, dtype=torch.float64))
-    anc = ancestors_from_counts(offspring_counts(safe, scheme=scheme, seed=seed, step=step))
+    anc = ancestors_from_counts(offspring_counts(safe, scheme=scheme, seed=seed, step=step, keep_first=keep_first))
     return torch.where(live[:, None], anc, ident).contiguous()
 
 

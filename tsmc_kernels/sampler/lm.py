@@ -1,0 +1,133 @@
+"""Drive a Hugging Face causal LM one token at a time for ``M = B * N`` particle rows.
+
+:class:`ParticleLM` owns the KV cache and the attention mask of all particles. Prompt ``b``'s
+particles are rows ``b*N .. b*N+N-1``; since resampling only moves particles *within* a prompt,
+the prompt part of the mask and every row's position are the same for all of a prompt's
+particles and never need gathering: only the KV cache (and the caller's per-row buffers) move.
+
+Cache modes: ``"dynamic"`` (HF ``DynamicCache``; the prompt is prefilled once per prompt and
+repeated N times), ``"static"`` (HF ``StaticCache`` sized for prompt + ``max_new_tokens``, the
+layout CUDA graphs need) and ``"none"`` (recompute the whole sequence every step: the oracle
+for the cached paths).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .. import ops
+
+CACHE_MODES = ("dynamic", "static", "none")
+
+
+class ParticleLM:
+    """Batched decoding state for ``M = B * N`` particles.
+
+    Args:
+        model: an HF causal LM. input_ids: int64 ``[B, P]`` (left padding allowed).
+        attention_mask: ``[B, P]`` (1 = token, 0 = padding) or None.
+        num_particles: N. max_new_tokens: T (sizes the buffers).
+        cache: one of :data:`CACHE_MODES`. need_hidden: also return the last hidden state.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, num_particles: int,
+                 max_new_tokens: int, cache: str = "dynamic", need_hidden: bool = False):
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        self.model, self.cache_mode, self.need_hidden = model, cache, need_hidden
+        device = input_ids.device
+        B, P = input_ids.shape
+        N, T = num_particles, max_new_tokens
+        self.B, self.N, self.M, self.P, self.T = B, N, B * N, P, T
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        self.prompt_ids = input_ids
+        self.prompt_mask = mask
+        # Full mask for the longest possible sequence; the forward reads a prefix of it.
+        self.mask = torch.cat([mask.repeat_interleave(N, 0), torch.ones(B * N, T, dtype=torch.long, device=device)], 1)
+        self.prompt_len = mask.sum(1).repeat_interleave(N, 0)  # [M] real prompt tokens per row
+        self.t = 0  # tokens appended so far
+        self.cache = None
+        self.all_ids = None  # [M, P + T] for cache="none"
+        params = inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if cache == "static" and limit is not None and P + T > limit:
+            raise ValueError(f"prompt length {P} + max_new_tokens {T} exceeds the model's {limit} positions "
+                             "(too long for a static cache)")
+
+    # ------------------------------------------------------------------ forward passes
+    def _forward(self, ids, mask, position_ids, cache_position, keep_last: bool):
+        kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=self.cache_mode != "none",
+                  output_hidden_states=self.need_hidden, return_dict=True)
+        if self.cache_mode != "none":
+            kw["past_key_values"] = self.cache
+            kw["cache_position"] = cache_position
+        if keep_last and self._logits_to_keep:
+            kw["logits_to_keep"] = 1
+        out = self.model(**kw)
+        hidden = out.hidden_states[-1][:, -1] if self.need_hidden else None
+        return out.logits[:, -1], hidden
+
+    def _positions(self, mask: torch.Tensor) -> torch.Tensor:
+        return (mask.cumsum(1) - 1).clamp_min(0)
+
+    @torch.no_grad()
+    def prefill(self):
+        """Run the prompt. Returns ``(logits [M, V], hidden [M, H] or None)`` for the first new token."""
+        from transformers import DynamicCache, StaticCache
+
+        N, P = self.N, self.P
+        device = self.prompt_ids.device
+        cache_position = torch.arange(P, device=device)
+        if self.cache_mode == "dynamic":
+            self.cache = DynamicCache(config=self.model.config)
+            logits, hidden = self._forward(self.prompt_ids, self.prompt_mask, self._positions(self.prompt_mask),
+                                           cache_position, True)
+            self.cache.batch_repeat_interleave(N)
+            logits = logits.repeat_interleave(N, 0)
+            hidden = hidden.repeat_interleave(N, 0) if hidden is not None else None
+        else:
+            ids = self.prompt_ids.repeat_interleave(N, 0)
+            mask = self.prompt_mask.repeat_interleave(N, 0)
+            if self.cache_mode == "static":
+                self.cache = StaticCache(config=self.model.config, max_cache_len=P + self.T)
+            else:
+                self.all_ids = torch.cat([ids, torch.zeros(self.M, self.T, dtype=ids.dtype, device=device)], 1)
+            logits, hidden = self._forward(ids, mask, self._positions(mask), cache_position, True)
+        return logits, hidden
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor):
+        """Append ``tokens`` (int64 ``[M]``) and return ``(logits [M, V], hidden [M, H] or None)`` after them."""
+        P, t = self.P, self.t
+        L = P + t + 1
+        mask = self.mask[:, :L]
+        if self.cache_mode == "none":
+            self.all_ids[:, P + t] = tokens
+            out = self._forward(self.all_ids[:, :L], mask, self._positions(mask), None, True)
+        else:
+            position_ids = (self.prompt_len + t).unsqueeze(1)
+            cache_position = torch.tensor([P + t], device=tokens.device)
+            out = self._forward(tokens.unsqueeze(1), mask, position_ids, cache_position, False)
+        self.t += 1
+        return out
+
+    # ------------------------------------------------------------------ resampling
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """Every tensor holding per-row model state (each layer's K and V, or the token buffer)."""
+        if self.cache_mode == "none":
+            return [self.all_ids]
+        tensors = []
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.M:
+                    tensors.append(t)
+        return tensors
+
+    def gather_(self, ancestors: torch.Tensor, extra: list[torch.Tensor] = ()) -> None:
+        """Apply ``ancestors`` (``[B, N]`` or flat ``[M]``) in place to the cache and to ``extra`` tensors."""
+        ops.kv_gather_(self.cache_tensors() + list(extra), ancestors, validate=False)
