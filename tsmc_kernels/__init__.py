@@ -6,3 +6,4 @@ Kernels live in :mod:`tsmc_kernels.ops` (public API) with their PyTorch definiti
 from . import ops, reference, rng  # noqa: F401
 
 __version__ = "0.1.0"
+from .sampler import SMCOutput, smc_generate  # noqa: E402,F401

@@ -1,0 +1,239 @@
+"""smc_generate on tiny models whose target can be enumerated exactly.
+
+B identical prompts in one call are B independent SMC runs (each prompt has its own weights,
+resampling and random numbers), so one call gives many replicas. The Zhat-weighted particle
+measure ``sum_r Zhat_r sum_i W_ri delta(x_ri) / sum_r Zhat_r`` is a ratio of unbiased estimators,
+so it converges to ``sigma`` without the O(1/N) bias of a single run: a wrong weight makes it miss.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from tsmc_kernels import smc_generate
+from tsmc_kernels.exact import TableTwist, enumerate_completions
+from tsmc_kernels.models import tiny_random_model
+
+V, T, EOS = 5, 3, 4
+PROMPT = torch.tensor([0, 1, 2])
+# With 512 replicas x 8 particles the TV noise of a correct sampler is ~0.03-0.05 (85 completions);
+# dropping the -log q term of the weight gives ~0.10-0.13.
+TV_TOL = 0.085
+pytestmark = pytest.mark.filterwarnings("ignore:all particles")
+
+
+def potential(c: torch.Tensor) -> torch.Tensor:
+    """phi = 1[completion contains token 2] * exp(0.7 * #3): zeros and a graded part."""
+    return torch.where((c == 2).any(1), 0.0, -math.inf) + 0.7 * (c == 3).sum(1).float()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_random_model(V, seed=3)
+
+
+@pytest.fixture(scope="module")
+def exact(model):
+    return enumerate_completions(model, PROMPT, T).with_potential(potential)
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def weighted_measure(out, exact):
+    """Zhat-weighted particle measure over the enumeration, and Zhat per replica."""
+    B, N, _ = out.completions.shape
+    idx = exact.index(out.completions.reshape(B * N, -1), out.lengths.reshape(-1))
+    assert (idx >= 0).all(), "a particle is not a valid completion"
+    zhat = torch.exp(out.log_z)
+    w = (out.weights.double() * zhat[:, None]).reshape(-1)
+    est = torch.zeros(len(exact.lengths), dtype=torch.float64).index_add_(0, idx, w)
+    return est / zhat.sum(), zhat
+
+
+def check_against_target(out, exact, tv_tol: float):
+    est, zhat = weighted_measure(out, exact)
+    tv = 0.5 * (est - exact.target()).abs().sum().item()
+    z = math.exp(exact.log_z)
+    se = zhat.std().item() / math.sqrt(len(zhat))
+    assert tv < tv_tol, f"TV(weighted particles, sigma) = {tv:.4f} >= {tv_tol}"
+    assert abs(zhat.mean().item() - z) < 4 * se + 1e-3 * z, f"mean Zhat {zhat.mean():.4f} vs Z {z:.4f} (se {se:.4f})"
+    # The support must match exactly: a particle with phi = 0 may never carry weight.
+    assert est[exact.target() == 0].sum() == 0
+
+
+def replicas(b: int) -> torch.Tensor:
+    return PROMPT.repeat(b, 1)
+
+
+@pytest.mark.parametrize("resampling", ["systematic", "multinomial"])
+@pytest.mark.parametrize("ess_threshold", [0.0, 0.5, 1.0])
+def test_bootstrap_matches_target(model, exact, resampling, ess_threshold):
+    out = smc_generate(model, replicas(512), num_particles=8, max_new_tokens=T, potential=potential,
+                       ess_threshold=ess_threshold, resampling=resampling, seed=fresh_seed())
+    if ess_threshold == 0.0:
+        assert not out.resampled.any()
+    if ess_threshold == 1.0:
+        assert out.resampled[torch.isfinite(out.log_z)].all()
+    check_against_target(out, exact, tv_tol=TV_TOL)
+
+
+def random_twist(seed: int) -> TableTwist:
+    """A deliberately bad but valid twist: random log psi for every prefix."""
+    g = torch.Generator().manual_seed(seed)
+    table = {}
+    frontier = [()]
+    for _ in range(T):
+        nxt = []
+        for k in frontier:
+            for v, x in enumerate(torch.randn(V, generator=g).tolist()):
+                table[k + (v,)] = x
+                nxt.append(k + (v,))
+        frontier = nxt
+    return TableTwist(table, V)
+
+
+@pytest.mark.parametrize("ess_threshold", [0.0, 1.0])
+def test_twisted_with_random_twist_matches_target(model, exact, ess_threshold):
+    out = smc_generate(model, replicas(512), num_particles=8, max_new_tokens=T, potential=potential,
+                       twist=random_twist(fresh_seed()), ess_threshold=ess_threshold, seed=fresh_seed())
+    check_against_target(out, exact, tv_tol=TV_TOL)
+
+
+@pytest.mark.parametrize("ess_threshold", [0.0, 0.5, 1.0])
+def test_optimal_twist_gives_exact_log_z(model, exact, ess_threshold):
+    out = smc_generate(model, replicas(16), num_particles=4, max_new_tokens=T, potential=potential,
+                       twist=exact.optimal_twist(), ess_threshold=ess_threshold, seed=fresh_seed())
+    torch.testing.assert_close(out.log_z, torch.full_like(out.log_z, exact.log_z), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.log_weights, torch.full_like(out.log_weights, -math.log(4)), atol=1e-4, rtol=0)
+    assert torch.isfinite(out.log_phi).all(), "the optimal twist never proposes a zero-potential completion"
+
+
+def test_temperature_and_top_k_are_corrected(model, exact):
+    out = smc_generate(model, replicas(512), num_particles=8, max_new_tokens=T, potential=potential,
+                       temperature=1.7, ess_threshold=0.5, seed=fresh_seed())
+    check_against_target(out, exact, tv_tol=TV_TOL)
+
+
+def test_eos_ends_sequences_early(model, exact):
+    assert (exact.lengths < T).any(), "the toy model must produce EOS sometimes"
+    out = smc_generate(model, replicas(64), num_particles=8, max_new_tokens=T, seed=fresh_seed())
+    lengths = out.lengths.reshape(-1)
+    comps = out.completions.reshape(len(lengths), -1)
+    short = lengths < T
+    assert short.any()
+    for row, n in zip(comps[short], lengths[short]):
+        assert row[n - 1] == EOS and (row[n:] == EOS).all()  # pad id = EOS id for the toy model
+    assert out.tokens_decoded == int(lengths.sum())
+
+
+@pytest.mark.parametrize("cache", ["static", "none"])
+def test_cached_paths_agree_with_recompute(model, cache):
+    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])  # left padding
+    kw = dict(num_particles=6, max_new_tokens=6, potential=potential, ess_threshold=0.9, seed=fresh_seed())
+    a = smc_generate(model, ids, mask, cache="dynamic", **kw)
+    b = smc_generate(model, ids, mask, cache=cache, **kw)
+    assert torch.equal(a.completions, b.completions)
+    torch.testing.assert_close(a.log_weights, b.log_weights, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.log_z, b.log_z, atol=1e-4, rtol=0)
+    assert torch.equal(a.ancestors, b.ancestors)
+
+
+def test_left_padding_does_not_change_the_result(model):
+    kw = dict(num_particles=4, max_new_tokens=4, seed=fresh_seed(), ess_threshold=0.0)
+    plain = smc_generate(model, torch.tensor([[1, 2, 3]]), **kw)
+    padded = smc_generate(model, torch.tensor([[4, 4, 1, 2, 3]]), torch.tensor([[0, 0, 1, 1, 1]]), **kw)
+    torch.testing.assert_close(plain.log_p0, padded.log_p0, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_other_architectures(arch):
+    m = tiny_random_model(V, arch=arch, seed=1)
+    e = enumerate_completions(m, PROMPT, 3).with_potential(potential)
+    out = smc_generate(m, replicas(512), num_particles=8, max_new_tokens=3, potential=potential, seed=fresh_seed())
+    check_against_target(out, e, tv_tol=TV_TOL)
+
+
+def test_output_shapes_and_helpers(model):
+    out = smc_generate(model, torch.tensor([[0, 1], [2, 3], [1, 1]]), num_particles=5, max_new_tokens=4,
+                       potential=potential, seed=1)
+    B, N, Tp = out.completions.shape
+    assert (B, N) == (3, 5) and Tp == out.steps <= 4
+    assert out.sequences.shape == (3, 5, 2 + Tp)
+    assert torch.equal(out.sequences[:, :, 2:], out.completions)
+    assert out.ess.shape == out.resampled.shape == (3, out.steps)
+    assert out.ancestors.shape == (3, out.steps, 5)
+    assert out.best().shape == (3, 2 + Tp) and out.sample().shape == (3, 2 + Tp)
+    live = torch.isfinite(out.log_z)
+    torch.testing.assert_close(torch.logsumexp(out.log_weights[live], 1), torch.zeros(int(live.sum())), atol=1e-5,
+                               rtol=0)
+
+
+def test_same_seed_same_result(model):
+    a = smc_generate(model, replicas(3), num_particles=4, max_new_tokens=4, potential=potential, seed=7)
+    b = smc_generate(model, replicas(3), num_particles=4, max_new_tokens=4, potential=potential, seed=7)
+    assert torch.equal(a.completions, b.completions) and torch.equal(a.log_z, b.log_z)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_potential_returning_nan_is_an_error(model):
+    with pytest.raises(ValueError, match="NaN"):
+        smc_generate(model, replicas(1), num_particles=2, max_new_tokens=2, potential=lambda c: torch.full(
+            (c.shape[0],), float("nan")))
+
+
+def test_potential_wrong_shape_is_an_error(model):
+    with pytest.raises(ValueError, match="shape"):
+        smc_generate(model, replicas(1), num_particles=2, max_new_tokens=2, potential=lambda c: torch.zeros(3, 2))
+
+
+def test_all_particles_dead_gives_minus_inf_not_nan(model):
+    with pytest.warns(UserWarning, match="zero weight"):
+        out = smc_generate(model, replicas(2), num_particles=3, max_new_tokens=2,
+                           potential=lambda c: torch.full((c.shape[0],), -math.inf))
+    assert torch.isneginf(out.log_z).all() and not torch.isnan(out.log_weights).any()
+    assert (out.ess[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_particles=0), "num_particles"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(resampling="bogus"), "scheme"),
+    (dict(cache="bogus"), "cache"),
+    (dict(cuda_graph=True), "CUDA"),
+])
+def test_bad_arguments(model, kw, match):
+    with pytest.raises(ValueError, match=match):
+        smc_generate(model, replicas(1), **{"max_new_tokens": 2, **kw})
+
+
+def test_bad_inputs(model):
+    with pytest.raises(ValueError, match="vocabulary"):
+        smc_generate(model, torch.tensor([[0, 99]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention_mask"):
+        smc_generate(model, replicas(2), torch.ones(2, 5, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(TypeError, match="input_ids"):
+        smc_generate(model, [[0, 1]], max_new_tokens=2)
+
+
+def test_prompt_too_long_for_static_cache():
+    m = tiny_random_model(V, max_positions=8)
+    with pytest.raises(ValueError, match="static cache"):
+        smc_generate(m, torch.zeros(1, 6, dtype=torch.long), max_new_tokens=4, cache="static")
+
+
+def test_twist_vocab_mismatch_is_an_error(model):
+    with pytest.raises(ValueError, match="vocab"):
+        smc_generate(model, replicas(1), num_particles=2, max_new_tokens=2,
+                     twist=lambda h, c: torch.zeros(h.shape[0], V + 1))
+
+
+def test_nan_logits_are_an_error(model):
+    bad = lambda h, c: torch.full((h.shape[0], V), float("nan"))  # noqa: E731
+    with pytest.raises(FloatingPointError, match="NaN"):
+        smc_generate(model, replicas(1), num_particles=2, max_new_tokens=2, twist=bad)

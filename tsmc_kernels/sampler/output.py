@@ -1,0 +1,67 @@
+"""The result of :func:`tsmc_kernels.smc_generate`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SMCOutput:
+    """Particles, weights and diagnostics of one SMC run (``B`` prompts x ``N`` particles).
+
+    Attributes:
+        sequences: int64 ``[B, N, P + T']`` prompt then completion (like ``generate``).
+        completions: int64 ``[B, N, T']`` completion ids, padded after EOS with the pad id.
+        lengths: int64 ``[B, N]`` completion lengths (EOS included).
+        log_weights: fp32 ``[B, N]`` normalised log weights (``logsumexp == 0`` per prompt;
+            all ``-inf`` for a prompt whose particles all have zero weight).
+        log_z: fp64 ``[B]`` the running ``log Zhat`` (``Zhat`` is unbiased for ``Z``).
+        ess: fp32 ``[B, steps]`` effective sample size after each step's reweighting.
+        resampled: bool ``[B, steps]`` whether the prompt resampled at that step.
+        ancestors: int64 ``[B, steps, N]`` ancestor indices applied after each step.
+        log_phi: fp32 ``[B, N]`` final log potential of every particle.
+        log_p0: fp32 ``[B, N]`` ``log p0(completion | prompt)``.
+        log_q: fp32 ``[B, N]`` ``log`` of the proposal probability of each particle's tokens.
+        tokens_decoded: number of (particle, step) tokens decoded for unfinished particles.
+        steps: number of decoding steps run (``T'``).
+    """
+
+    sequences: torch.Tensor
+    completions: torch.Tensor
+    lengths: torch.Tensor
+    log_weights: torch.Tensor
+    log_z: torch.Tensor
+    ess: torch.Tensor
+    resampled: torch.Tensor
+    ancestors: torch.Tensor
+    log_phi: torch.Tensor
+    log_p0: torch.Tensor
+    log_q: torch.Tensor
+    tokens_decoded: int
+    steps: int
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Normalised weights ``[B, N]`` (zeros for a dead prompt)."""
+        return torch.exp(self.log_weights)
+
+    def best_index(self) -> torch.Tensor:
+        """int64 ``[B]``: the particle with the largest weight in each prompt."""
+        return self.log_weights.argmax(dim=1)
+
+    def best(self) -> torch.Tensor:
+        """int64 ``[B, P + T']``: the highest-weight sequence of each prompt."""
+        idx = self.best_index()
+        return self.sequences[torch.arange(self.sequences.shape[0]), idx]
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """int64 ``[B, P + T']``: one sequence per prompt drawn with probability ``W``.
+
+        A prompt whose weights are all zero falls back to uniform.
+        """
+        w = self.weights.double().cpu()
+        dead = w.sum(1) <= 0
+        w[dead] = 1.0
+        idx = torch.multinomial(w, 1, generator=generator)[:, 0].to(self.sequences.device)
+        return self.sequences[torch.arange(self.sequences.shape[0], device=idx.device), idx]

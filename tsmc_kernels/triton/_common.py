@@ -1,0 +1,130 @@
+"""Pieces shared by the Triton kernels: the counter-based hash of :mod:`tsmc_kernels.rng` in
+``tl.uint32`` arithmetic, its host-side half, and launch helpers.
+
+The hash must produce the same bits as the PyTorch oracle. The per-row key is
+``mix32(mix32(mix32(seed32 ^ stream * GOLDEN) ^ step32) ^ row32)``; the innermost
+``mix32(seed32 ^ stream * GOLDEN)`` depends only on Python ints, so it is computed on the host
+(:func:`host_key_base`) and passed to the kernel as a signed 32-bit int (one compiled variant
+whatever the seed); the kernel reads ``step`` from a device tensor and finishes the key.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import rng
+
+_M32 = 0xFFFFFFFF
+
+
+def _host_mix32(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def host_key_base(seed32: int, stream: int) -> int:
+    """``mix32(seed32 ^ stream * GOLDEN)`` as a signed int32 (kernel argument)."""
+    v = _host_mix32((seed32 & _M32) ^ ((stream * rng._GOLDEN) & _M32))
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+@triton.jit
+def mix32(x):
+    """lowbias32 on ``tl.uint32`` values (wrapping multiplication)."""
+    x = x ^ (x >> 16)
+    x = x * tl.full((), 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full((), 0x846CA68B, tl.uint32)
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def row_key(key_base, step_ptr, row):
+    """Finish :func:`tsmc_kernels.rng.row_key` on the device: ``step`` is read from memory."""
+    base = key_base.to(tl.uint32, bitcast=True)
+    step32 = (tl.load(step_ptr).to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
+    row32 = (row.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
+    return mix32(mix32(base ^ step32) ^ row32)
+
+
+@triton.jit
+def hash_bits24(key, counter):
+    """``mix32(key ^ counter * 0x85EBCA6B) >> 8`` as int32 in ``[0, 2**24)``."""
+    c = (counter.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32) * tl.full((), 0x85EBCA6B, tl.uint32)
+    return (mix32(key ^ c) >> 8).to(tl.int32)
+
+
+@triton.jit
+def uniform_f64(key, counter):
+    """``rng.uniform`` in fp64: ``((bits >> 8) + 0.5) / 2**24``, exact."""
+    k = hash_bits24(key, counter)
+    return (k.to(tl.float64) + 0.5) * 5.9604644775390625e-08
+
+
+@triton.jit
+def gumbel_f32(key, counter):
+    """``rng.gumbel`` in fp32, accurate to a few 1e-7 absolute everywhere.
+
+    ``u = (k + 0.5) / 2**24`` is not exact in fp32 once ``k >= 2**23`` and a plain
+    ``-log(-log(u))`` would lose all accuracy (or return +inf) as ``u -> 1``, which is exactly
+    where the Gumbel-max winner lives. So ``E = -log(u)`` is computed as ``-log(u)`` for
+    ``u < 1/2`` (exact ``u``) and, for ``u >= 1/2``, from the exact ``d = 1 - u`` as
+    ``-log1p(-d) = 2 atanh(d / (2 - d))`` by its series (``t <= 1/3``, 8 terms, rel. err < 2e-9);
+    neither branch takes the log of a number near 1, so an approximate hardware ``log`` is fine.
+    """
+    k = hash_bits24(key, counter)
+    u = (k.to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    e_lo = -tl.log(u)
+    d = ((16777216 - k).to(tl.float32) - 0.5) * 5.9604644775390625e-08
+    t = d / (2.0 - d)
+    t2 = t * t
+    p = 0.058823529411764705  # 1/17
+    p = p * t2 + 0.06666666666666667  # 1/15
+    p = p * t2 + 0.07692307692307693  # 1/13
+    p = p * t2 + 0.09090909090909091  # 1/11
+    p = p * t2 + 0.1111111111111111  # 1/9
+    p = p * t2 + 0.14285714285714285  # 1/7
+    p = p * t2 + 0.2
+    p = p * t2 + 0.3333333333333333
+    p = p * t2 + 1.0
+    e_hi = 2.0 * t * p
+    e = tl.where(k < 8388608, e_lo, e_hi)
+    return -tl.log(e)
+
+
+def is_interpreter() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small stand-in on CPU, to exercise split paths)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2
+
+
+def step_tensor(step, device: torch.device) -> torch.Tensor:
+    """A 1-element int64 tensor on ``device`` holding ``step`` (a tensor is used as is, no copy)."""
+    if isinstance(step, torch.Tensor):
+        if step.device != device:
+            raise ValueError(f"step is on {step.device} but the data is on {device}")
+        if step.numel() != 1:
+            raise ValueError(f"step must have one element, got shape {tuple(step.shape)}")
+        if step.dtype != torch.int64:
+            step = step.to(torch.int64)
+        return step.reshape(1)
+    return torch.tensor([int(step)], dtype=torch.int64, device=device)

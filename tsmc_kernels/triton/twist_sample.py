@@ -1,0 +1,360 @@
+"""Fused twist scoring + Gumbel-max sampling (SPEC §6.1), one pass over the vocabulary per row.
+
+Each program streams a range of vocabulary tiles of one row, reading every logit and twist
+once, and keeps online, per-tile-rescaled accumulators for
+
+* ``logsumexp(x)`` (max ``m0``, sum ``S0``) and the entropy of ``p0``: ``A0 = sum e^(x-m0) (x-m0)``
+  (rescaled as ``A <- e^(m-m')(A + (m-m') S)``; ``-inf`` entries are masked out so that
+  ``0 * inf`` never appears), giving ``H = log S0 - A0 / S0``;
+* ``logsumexp(x + log psi)`` (``m1, S1``), giving ``log Zpi = (m1 - m0) + log S1 - log S0``;
+* ``logsumexp`` of the tempered, top-k-restricted proposal ``r = (x + log psi) / T`` (``m2, S2``);
+  with ``T == 1`` and no top-k, ``r`` is ``x + log psi`` and the third sum is not computed;
+* the Gumbel-max winner ``argmax_v r_v + g_v`` (per-lane running maxima, earliest index wins
+  ties, like ``torch.argmax``), together with its logit and twist.
+
+Everything is fp32 inside (running sums in fp64 scalars); inputs may be fp32/bf16/fp16/fp64.
+The noise is the counter-based hash of :mod:`tsmc_kernels.rng` (stream ``STREAM_TOKEN``,
+row = particle row, counter = vocabulary index) in ``tl.uint32`` arithmetic: the same bits as
+the reference, so tokens agree with it except at fp32-level near-ties of ``r + g``.
+``step`` is read from a device tensor inside the kernel (CUDA-graph safe, no host sync).
+
+When there are few rows (``M < 2 * #SMs``) the vocabulary is split across several programs per
+row that write partial accumulators; a second tiny kernel combines them (no atomics, the result
+does not depend on the split). With one split the first kernel writes the outputs directly.
+
+Top-k (``top_k > 0``): the per-row k-th largest value of ``x + log psi`` (fp32, computed the same
+way as in the kernel) is found first with ``torch.topk``, a **second read** of the inputs; the
+kernel then keeps the entries ``>=`` it. The reference picks the k-th largest in fp64, so the
+kept sets can differ only where fp32 rounding creates a tie at the boundary.
+
+Conventions for rows with bad values (beyond the reference, which just propagates NaN): a NaN or
+``+inf`` logit makes ``logp``, ``logq``, ``log_zpi`` and ``entropy`` NaN and the token 0; a NaN or
+``+inf`` twist makes ``logq`` and ``log_zpi`` NaN (the token is drawn among the other entries).
+A row whose proposal has no finite entry returns token 0 and ``logq = -inf``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import rng
+from ._common import gumbel_f32, host_key_base, num_sms, row_key, step_tensor
+
+__all__ = ["twist_sample_triton"]
+
+_NF = 12  # fp64 fields per partial: m0 S0 A0 m1 S1 m2 S2 best_val best_x best_tw bad_x bad_tw
+
+
+@triton.jit
+def _merge(m, s, tile_m, tile_s):
+    """Merge a running (max, sum) with a tile's (max, sum); fp32 maxima, fp64 sums."""
+    new_m = tl.maximum(m, tile_m)
+    safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+    s = s * tl.exp(m - safe).to(tl.float64) + tile_s * tl.exp(tile_m - safe).to(tl.float64)
+    return new_m, s
+
+
+@triton.jit
+def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
+              m0, s0, a0, m1, s1, m2, s2, best_val, best_idx, best_x, best_tw, bad_x, bad_tw,
+              token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
+              HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr):
+    NEG_INF: tl.constexpr = float("-inf")
+    NAN: tl.constexpr = float("nan")
+    row64 = row.to(tl.int64)
+    no_draw = best_val == NEG_INF  # the proposal has no finite entry
+    # Token 0 for a dead row: its logit / twist are read here (one scalar load each).
+    x0 = tl.load(logits_ptr + row64 * stride_l).to(tl.float32)
+    if HAS_TWIST:
+        t0 = tl.load(twist_ptr + row64 * stride_t).to(tl.float32)
+    else:
+        t0 = 0.0
+    tok = tl.where(no_draw, 0, best_idx)
+    tx = tl.where(no_draw, x0, best_x.to(tl.float32))
+    tt = tl.where(no_draw, t0, best_tw.to(tl.float32))
+    dead0 = s0 == 0.0  # every logit is -inf
+    log_s0 = tl.log(tl.where(dead0, 1.0, s0)).to(tl.float32)
+    logp = tl.where(dead0, NEG_INF, (tx - m0) - log_s0)
+    dead1 = s1 == 0.0
+    log_s1 = tl.log(tl.where(dead1, 1.0, s1)).to(tl.float32)
+    log_zpi = tl.where(dead0 | dead1, NEG_INF, (m1 - m0) + (log_s1 - log_s0))
+    a0_over = (a0 / tl.where(dead0, 1.0, s0)).to(tl.float32)
+    entropy = tl.where(dead0, 0.0, log_s0 - a0_over)
+    r_tok = tx + tt
+    if TEMPERED:
+        r_tok = r_tok * inv_temp
+    log_s2 = tl.log(tl.where(s2 == 0.0, 1.0, s2)).to(tl.float32)
+    logq = tl.where(no_draw, NEG_INF, (r_tok - m2) - log_s2)
+    # Bad values: NaN / +inf logits poison the row, NaN / +inf twists its log Zpi and logq.
+    bx = bad_x != 0
+    bt = bad_tw != 0
+    tok = tl.where(bx, 0, tok)
+    logp = tl.where(bx, NAN, logp)
+    entropy = tl.where(bx, NAN, entropy)
+    log_zpi = tl.where(bx | bt, NAN, log_zpi)
+    logq = tl.where(bx | bt, NAN, logq)
+    tl.store(token_ptr + row, tok.to(tl.int64))
+    tl.store(logp_ptr + row, logp)
+    tl.store(logq_ptr + row, logq)
+    tl.store(lzpi_ptr + row, log_zpi)
+    tl.store(lpsi_ptr + row, tt)
+    tl.store(ent_ptr + row, entropy)
+
+
+@triton.jit(do_not_specialize=["key_base", "inv_temp", "V", "tiles_per_split"])
+def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, step_ptr, key_base, inv_temp,
+                         V, tiles_per_split, part_f_ptr, part_i_ptr,
+                         token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
+                         HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr,
+                         SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    NEG_INF: tl.constexpr = float("-inf")
+    POS_INF: tl.constexpr = float("inf")
+    SAME_R: tl.constexpr = (not TEMPERED) and (not TOPK)
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    row64 = row.to(tl.int64)
+    key = row_key(key_base, step_ptr, row)
+    lanes = tl.arange(0, BLOCK)
+    l_base = logits_ptr + row64 * stride_l
+    t_base = twist_ptr + row64 * stride_t
+    if TOPK:
+        thr = tl.load(thr_ptr + row)
+
+    m0 = tl.full((), NEG_INF, tl.float32)
+    s0 = tl.zeros((), tl.float64)
+    a0 = tl.zeros((), tl.float64)
+    m1 = tl.full((), NEG_INF, tl.float32)
+    s1 = tl.zeros((), tl.float64)
+    m2 = tl.full((), NEG_INF, tl.float32)
+    s2 = tl.zeros((), tl.float64)
+    bad_x = tl.zeros((), tl.int32)
+    bad_tw = tl.zeros((), tl.int32)
+    bv = tl.full((BLOCK,), NEG_INF, tl.float32)  # per-lane running max of r + g
+    bi = tl.zeros((BLOCK,), tl.int32)
+    bx = tl.zeros((BLOCK,), tl.float32)
+    bt = tl.zeros((BLOCK,), tl.float32)
+
+    t_begin = split * tiles_per_split
+    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(V, BLOCK))
+    for t in range(t_begin, t_end):
+        offs = t * BLOCK + lanes
+        inb = offs < V
+        x = tl.load(l_base + offs, mask=inb, other=NEG_INF).to(tl.float32)
+        bad = (x != x) | (x == POS_INF)
+        bad_x = bad_x | tl.max(bad.to(tl.int32), axis=0)
+        x = tl.where(bad, NEG_INF, x)
+        # --- log p0 and entropy
+        tm0 = tl.max(x, axis=0)
+        nm0 = tl.maximum(m0, tm0)
+        safe0 = tl.where(nm0 == NEG_INF, 0.0, nm0)
+        e0 = tl.exp(x - safe0)
+        xc = tl.where(x == NEG_INF, 0.0, x - safe0)
+        scale0 = tl.exp(m0 - safe0).to(tl.float64)
+        delta0 = tl.where(m0 == NEG_INF, 0.0, m0 - safe0).to(tl.float64)
+        a0 = scale0 * (a0 + delta0 * s0) + tl.sum(e0 * xc, axis=0).to(tl.float64)
+        s0 = scale0 * s0 + tl.sum(e0, axis=0).to(tl.float64)
+        m0 = nm0
+        # --- log p0 + log psi
+        if HAS_TWIST:
+            tw = tl.load(t_base + offs, mask=inb, other=0.0).to(tl.float32)
+            badt = (tw != tw) | (tw == POS_INF)
+            bad_tw = bad_tw | tl.max(badt.to(tl.int32), axis=0)
+            u = tl.where(badt, NEG_INF, x + tw)
+            tw = tl.where(badt, 0.0, tw)
+            tm1 = tl.max(u, axis=0)
+            m1, s1 = _merge(m1, s1, tm1,
+                            tl.sum(tl.exp(u - tl.where(tm1 == NEG_INF, 0.0, tm1)), axis=0).to(tl.float64))
+        else:
+            tw = tl.zeros((BLOCK,), tl.float32)
+            u = x
+        # --- the proposal actually sampled from
+        r = u
+        if TEMPERED:
+            r = r * inv_temp
+        if TOPK:
+            r = tl.where(u >= thr, r, NEG_INF)
+        if not SAME_R:
+            tm2 = tl.max(r, axis=0)
+            m2, s2 = _merge(m2, s2, tm2,
+                            tl.sum(tl.exp(r - tl.where(tm2 == NEG_INF, 0.0, tm2)), axis=0).to(tl.float64))
+        # --- Gumbel-max
+        g = gumbel_f32(key, offs)
+        val = tl.where(r == NEG_INF, NEG_INF, r + g)
+        upd = val > bv
+        bv = tl.where(upd, val, bv)
+        bi = tl.where(upd, offs, bi)
+        bx = tl.where(upd, x, bx)
+        bt = tl.where(upd, tw, bt)
+
+    if not HAS_TWIST:
+        m1 = m0
+        s1 = s0
+    if SAME_R:
+        m2 = m1
+        s2 = s1
+    best_val = tl.max(bv, axis=0)
+    best_idx = tl.min(tl.where(bv == best_val, bi, 2147483647), axis=0)
+    sel = (bi == best_idx) & (bv == best_val)
+    best_x = tl.sum(tl.where(sel, bx, 0.0), axis=0)
+    best_tw = tl.sum(tl.where(sel, bt, 0.0), axis=0)
+    if SPLIT:
+        nsplit = tl.num_programs(1)
+        p = part_f_ptr + (row64 * nsplit + split) * 12
+        tl.store(p + 0, m0.to(tl.float64))
+        tl.store(p + 1, s0)
+        tl.store(p + 2, a0)
+        tl.store(p + 3, m1.to(tl.float64))
+        tl.store(p + 4, s1)
+        tl.store(p + 5, m2.to(tl.float64))
+        tl.store(p + 6, s2)
+        tl.store(p + 7, best_val.to(tl.float64))
+        tl.store(p + 8, best_x.to(tl.float64))
+        tl.store(p + 9, best_tw.to(tl.float64))
+        tl.store(p + 10, bad_x.to(tl.float64))
+        tl.store(p + 11, bad_tw.to(tl.float64))
+        tl.store(part_i_ptr + row64 * nsplit + split, best_idx)
+    else:
+        _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
+                  m0, s0, a0, m1, s1, m2, s2, best_val, best_idx, best_x, best_tw, bad_x, bad_tw,
+                  token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr, HAS_TWIST, TEMPERED)
+
+
+@triton.jit
+def _combine_pair(m, s, mask):
+    """Combine per-split (max, sum) vectors into one (max, sum)."""
+    mm = tl.max(tl.where(mask, m, float("-inf")), axis=0)
+    safe = tl.where(mm == float("-inf"), 0.0, mm)
+    sc = tl.where(mask & (m != float("-inf")), tl.exp(m - safe), 0.0)
+    return mm, tl.sum(sc * s, axis=0), sc, safe
+
+
+@triton.jit(do_not_specialize=["inv_temp"])
+def _twist_combine_kernel(logits_ptr, stride_l, twist_ptr, stride_t, inv_temp, nsplit, part_f_ptr, part_i_ptr,
+                          token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
+                          HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)
+    row64 = row.to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    ok = sp < nsplit
+    p = part_f_ptr + (row64 * nsplit + sp) * 12
+    m0v = tl.load(p + 0, mask=ok, other=float("-inf"))
+    s0v = tl.load(p + 1, mask=ok, other=0.0)
+    a0v = tl.load(p + 2, mask=ok, other=0.0)
+    m1v = tl.load(p + 3, mask=ok, other=float("-inf"))
+    s1v = tl.load(p + 4, mask=ok, other=0.0)
+    m2v = tl.load(p + 5, mask=ok, other=float("-inf"))
+    s2v = tl.load(p + 6, mask=ok, other=0.0)
+    bvv = tl.load(p + 7, mask=ok, other=float("-inf"))
+    bxv = tl.load(p + 8, mask=ok, other=0.0)
+    btv = tl.load(p + 9, mask=ok, other=0.0)
+    bad_x = tl.max(tl.load(p + 10, mask=ok, other=0.0), axis=0)
+    bad_tw = tl.max(tl.load(p + 11, mask=ok, other=0.0), axis=0)
+    biv = tl.load(part_i_ptr + row64 * nsplit + sp, mask=ok, other=2147483647)
+
+    m0, s0, sc0, safe0 = _combine_pair(m0v, s0v, ok)
+    delta = tl.where(m0v == float("-inf"), 0.0, m0v - safe0)
+    a0 = tl.sum(tl.where(sc0 > 0.0, sc0 * (a0v + delta * s0v), 0.0), axis=0)
+    m1, s1, _sc1, _safe1 = _combine_pair(m1v, s1v, ok)
+    m2, s2, _sc2, _safe2 = _combine_pair(m2v, s2v, ok)
+    best_val = tl.max(bvv, axis=0)
+    best_idx = tl.min(tl.where(ok & (bvv == best_val), biv, 2147483647), axis=0)
+    sel = ok & (bvv == best_val) & (biv == best_idx)
+    best_x = tl.sum(tl.where(sel, bxv, 0.0), axis=0)
+    best_tw = tl.sum(tl.where(sel, btv, 0.0), axis=0)
+    _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
+              m0.to(tl.float32), s0, a0, m1.to(tl.float32), s1, m2.to(tl.float32), s2,
+              best_val.to(tl.float32), best_idx, best_x, best_tw, bad_x, bad_tw,
+              token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr, HAS_TWIST, TEMPERED)
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def _bad_to_neginf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(x) | torch.isposinf(x), torch.full_like(x, -math.inf), x)
+
+
+def _topk_threshold(logits: torch.Tensor, log_twist: torch.Tensor | None, top_k: int) -> torch.Tensor:
+    """Per-row k-th largest of ``x + log psi`` in fp32, computed exactly as the kernel does."""
+    u = _bad_to_neginf(logits.float())
+    if log_twist is not None:
+        tw = log_twist.float()
+        badt = torch.isnan(tw) | torch.isposinf(tw)
+        u = torch.where(badt, torch.full_like(u, -math.inf), u + tw)
+    return torch.topk(u, top_k, dim=-1).values[:, -1].contiguous()
+
+
+def _default_splits(M: int, n_tiles: int, device: torch.device) -> int:
+    sms = num_sms(device)
+    if M >= 2 * sms or n_tiles <= 1:
+        return 1
+    want = -(-4 * sms // M)  # aim at ~4 programs per SM
+    return max(1, min(want, n_tiles // 2 if n_tiles >= 4 else n_tiles))
+
+
+def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *, temperature: float = 1.0,
+                        top_k: int = 0, seed: int = 0, step=0, num_splits: int | None = None,
+                        block_v: int | None = None):
+    """Triton implementation of :func:`tsmc_kernels.reference.twist_sample`.
+
+    Args:
+        logits: ``[M, V]`` fp32/bf16/fp16/fp64, unit stride along V (copied otherwise).
+        log_twist: ``[M, V]`` or ``None``.
+        temperature, top_k: as in the reference. ``top_k`` in ``(0, V)`` costs one extra read of
+            the inputs (``torch.topk`` for the per-row threshold).
+        seed: the seed already folded to 32 bits (``rng.fold_seed``; ops does it).
+        step: int64 0-dim / 1-element tensor on the device (read inside the kernel), or an int.
+        num_splits: programs per row along V (default: automatic, >1 only when ``M`` is small).
+        block_v: vocabulary tile (default 2048 on GPU, up to 4096 under the interpreter).
+    Returns:
+        ``(token int64[M], logp, logq, log_zpi, log_psi, entropy fp32[M])``.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [M, V], got shape {tuple(logits.shape)}")
+    M, V = logits.shape
+    if V < 1:
+        raise ValueError("logits must have a non-empty vocabulary dimension")
+    if log_twist is not None and log_twist.shape != logits.shape:
+        raise ValueError(f"log_twist shape {tuple(log_twist.shape)} does not match logits {tuple(logits.shape)}")
+    dev = logits.device
+    token = torch.empty(M, dtype=torch.int64, device=dev)
+    outs = [torch.empty(M, dtype=torch.float32, device=dev) for _ in range(5)]
+    if M == 0:
+        return (token, *outs)
+    logits = _row_major(logits)
+    has_twist = log_twist is not None
+    twist = _row_major(log_twist) if has_twist else logits
+    topk = 0 < top_k < V
+    thr = _topk_threshold(logits, log_twist, top_k) if topk else outs[0]
+    step_t = step_tensor(step, dev)
+    tempered = float(temperature) != 1.0
+    inv_temp = 1.0 / float(temperature)
+    key_base = host_key_base(int(seed), rng.STREAM_TOKEN)
+
+    if block_v is None:
+        cap = 4096 if dev.type == "cpu" else 2048
+        block_v = min(cap, max(16, triton.next_power_of_2(V)))
+    n_tiles = triton.cdiv(V, block_v)
+    splits = _default_splits(M, n_tiles, dev) if num_splits is None else max(1, min(int(num_splits), n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)
+    num_warps = 8 if block_v >= 2048 else 4
+    if splits > 1:
+        part_f = torch.empty(M, splits, _NF, dtype=torch.float64, device=dev)
+        part_i = torch.empty(M, splits, dtype=torch.int32, device=dev)
+    else:
+        part_f, part_i = outs[0], token  # unused
+    _twist_sample_kernel[(M, splits)](
+        logits, logits.stride(0), twist, twist.stride(0), thr, step_t, key_base, inv_temp,
+        V, tiles_per_split, part_f, part_i, token, *outs,
+        HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, SPLIT=splits > 1, BLOCK=block_v,
+        num_warps=num_warps)
+    if splits > 1:
+        _twist_combine_kernel[(M,)](
+            logits, logits.stride(0), twist, twist.stride(0), inv_temp, splits, part_f, part_i, token, *outs,
+            HAS_TWIST=has_twist, TEMPERED=tempered, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=1)
+    return (token, *outs)
