@@ -35,8 +35,10 @@ pytest: $(VENV)/.built
 
 test: cpp-test pytest
 
+GSM8K ?= $(wildcard ../shared/data/gsm8k/test.jsonl)
+
 demo: $(VENV)/.built
-	$(PY) -m tsmc_kernels demo
+	$(PY) -m tsmc_kernels demo $(if $(GSM8K),--data $(GSM8K))
 
 bench: $(VENV)/.built
 	$(PY) -m pytest -q bench --benchmark-json=bench/results/latest.json

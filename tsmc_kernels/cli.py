@@ -1,0 +1,255 @@
+"""Command line: ``python -m tsmc_kernels <command>`` (also installed as ``tsmc``).
+
+Commands: ``run``, ``eval``, ``train-twist``, ``bounds``, ``bench``, ``demo``. Every command takes
+``--model`` (a local HF directory or ``.gguf`` file; default: the embedded SmolLM2-135M-Instruct),
+``--device``, ``--dtype`` and ``--seed``. Errors in the input (missing model or data file, a file
+that is not JSONL, an unknown task) print one line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CLIError(Exception):
+    """An input error reported as one line and exit status 2."""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2-135M)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="arithmetic-short", help="gsm8k | arithmetic | arithmetic-short")
+    p.add_argument("--data", default=None, help="GSM8K jsonl file (task gsm8k)")
+    p.add_argument("--difficulty", default="easy", help="arithmetic tasks: easy | medium | hard")
+    p.add_argument("-n", "--num-problems", type=int, default=8)
+    p.add_argument("--format-only", action="store_true", help="GSM8K: potential from the format rewards only")
+
+
+def _load_model(args):
+    from .models import load_model
+    try:
+        return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
+    except (FileNotFoundError, ModuleNotFoundError, OSError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _load_task(args):
+    from .tasks import get_task
+    options = {}
+    if args.task == "gsm8k":
+        if not args.data:
+            raise CLIError("task gsm8k needs --data PATH (a GSM8K jsonl file)")
+        options["path"] = args.data
+    elif args.task.startswith("arithmetic"):
+        options["difficulty"] = args.difficulty
+    try:
+        task = get_task(args.task, **options)
+        problems = task.problems(n=args.num_problems, seed=args.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from exc
+    potential_options = {}
+    if args.format_only:
+        potential_options["components"] = ("strict", "soft", "xml")
+    return task, problems, potential_options
+
+
+def _load_head(path, model):
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        raise CLIError(f"twist head not found: {path}")
+    from .twist import load_head
+    return load_head(path, model=model).to(next(model.parameters()).device)
+
+
+# ------------------------------------------------------------------------------------- commands
+
+def cmd_run(args) -> int:
+    from .sampler import smc_generate
+    model, tok = _load_model(args)
+    if args.prompt:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   if args.chat and tok.chat_template else p for p in args.prompt]
+        potential = None
+    else:
+        task, problems, popts = _load_task(args)
+        prompts = [task.build_prompt(tok, p.question) for p in problems]
+        potential = task.potential([p.gold for p in problems], **popts)
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+    if args.method == "power":
+        from .power import power_sample
+        out = power_sample(model, enc.input_ids, enc.attention_mask, alpha=args.alpha, cut=args.cut,
+                           num_chains=args.particles, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True)
+        for b, prompt in enumerate(prompts):
+            print(f"=== prompt {b}")
+            for c in range(args.particles):
+                text = tok.decode(out.completions[b, c], skip_special_tokens=True)
+                print(f"[chain {c}] log p0 {float(out.log_p0[b, c]):.2f}: {text!r}")
+        print(f"tokens decoded: {out.tokens_decoded}")
+        return 0
+    twist = _load_head(args.head, model)
+    out = smc_generate(model, enc.input_ids, enc.attention_mask, num_particles=args.particles,
+                       max_new_tokens=args.max_new_tokens, potential=potential if args.method != "sample" else None,
+                       twist=twist, tokenizer=tok, seed=args.seed, ess_threshold=args.ess_threshold,
+                       temperature=args.temperature, progress=True)
+    for b in range(len(prompts)):
+        print(f"=== prompt {b}: log Zhat {float(out.log_z[b]):.3f}, final ESS {float(out.ess[b, -1]):.2f}, "
+              f"resampled {int(out.resampled[b].sum())}/{out.steps} steps")
+        order = torch.argsort(out.log_weights[b], descending=True)
+        for n in order.tolist():
+            text = tok.decode(out.completions[b, n], skip_special_tokens=True)
+            print(f"  w={float(out.weights[b, n]):.3f} log phi={float(out.log_phi[b, n]):.2f}: {text!r}")
+    print(f"tokens decoded: {out.tokens_decoded}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate
+    model, tok = _load_model(args)
+    task, problems, popts = _load_task(args)
+    methods = args.methods.split(",")
+    twist = _load_head(args.head, model)
+    try:
+        report = evaluate(model, tok, args.task, problems, task=task, methods=methods, num_particles=args.particles,
+                          max_new_tokens=args.max_new_tokens, seed=args.seed, twist=twist, potential_options=popts,
+                          power_options=dict(block_size=args.block_size, n_mcmc=args.n_mcmc))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    print(report.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_train_twist(args) -> int:
+    from .twist import MLPTwistHead, fit_twist
+    model, tok = _load_model(args)
+    task, problems, popts = _load_task(args)
+    prompts = [task.build_prompt(tok, p.question) for p in problems]
+    potential = task.potential([p.gold for p in problems], **popts)
+    head = MLPTwistHead.for_model(model)
+    fit_twist(model, head, prompts, potential, tokenizer=tok, loss=args.loss, num_particles=args.particles,
+              steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True)
+    head.save_pretrained(args.out)
+    print(f"saved twist head to {args.out}")
+    return 0
+
+
+def cmd_bounds(args) -> int:
+    from .bounds import log_z_bounds
+    model, tok = _load_model(args)
+    task, problems, popts = _load_task(args)
+    prompts = [task.build_prompt(tok, p.question) for p in problems]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+    potential = task.potential([p.gold for p in problems], **{"mode": "indicator", **popts})
+    res = log_z_bounds(model, enc.input_ids, attention_mask=enc.attention_mask, potential=potential,
+                       twist=_load_head(args.head, model), num_particles=args.particles, num_runs=args.runs,
+                       max_new_tokens=args.max_new_tokens, tokenizer=tok, seed=args.seed)
+    print(res)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import subprocess
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench = os.path.join(here, "bench")
+    if not os.path.isdir(bench):
+        raise CLIError("the bench/ folder is not next to the package (run from a source checkout)")
+    return subprocess.call([sys.executable, "-m", "pytest", "-q", bench, *args.pytest_args])
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(data=args.data, out=args.out, seed=args.seed, device=args.device)
+
+
+# ------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tsmc", description="Twisted SMC and power sampling for HF language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="sample with SMC / twisted SMC / power sampling and print the particles")
+    _common(p)
+    _task_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: problems of --task")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
+    p.add_argument("--method", choices=["smc", "sample", "power"], default="smc")
+    p.add_argument("--head", default=None, help="a saved twist head (twisted SMC)")
+    p.add_argument("--particles", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ess-threshold", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=4.0)
+    p.add_argument("--cut", choices=["entropy", "uniform"], default="entropy")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("eval", help="compare samplers on a task at a comparable token budget")
+    _common(p)
+    _task_args(p)
+    p.add_argument("--methods", default="sample,smc,power-uniform,power-entropy")
+    p.add_argument("--head", default=None)
+    p.add_argument("--particles", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--n-mcmc", type=int, default=2)
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("train-twist", help="train a twist head by CTL (or another loss) on a task")
+    _common(p)
+    _task_args(p)
+    p.add_argument("--loss", default="ctl")
+    p.add_argument("--particles", type=int, default=8)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_train_twist)
+
+    p = sub.add_parser("bounds", help="bidirectional bounds on log Z for a task's indicator potential")
+    _common(p)
+    _task_args(p)
+    p.add_argument("--head", default=None)
+    p.add_argument("--particles", type=int, default=8)
+    p.add_argument("--runs", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(fn=cmd_bounds)
+
+    p = sub.add_parser("bench", help="run the microbenchmarks (pytest-benchmark; meaningful on a GPU)")
+    p.add_argument("pytest_args", nargs="*")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("demo", help="the main job: eval on the embedded model, table + demo_report.png")
+    p.add_argument("--data", default=None, help="GSM8K jsonl (optional: the GSM8K part is skipped without it)")
+    p.add_argument("--out", default="demo_report.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except CLIError as exc:
+        print(f"tsmc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
