@@ -26,12 +26,12 @@ def _extensions():
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is the one torch asks for
     if _want_cuda(torch.version.cuda is not None):
         sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cu")))
         ext = CUDAExtension("tsmc_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
                             define_macros=[("TSMC_WITH_CUDA", "1")],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]})
     else:
         ext = CppExtension("tsmc_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
                            extra_compile_args={"cxx": cxx})

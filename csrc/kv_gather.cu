@@ -72,7 +72,8 @@ __global__ void __launch_bounds__(kThreads) kv_gather_kernel(const __grid_consta
   }
   const int t = lo;
   const int64_t off = (chunk - table.chunk_start[t]) * kChunkBytes;
-  const int64_t len = min(kChunkBytes, table.row_bytes[t] - off);
+  const int64_t rest = table.row_bytes[t] - off;
+  const int64_t len = rest < kChunkBytes ? rest : kChunkBytes;
   const int64_t stride = table.row_stride[t];
   char* base = table.base[t] + off;
   const int vec = table.vec[t];

@@ -1,0 +1,223 @@
+"""ops.kv_gather_ (SPEC §2, §6.4): in-place row gather, only rows with a[i] != i, any dtype/layout.
+
+Data are random bytes (so floats include NaN and Inf with arbitrary payloads) and every check
+compares exact bytes against a separate, untouched source copy. Ancestors are real resampling
+outputs (reference.resample on random weights), so they have the permutation property. Fresh
+random inputs every run (the seed is printed; set TSMC_TEST_SEED to replay one).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from tsmc_kernels import ops, reference
+
+BACKENDS = ["reference"] + (["native"] if ops.native_available() else [])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
+          torch.uint8, torch.bool]
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"TSMC_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("TSMC_BACKEND", request.param)
+    return request.param
+
+
+def random_data(gen, shape, dtype, device="cpu"):
+    """Random bytes viewed as ``dtype`` (bool: random 0/1)."""
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool().to(device)
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).view(dtype).reshape(shape).to(device)
+
+
+def row_bytes(t):
+    """[M, bytes per row] uint8 image of t (bitwise, NaN payloads included)."""
+    t = t.contiguous()
+    return t.reshape(t.shape[0], -1).view(torch.uint8) if t.dim() > 1 else t.reshape(-1, 1).view(torch.uint8)
+
+
+def random_ancestors(gen, B, N, scheme=None):
+    """[B, N] ancestors of a real resampling step (some prompts keep the identity)."""
+    lw = torch.randn(B, N, generator=gen, dtype=torch.float64) * 3
+    lw[torch.rand(B, N, generator=gen) < 0.3] = -math.inf
+    lw[:, 0] = 0.0
+    mask = torch.rand(B, generator=gen) < 0.8
+    scheme = scheme or reference.SCHEMES[int(torch.randint(0, 4, (1,), generator=gen))]
+    return reference.resample(lw, mask, scheme=scheme, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+def assert_gathered(out, src, flat):
+    """Bytes of ``out`` equal src.index_select(0, flat); unmoved rows keep their exact bytes."""
+    got, want = row_bytes(out), row_bytes(src.index_select(0, flat))
+    assert torch.equal(got, want), "gathered rows differ from index_select"
+    keep = flat == torch.arange(flat.numel())
+    assert torch.equal(got[keep], row_bytes(src)[keep]), "a row with a[i] == i changed"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equals_index_select(gen, backend, dtype):
+    B, N = int(torch.randint(1, 5, (1,), generator=gen)), int(torch.randint(1, 12, (1,), generator=gen))
+    M = B * N
+    anc = random_ancestors(gen, B, N)
+    flat = reference.flat_ancestors(anc)
+    for shape in [(M, 3, 5, 8), (M, 17), (M,), (M, 2, 1, 3)]:  # [M, H, L, D], [M, T], masks, odd row bytes
+        t = random_data(gen, shape, dtype)
+        src = t.clone()
+        ops.kv_gather_([t], anc)
+        assert_gathered(t, src, flat)
+
+
+def test_nan_payloads_survive(gen, backend):
+    """Signalling/quiet NaNs with payloads and -0.0 are copied (moved rows) and kept (other rows) bit-exactly."""
+    B, N = 2, 8
+    anc = random_ancestors(gen, B, N)
+    flat = reference.flat_ancestors(anc)
+    for dtype, pattern in [(torch.float32, [0x7F800001, 0xFFC12345, 0x80000000, 0x7FBFFFFF]),
+                           (torch.float16, [0x7C01, 0xFE55, 0x8000, 0x7D00]),
+                           (torch.bfloat16, [0x7F81, 0xFFC3, 0x8000, 0x7FA0])]:
+        bits = torch.tensor(pattern, dtype=torch.int64)
+        int_dtype = torch.int32 if dtype == torch.float32 else torch.int16
+        raw = bits[torch.randint(0, 4, (B * N, 6), generator=gen)] + torch.arange(B * N)[:, None]
+        t = raw.to(int_dtype).view(dtype)
+        src = t.clone()
+        ops.kv_gather_([t], anc)
+        assert_gathered(t, src, flat)
+
+
+def test_flat_and_2d_ancestors_agree(gen, backend):
+    B, N = 3, 7
+    anc = random_ancestors(gen, B, N)
+    t1 = random_data(gen, (B * N, 4, 6), torch.float32)
+    t2, src = t1.clone(), t1.clone()
+    ops.kv_gather_([t1], anc)
+    ops.kv_gather_([t2], reference.flat_ancestors(anc))
+    assert torch.equal(row_bytes(t1), row_bytes(t2))
+    assert_gathered(t1, src, reference.flat_ancestors(anc))
+    # int32 ancestors are accepted too.
+    t3 = src.clone()
+    ops.kv_gather_([t3], anc.int())
+    assert torch.equal(row_bytes(t3), row_bytes(t1))
+
+
+def test_identity_changes_nothing(gen, backend):
+    B, N = 4, 6
+    ts = [random_data(gen, (B * N, 2, 3, 4), torch.bfloat16), random_data(gen, (B * N, 9), torch.int64)]
+    srcs = [t.clone() for t in ts]
+    ops.kv_gather_(ts, torch.arange(N).expand(B, N))
+    ops.kv_gather_(ts, torch.arange(B * N))
+    for t, s in zip(ts, srcs):
+        assert torch.equal(row_bytes(t), row_bytes(s))
+    ops.kv_gather_([], torch.arange(B * N))  # no tensors: no-op
+
+
+def test_whole_cache_in_one_call(gen, backend):
+    """Every layer's K and V, a token buffer and an attention mask, mixed dtypes, one call."""
+    B, N, layers = 3, 5, 4
+    M = B * N
+    anc = random_ancestors(gen, B, N, scheme="multinomial")
+    flat = reference.flat_ancestors(anc)
+    ts = [random_data(gen, (M, 2, 11, 8), torch.bfloat16) for _ in range(2 * layers)]
+    ts += [random_data(gen, (M, 11), torch.int64), random_data(gen, (M, 11), torch.bool)]
+    srcs = [t.clone() for t in ts]
+    ops.kv_gather_(ts, anc)
+    for t, s in zip(ts, srcs):
+        assert_gathered(t, s, flat)
+
+
+def test_non_contiguous_and_views(gen, backend):
+    """Strided dim 0, rows that are not contiguous, permuted layouts, aliasing views; nothing outside the view."""
+    B, N = 2, 6
+    M = B * N
+    anc = random_ancestors(gen, B, N)
+    flat = reference.flat_ancestors(anc)
+    cases = []
+    big = random_data(gen, (2 * M, 3, 4), torch.float32)
+    cases.append((big, big[::2]))                               # dim-0 stride 2 (rows contiguous)
+    big = random_data(gen, (M, 2, 9, 4), torch.float16)
+    cases.append((big, big[:, :, :5]))                          # sliced along L: rows not contiguous
+    big = random_data(gen, (M, 7, 2, 4), torch.bfloat16)
+    cases.append((big, big.permute(0, 2, 1, 3)))               # [M, L, H, D] seen as [M, H, L, D]
+    big = random_data(gen, (M + 2, 5), torch.int64)
+    cases.append((big, big[1:M + 1]))                           # guard rows before and after
+    big = random_data(gen, (5, M), torch.float64)
+    cases.append((big, big.t()))                                # column-major rows
+    for base, view in cases:
+        before = base.clone()
+        src = view.clone()
+        ops.kv_gather_([view], anc)
+        assert_gathered(view, src, flat)
+        # Only the view's elements changed: compare the whole base with the expected image.
+        expect = before.clone()
+        expect_view = expect.as_strided(view.shape, view.stride(), view.storage_offset() - base.storage_offset())
+        expect_view.copy_(src.index_select(0, flat))
+        assert torch.equal(row_bytes(base), row_bytes(expect)), "bytes outside the view were written"
+
+
+def test_aliasing_k_and_v_views(gen, backend):
+    """K and V as two views of one [M, 2, ...] buffer (a common fused-KV layout)."""
+    B, N = 3, 4
+    anc = random_ancestors(gen, B, N)
+    buf = random_data(gen, (B * N, 2, 3, 8), torch.float32)
+    src = buf.clone()
+    ops.kv_gather_([buf[:, 0], buf[:, 1]], anc)
+    assert_gathered(buf, src, reference.flat_ancestors(anc))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_raises_naming_the_argument():
+    B, N = 2, 3
+    t = torch.zeros(B * N, 4)
+    good = torch.arange(N).expand(B, N)
+    with pytest.raises(ValueError, match="out of range"):
+        ops.kv_gather_([t], torch.tensor([[0, 1, 3], [0, 1, 2]]))  # 3 >= N
+    with pytest.raises(ValueError, match="out of range"):
+        ops.kv_gather_([t], torch.tensor([0, 1, 2, 3, 4, -1]))
+    with pytest.raises(ValueError, match="out of range"):
+        ops.kv_gather_([t], torch.tensor([0, 1, 2, 3, 4, 6]))
+    with pytest.raises(ValueError, match="permutation property"):
+        ops.kv_gather_([t], torch.tensor([[1, 2, 2], [0, 1, 2]]))  # row 1 is read and overwritten
+    with pytest.raises(ValueError, match=r"tensors\[1\]"):
+        ops.kv_gather_([t, torch.zeros(B * N + 1, 4)], good)
+    with pytest.raises(ValueError, match=r"tensors\[0\]"):
+        ops.kv_gather_([torch.zeros(())], good)
+    with pytest.raises(ValueError, match=r"tensors\[0\].*meta"):
+        ops.kv_gather_([torch.zeros(B * N, 4, device="meta")], good)
+    with pytest.raises(TypeError, match="ancestors"):
+        ops.kv_gather_([t], good.float())
+    with pytest.raises(ValueError, match="ancestors"):
+        ops.kv_gather_([t], good.reshape(1, B, N))
+    with pytest.raises(TypeError, match=r"tensors\[0\]"):
+        ops.kv_gather_([t.numpy()], good)
+    with pytest.raises(TypeError, match="ancestors"):
+        ops.kv_gather_([t], [0, 1, 2, 3, 4, 5])
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8, torch.bool])
+def test_cuda_equals_reference(gen, cuda_device, dtype):
+    """ops.kv_gather_ on CUDA (native CUDA kernel or Triton) == the reference, bitwise."""
+    B, N = 4, 16
+    M = B * N
+    anc = random_ancestors(gen, B, N)
+    flat = reference.flat_ancestors(anc)
+    shapes = [(M, 2, 33, 64), (M, 3, 1, 5), (M, 77), (M,), (M, 2, 40, 128)]  # aligned, odd, > 16 KiB rows
+    ts = [random_data(gen, s, dtype) for s in shapes]
+    expect = [t.clone() for t in ts]
+    reference.kv_gather_(expect, anc)
+    dev = [t.to(cuda_device) for t in ts]
+    ops.kv_gather_(dev, anc.to(cuda_device))
+    torch.cuda.synchronize()
+    for d, e in zip(dev, expect):
+        assert torch.equal(row_bytes(d.cpu()), row_bytes(e))
