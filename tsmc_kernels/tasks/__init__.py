@@ -91,7 +91,7 @@ def _arithmetic_problems(difficulty: str):
 
 
 @_register("arithmetic")
-def _arithmetic(difficulty: str = "easy", dotall: bool = True) -> Task:
+def _arithmetic(difficulty: str = arithmetic.DEFAULT_DIFFICULTY, dotall: bool = True) -> Task:
     def potential(golds, **kw):
         kw.setdefault("dotall", dotall)
         return arithmetic.arithmetic_potential(golds, **kw)
@@ -103,7 +103,7 @@ def _arithmetic(difficulty: str = "easy", dotall: bool = True) -> Task:
 
 
 @_register("arithmetic-short")
-def _arithmetic_short(difficulty: str = "easy") -> Task:
+def _arithmetic_short(difficulty: str = arithmetic.DEFAULT_DIFFICULTY) -> Task:
     return Task(name="arithmetic-short", problems=_arithmetic_problems(difficulty),
                 build_messages=arithmetic.build_short_messages, build_prompt=arithmetic.build_short_prompt,
                 reward=arithmetic.short_answer_reward, potential=arithmetic.short_answer_potential,

@@ -29,7 +29,7 @@ from .gsm8k import (COMPONENTS, GSM8KProblem, SYSTEM_PROMPT, build_messages, gsm
                     render_messages, reward_potential)
 
 __all__ = [
-    "ArithmeticProblem", "DIFFICULTIES", "SHORT_SYSTEM_PROMPT", "make_problems",
+    "ArithmeticProblem", "DIFFICULTIES", "DEFAULT_DIFFICULTY", "SHORT_SYSTEM_PROMPT", "make_problems",
     "build_prompt", "build_messages", "build_short_messages", "build_short_prompt",
     "extract_first_number", "short_answer_reward", "arithmetic_potential", "short_answer_potential",
 ]
@@ -51,8 +51,8 @@ _ITEMS = ["apples", "pencils", "marbles", "cookies", "stickers", "books", "orang
           "balloons", "candies"]
 _CONTAINERS = ["bags", "boxes", "packs", "jars", "baskets"]
 
-# A template: (operation kind, format string, answer expression over a, b, c). Operand ranges are
-# chosen by the difficulty; "sub" templates get a >= b, "sub2" templates get a*b >= c or a+b >= c.
+# Templates per operation kind; the expression of each kind is in _EXPR. Operand ranges come from
+# the difficulty and keep every answer non-negative (see _operands).
 _TEMPLATES: dict[str, list[str]] = {
     "add": [
         "{name} has {a} {items}. {pron} buys {b} more. How many {items} does {name} have now?",
@@ -87,6 +87,8 @@ _TEMPLATES: dict[str, list[str]] = {
 }
 _EXPR = {"add": "{a} + {b}", "sub": "{a} - {b}", "mul": "{a} * {b}",
          "add_sub": "{a} + {b} - {c}", "mul_add": "{a} * {b} + {c}", "mul_sub": "{a} * {b} - {c}"}
+
+DEFAULT_DIFFICULTY = "easy"
 
 # difficulty -> (operation kinds, max addend, max factor)
 DIFFICULTIES: dict[str, tuple[tuple[str, ...], int, int]] = {
@@ -126,7 +128,7 @@ def _evaluate(expression: str) -> int:
     return total
 
 
-def make_problems(n: int, seed: int = 0, difficulty: str = "medium") -> list[ArithmeticProblem]:
+def make_problems(n: int, seed: int = 0, difficulty: str = DEFAULT_DIFFICULTY) -> list[ArithmeticProblem]:
     """``n`` word problems, deterministic given ``(seed, difficulty)``; operation kinds are cycled
     so that every kind appears equally often (up to one), in a shuffled order."""
     if difficulty not in DIFFICULTIES:

@@ -20,6 +20,48 @@ from .. import rng
 _M32 = 0xFFFFFFFF
 
 
+def is_interpreter() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def helper(fn):
+    """Decorator for device functions called from kernels.
+
+    Compiled: ``triton.jit``. Under the interpreter every call of a nested ``triton.jit``
+    function re-patches ``triton.language`` (~3 ms each), which dominated test time; there the
+    helpers stay plain Python functions, which the interpreter runs with the same semantics.
+    """
+    return fn if is_interpreter() else triton.jit(fn)
+
+
+# Reductions and scans used by the kernels. Compiled, these are ``tl.max`` & co. Under the
+# interpreter ``tl.max`` etc. are nested jit functions (slow, see :func:`helper`); calling
+# ``tl.reduce`` / ``tl.associative_scan`` with Triton's own combine functions hits the
+# interpreter's numpy fast paths instead (same results; NaN is ignored by the interpreter's max,
+# which the kernels never rely on: they mask NaN themselves).
+if is_interpreter():
+    _std = tl.standard
+
+    def rmax(x, axis):
+        return tl.reduce(x, axis, _std._elementwise_max)
+
+    def rmin(x, axis):
+        return tl.reduce(x, axis, _std._elementwise_min)
+
+    def rsum(x, axis):
+        return tl.reduce(x, axis, _std._sum_combine)
+
+    def cumsum(x, axis):
+        return tl.associative_scan(x, axis, _std._sum_combine)
+else:
+    rmax = tl.max
+    rmin = tl.min
+    rsum = tl.sum
+    cumsum = tl.cumsum
+
+
 def _host_mix32(x: int) -> int:
     x &= _M32
     x ^= x >> 16
@@ -35,18 +77,18 @@ def host_key_base(seed32: int, stream: int) -> int:
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-@triton.jit
+@helper
 def mix32(x):
-    """lowbias32 on ``tl.uint32`` values (wrapping multiplication)."""
+    """lowbias32 on ``tl.uint32`` values (wrapping multiplication, deliberately unsanitised)."""
     x = x ^ (x >> 16)
-    x = x * tl.full((), 0x7FEB352D, tl.uint32)
+    x = tl.mul(x, tl.full((), 0x7FEB352D, tl.uint32), sanitize_overflow=False)
     x = x ^ (x >> 15)
-    x = x * tl.full((), 0x846CA68B, tl.uint32)
+    x = tl.mul(x, tl.full((), 0x846CA68B, tl.uint32), sanitize_overflow=False)
     x = x ^ (x >> 16)
     return x
 
 
-@triton.jit
+@helper
 def row_key(key_base, step_ptr, row):
     """Finish :func:`tsmc_kernels.rng.row_key` on the device: ``step`` is read from memory."""
     base = key_base.to(tl.uint32, bitcast=True)
@@ -55,21 +97,22 @@ def row_key(key_base, step_ptr, row):
     return mix32(mix32(base ^ step32) ^ row32)
 
 
-@triton.jit
+@helper
 def hash_bits24(key, counter):
     """``mix32(key ^ counter * 0x85EBCA6B) >> 8`` as int32 in ``[0, 2**24)``."""
-    c = (counter.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32) * tl.full((), 0x85EBCA6B, tl.uint32)
+    c = tl.mul((counter.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32), tl.full((), 0x85EBCA6B, tl.uint32),
+               sanitize_overflow=False)
     return (mix32(key ^ c) >> 8).to(tl.int32)
 
 
-@triton.jit
+@helper
 def uniform_f64(key, counter):
     """``rng.uniform`` in fp64: ``((bits >> 8) + 0.5) / 2**24``, exact."""
     k = hash_bits24(key, counter)
     return (k.to(tl.float64) + 0.5) * 5.9604644775390625e-08
 
 
-@triton.jit
+@helper
 def gumbel_f32(key, counter):
     """``rng.gumbel`` in fp32, accurate to a few 1e-7 absolute everywhere.
 
@@ -98,11 +141,6 @@ def gumbel_f32(key, counter):
     e_hi = 2.0 * t * p
     e = tl.where(k < 8388608, e_lo, e_hi)
     return -tl.log(e)
-
-
-def is_interpreter() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,8 @@
 """Fused twist scoring + Gumbel-max sampling (SPEC §6.1), one pass over the vocabulary per row.
 
 Each program streams a range of vocabulary tiles of one row, reading every logit and twist
-once, and keeps online, per-tile-rescaled accumulators for
+once. Every lane keeps online accumulators (one ``exp`` per element and quantity: see
+:func:`_online`; no cross-lane reduction inside the loop), reduced once at the end, for
 
 * ``logsumexp(x)`` (max ``m0``, sum ``S0``) and the entropy of ``p0``: ``A0 = sum e^(x-m0) (x-m0)``
   (rescaled as ``A <- e^(m-m')(A + (m-m') S)``; ``-inf`` entries are masked out so that
@@ -12,7 +13,8 @@ once, and keeps online, per-tile-rescaled accumulators for
 * the Gumbel-max winner ``argmax_v r_v + g_v`` (per-lane running maxima, earliest index wins
   ties, like ``torch.argmax``), together with its logit and twist.
 
-Everything is fp32 inside (running sums in fp64 scalars); inputs may be fp32/bf16/fp16/fp64.
+Everything is fp32 inside (the final cross-lane / cross-split sums in fp64); inputs may be
+fp32/bf16/fp16/fp64.
 The noise is the counter-based hash of :mod:`tsmc_kernels.rng` (stream ``STREAM_TOKEN``,
 row = particle row, counter = vocabulary index) in ``tl.uint32`` arithmetic: the same bits as
 the reference, so tokens agree with it except at fp32-level near-ties of ``r + g``.
@@ -41,31 +43,65 @@ import triton
 import triton.language as tl
 
 from .. import rng
-from ._common import gumbel_f32, host_key_base, num_sms, row_key, step_tensor
+from ._common import cumsum, helper, rmax, rmin, rsum, gumbel_f32, host_key_base, num_sms, row_key, step_tensor
 
 __all__ = ["twist_sample_triton"]
 
 _NF = 12  # fp64 fields per partial: m0 S0 A0 m1 S1 m2 S2 best_val best_x best_tw bad_x bad_tw
 
 
-@triton.jit
-def _merge(m, s, tile_m, tile_s):
-    """Merge a running (max, sum) with a tile's (max, sum); fp32 maxima, fp64 sums."""
-    new_m = tl.maximum(m, tile_m)
-    safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-    s = s * tl.exp(m - safe).to(tl.float64) + tile_s * tl.exp(tile_m - safe).to(tl.float64)
-    return new_m, s
+_NEG_INF = tl.constexpr(float("-inf"))
+_POS_INF = tl.constexpr(float("inf"))
+_NAN = tl.constexpr(float("nan"))
 
 
-@triton.jit
+@helper
+def _online(m, s, v):
+    """Per-lane online (max, sum e^(v-max)) update with ONE exp per element.
+
+    ``e = exp(-|v - m|)`` serves both cases: a new maximum rescales the old sum by ``e``, any
+    other finite value adds ``e``. ``-inf`` entries change nothing (and never make NaN).
+    """
+    fin = v != _NEG_INF
+    gt = v > m
+    delta = v - m
+    e = tl.exp(-tl.abs(delta))
+    s_new = tl.where(gt, s * e + 1.0, tl.where(fin, s + e, s))
+    return tl.where(gt, v, m), s_new, delta, e, gt, fin
+
+
+@helper
+def _online_entropy(m, s, a, v):
+    """:func:`_online` plus ``a = sum e^(v-m) (v-m)`` (rescaled as ``a <- e^(m-m')(a + (m-m') s)``)."""
+    m_new, s_new, delta, e, gt, fin = _online(m, s, v)
+    a_gt = tl.where(m == _NEG_INF, 0.0, e * (a - delta * s))
+    a_new = tl.where(gt, a_gt, tl.where(fin, a + e * delta, a))
+    return m_new, s_new, a_new
+
+
+@helper
+def _lanes_to_scalar(m, s, a, WITH_A: tl.constexpr):
+    """Combine per-lane (max, sum[, entropy sum]) into one: fp32 max, fp64 sums."""
+    mm = rmax(m, axis=0)
+    safe = tl.where(mm == _NEG_INF, 0.0, mm)
+    live = m != _NEG_INF
+    sc = tl.where(live, tl.exp(m - safe), 0.0).to(tl.float64)
+    ss = rsum(sc * s.to(tl.float64), axis=0)
+    if WITH_A:
+        d = tl.where(live, m - safe, 0.0).to(tl.float64)
+        aa = rsum(tl.where(live, sc * (a.to(tl.float64) + d * s.to(tl.float64)), 0.0), axis=0)
+    else:
+        aa = ss * 0.0
+    return mm, ss, aa
+
+
+@helper
 def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
               m0, s0, a0, m1, s1, m2, s2, best_val, best_idx, best_x, best_tw, bad_x, bad_tw,
               token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
               HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr):
-    NEG_INF: tl.constexpr = float("-inf")
-    NAN: tl.constexpr = float("nan")
     row64 = row.to(tl.int64)
-    no_draw = best_val == NEG_INF  # the proposal has no finite entry
+    no_draw = best_val == _NEG_INF  # the proposal has no finite entry
     # Token 0 for a dead row: its logit / twist are read here (one scalar load each).
     x0 = tl.load(logits_ptr + row64 * stride_l).to(tl.float32)
     if HAS_TWIST:
@@ -77,25 +113,25 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
     tt = tl.where(no_draw, t0, best_tw.to(tl.float32))
     dead0 = s0 == 0.0  # every logit is -inf
     log_s0 = tl.log(tl.where(dead0, 1.0, s0)).to(tl.float32)
-    logp = tl.where(dead0, NEG_INF, (tx - m0) - log_s0)
+    logp = tl.where(dead0, _NEG_INF, (tx - m0) - log_s0)
     dead1 = s1 == 0.0
     log_s1 = tl.log(tl.where(dead1, 1.0, s1)).to(tl.float32)
-    log_zpi = tl.where(dead0 | dead1, NEG_INF, (m1 - m0) + (log_s1 - log_s0))
+    log_zpi = tl.where(dead0 | dead1, _NEG_INF, (m1 - m0) + (log_s1 - log_s0))
     a0_over = (a0 / tl.where(dead0, 1.0, s0)).to(tl.float32)
     entropy = tl.where(dead0, 0.0, log_s0 - a0_over)
     r_tok = tx + tt
     if TEMPERED:
         r_tok = r_tok * inv_temp
     log_s2 = tl.log(tl.where(s2 == 0.0, 1.0, s2)).to(tl.float32)
-    logq = tl.where(no_draw, NEG_INF, (r_tok - m2) - log_s2)
+    logq = tl.where(no_draw, _NEG_INF, (r_tok - m2) - log_s2)
     # Bad values: NaN / +inf logits poison the row, NaN / +inf twists its log Zpi and logq.
     bx = bad_x != 0
     bt = bad_tw != 0
     tok = tl.where(bx, 0, tok)
-    logp = tl.where(bx, NAN, logp)
-    entropy = tl.where(bx, NAN, entropy)
-    log_zpi = tl.where(bx | bt, NAN, log_zpi)
-    logq = tl.where(bx | bt, NAN, logq)
+    logp = tl.where(bx, _NAN, logp)
+    entropy = tl.where(bx, _NAN, entropy)
+    log_zpi = tl.where(bx | bt, _NAN, log_zpi)
+    logq = tl.where(bx | bt, _NAN, logq)
     tl.store(token_ptr + row, tok.to(tl.int64))
     tl.store(logp_ptr + row, logp)
     tl.store(logq_ptr + row, logq)
@@ -108,11 +144,8 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
 def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, step_ptr, key_base, inv_temp,
                          V, tiles_per_split, part_f_ptr, part_i_ptr,
                          token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
-                         HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr,
+                         HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr,
                          SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    NEG_INF: tl.constexpr = float("-inf")
-    POS_INF: tl.constexpr = float("inf")
-    SAME_R: tl.constexpr = (not TEMPERED) and (not TOPK)
     row = tl.program_id(0)
     split = tl.program_id(1)
     row64 = row.to(tl.int64)
@@ -123,83 +156,75 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     if TOPK:
         thr = tl.load(thr_ptr + row)
 
-    m0 = tl.full((), NEG_INF, tl.float32)
-    s0 = tl.zeros((), tl.float64)
-    a0 = tl.zeros((), tl.float64)
-    m1 = tl.full((), NEG_INF, tl.float32)
-    s1 = tl.zeros((), tl.float64)
-    m2 = tl.full((), NEG_INF, tl.float32)
-    s2 = tl.zeros((), tl.float64)
-    bad_x = tl.zeros((), tl.int32)
-    bad_tw = tl.zeros((), tl.int32)
-    bv = tl.full((BLOCK,), NEG_INF, tl.float32)  # per-lane running max of r + g
-    bi = tl.zeros((BLOCK,), tl.int32)
-    bx = tl.zeros((BLOCK,), tl.float32)
-    bt = tl.zeros((BLOCK,), tl.float32)
+    # Per-lane accumulators: no cross-lane reduction inside the loop.
+    zero = tl.full((BLOCK,), 0, tl.float32)
+    m0 = zero + _NEG_INF
+    s0 = zero
+    a0 = zero
+    m1 = zero + _NEG_INF
+    s1 = zero
+    m2 = zero + _NEG_INF
+    s2 = zero
+    bad_x = lanes < 0
+    bad_tw = lanes < 0
+    bv = zero + _NEG_INF  # per-lane running max of r + g
+    bi = tl.full((BLOCK,), 0, tl.int32)
+    bx = zero
+    bt = zero
 
     t_begin = split * tiles_per_split
-    t_end = tl.minimum(t_begin + tiles_per_split, tl.cdiv(V, BLOCK))
+    t_end = tl.minimum(t_begin + tiles_per_split, (V + BLOCK - 1) // BLOCK)
     for t in range(t_begin, t_end):
         offs = t * BLOCK + lanes
         inb = offs < V
-        x = tl.load(l_base + offs, mask=inb, other=NEG_INF).to(tl.float32)
-        bad = (x != x) | (x == POS_INF)
-        bad_x = bad_x | tl.max(bad.to(tl.int32), axis=0)
-        x = tl.where(bad, NEG_INF, x)
-        # --- log p0 and entropy
-        tm0 = tl.max(x, axis=0)
-        nm0 = tl.maximum(m0, tm0)
-        safe0 = tl.where(nm0 == NEG_INF, 0.0, nm0)
-        e0 = tl.exp(x - safe0)
-        xc = tl.where(x == NEG_INF, 0.0, x - safe0)
-        scale0 = tl.exp(m0 - safe0).to(tl.float64)
-        delta0 = tl.where(m0 == NEG_INF, 0.0, m0 - safe0).to(tl.float64)
-        a0 = scale0 * (a0 + delta0 * s0) + tl.sum(e0 * xc, axis=0).to(tl.float64)
-        s0 = scale0 * s0 + tl.sum(e0, axis=0).to(tl.float64)
-        m0 = nm0
-        # --- log p0 + log psi
+        x = tl.load(l_base + offs, mask=inb, other=_NEG_INF).to(tl.float32)
+        bad = (x != x) | (x == _POS_INF)
+        bad_x = bad_x | bad
+        x = tl.where(bad, _NEG_INF, x)
+        m0, s0, a0 = _online_entropy(m0, s0, a0, x)  # log p0 and its entropy
         if HAS_TWIST:
             tw = tl.load(t_base + offs, mask=inb, other=0.0).to(tl.float32)
-            badt = (tw != tw) | (tw == POS_INF)
-            bad_tw = bad_tw | tl.max(badt.to(tl.int32), axis=0)
-            u = tl.where(badt, NEG_INF, x + tw)
+            badt = (tw != tw) | (tw == _POS_INF)
+            bad_tw = bad_tw | badt
+            u = tl.where(badt, _NEG_INF, x + tw)
             tw = tl.where(badt, 0.0, tw)
-            tm1 = tl.max(u, axis=0)
-            m1, s1 = _merge(m1, s1, tm1,
-                            tl.sum(tl.exp(u - tl.where(tm1 == NEG_INF, 0.0, tm1)), axis=0).to(tl.float64))
+            m1, s1, _d1, _e1, _g1, _f1 = _online(m1, s1, u)  # log p0 + log psi
         else:
-            tw = tl.zeros((BLOCK,), tl.float32)
+            tw = zero
             u = x
-        # --- the proposal actually sampled from
-        r = u
+        r = u  # the proposal actually sampled from
         if TEMPERED:
             r = r * inv_temp
         if TOPK:
-            r = tl.where(u >= thr, r, NEG_INF)
+            r = tl.where(u >= thr, r, _NEG_INF)
         if not SAME_R:
-            tm2 = tl.max(r, axis=0)
-            m2, s2 = _merge(m2, s2, tm2,
-                            tl.sum(tl.exp(r - tl.where(tm2 == NEG_INF, 0.0, tm2)), axis=0).to(tl.float64))
-        # --- Gumbel-max
+            m2, s2, _d2, _e2, _g2, _f2 = _online(m2, s2, r)
         g = gumbel_f32(key, offs)
-        val = tl.where(r == NEG_INF, NEG_INF, r + g)
+        val = tl.where(r == _NEG_INF, _NEG_INF, r + g)
         upd = val > bv
         bv = tl.where(upd, val, bv)
         bi = tl.where(upd, offs, bi)
         bx = tl.where(upd, x, bx)
         bt = tl.where(upd, tw, bt)
 
-    if not HAS_TWIST:
+    m0, s0, a0 = _lanes_to_scalar(m0, s0, a0, True)
+    if HAS_TWIST:
+        m1, s1, _a1 = _lanes_to_scalar(m1, s1, s1, False)
+    else:
         m1 = m0
         s1 = s0
     if SAME_R:
         m2 = m1
         s2 = s1
-    best_val = tl.max(bv, axis=0)
-    best_idx = tl.min(tl.where(bv == best_val, bi, 2147483647), axis=0)
+    else:
+        m2, s2, _a2 = _lanes_to_scalar(m2, s2, s2, False)
+    bad_x = rmax(bad_x.to(tl.int32), axis=0)
+    bad_tw = rmax(bad_tw.to(tl.int32), axis=0)
+    best_val = rmax(bv, axis=0)
+    best_idx = rmin(tl.where(bv == best_val, bi, 2147483647), axis=0)
     sel = (bi == best_idx) & (bv == best_val)
-    best_x = tl.sum(tl.where(sel, bx, 0.0), axis=0)
-    best_tw = tl.sum(tl.where(sel, bt, 0.0), axis=0)
+    best_x = rsum(tl.where(sel, bx, 0.0), axis=0)
+    best_tw = rsum(tl.where(sel, bt, 0.0), axis=0)
     if SPLIT:
         nsplit = tl.num_programs(1)
         p = part_f_ptr + (row64 * nsplit + split) * 12
@@ -222,13 +247,13 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
                   token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr, HAS_TWIST, TEMPERED)
 
 
-@triton.jit
+@helper
 def _combine_pair(m, s, mask):
     """Combine per-split (max, sum) vectors into one (max, sum)."""
-    mm = tl.max(tl.where(mask, m, float("-inf")), axis=0)
+    mm = rmax(tl.where(mask, m, float("-inf")), axis=0)
     safe = tl.where(mm == float("-inf"), 0.0, mm)
     sc = tl.where(mask & (m != float("-inf")), tl.exp(m - safe), 0.0)
-    return mm, tl.sum(sc * s, axis=0), sc, safe
+    return mm, rsum(sc * s, axis=0), sc, safe
 
 
 @triton.jit(do_not_specialize=["inv_temp"])
@@ -250,20 +275,20 @@ def _twist_combine_kernel(logits_ptr, stride_l, twist_ptr, stride_t, inv_temp, n
     bvv = tl.load(p + 7, mask=ok, other=float("-inf"))
     bxv = tl.load(p + 8, mask=ok, other=0.0)
     btv = tl.load(p + 9, mask=ok, other=0.0)
-    bad_x = tl.max(tl.load(p + 10, mask=ok, other=0.0), axis=0)
-    bad_tw = tl.max(tl.load(p + 11, mask=ok, other=0.0), axis=0)
+    bad_x = rmax(tl.load(p + 10, mask=ok, other=0.0), axis=0)
+    bad_tw = rmax(tl.load(p + 11, mask=ok, other=0.0), axis=0)
     biv = tl.load(part_i_ptr + row64 * nsplit + sp, mask=ok, other=2147483647)
 
     m0, s0, sc0, safe0 = _combine_pair(m0v, s0v, ok)
     delta = tl.where(m0v == float("-inf"), 0.0, m0v - safe0)
-    a0 = tl.sum(tl.where(sc0 > 0.0, sc0 * (a0v + delta * s0v), 0.0), axis=0)
+    a0 = rsum(tl.where(sc0 > 0.0, sc0 * (a0v + delta * s0v), 0.0), axis=0)
     m1, s1, _sc1, _safe1 = _combine_pair(m1v, s1v, ok)
     m2, s2, _sc2, _safe2 = _combine_pair(m2v, s2v, ok)
-    best_val = tl.max(bvv, axis=0)
-    best_idx = tl.min(tl.where(ok & (bvv == best_val), biv, 2147483647), axis=0)
+    best_val = rmax(bvv, axis=0)
+    best_idx = rmin(tl.where(ok & (bvv == best_val), biv, 2147483647), axis=0)
     sel = ok & (bvv == best_val) & (biv == best_idx)
-    best_x = tl.sum(tl.where(sel, bxv, 0.0), axis=0)
-    best_tw = tl.sum(tl.where(sel, btv, 0.0), axis=0)
+    best_x = rsum(tl.where(sel, bxv, 0.0), axis=0)
+    best_tw = rsum(tl.where(sel, btv, 0.0), axis=0)
     _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
               m0.to(tl.float32), s0, a0, m1.to(tl.float32), s1, m2.to(tl.float32), s2,
               best_val.to(tl.float32), best_idx, best_x, best_tw, bad_x, bad_tw,
@@ -351,7 +376,8 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     _twist_sample_kernel[(M, splits)](
         logits, logits.stride(0), twist, twist.stride(0), thr, step_t, key_base, inv_temp,
         V, tiles_per_split, part_f, part_i, token, *outs,
-        HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, SPLIT=splits > 1, BLOCK=block_v,
+        HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, SAME_R=not (tempered or topk), SPLIT=splits > 1,
+        BLOCK=block_v,
         num_warps=num_warps)
     if splits > 1:
         _twist_combine_kernel[(M,)](

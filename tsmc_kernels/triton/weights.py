@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import reference, rng
-from ._common import host_key_base, row_key, step_tensor, uniform_f64
+from ._common import cumsum, helper, rmax, rmin, rsum, host_key_base, row_key, step_tensor, uniform_f64
 
 __all__ = ["normalize_triton", "resample_triton", "reweight_triton", "MAX_N"]
 
@@ -43,20 +43,20 @@ MAX_N = 16383
 _SCHEME_IDS = {"systematic": 0, "stratified": 1, "multinomial": 2}
 
 
-@triton.jit
+@helper
 def _lse(x):
     """fp64 logsumexp of a block (``-inf`` if every entry is ``-inf``)."""
-    m = tl.max(x, axis=0)
+    m = rmax(x, axis=0)
     safe = tl.where(m == float("-inf"), 0.0, m)
-    s = tl.sum(tl.exp(x - safe), axis=0)
+    s = rsum(tl.exp(x - safe), axis=0)
     return tl.where(m == float("-inf"), float("-inf"), safe + tl.log(s))
 
 
-@triton.jit
+@helper
 def _lower_bound(base_ptr, value, n, LOG: tl.constexpr):
     """Per lane: ``#{k < n : base[k] < value}`` for a sorted fp64 array (binary search)."""
-    lo = tl.zeros(value.shape, tl.int32)
-    hi = tl.zeros(value.shape, tl.int32) + n
+    lo = tl.full(value.shape, 0, tl.int32)
+    hi = tl.full(value.shape, 0, tl.int32) + n
     for _ in tl.static_range(LOG):
         active = lo < hi
         mid = (lo + hi) // 2
@@ -67,11 +67,11 @@ def _lower_bound(base_ptr, value, n, LOG: tl.constexpr):
     return lo
 
 
-@triton.jit
+@helper
 def _upper_bound_i(base_ptr, value, n, LOG: tl.constexpr):
     """Per lane: ``#{k < n : base[k] <= value}`` for a sorted int32 array (binary search)."""
-    lo = tl.zeros(value.shape, tl.int32)
-    hi = tl.zeros(value.shape, tl.int32) + n
+    lo = tl.full(value.shape, 0, tl.int32)
+    hi = tl.full(value.shape, 0, tl.int32) + n
     for _ in tl.static_range(LOG):
         active = lo < hi
         mid = (lo + hi) // 2
@@ -82,27 +82,27 @@ def _upper_bound_i(base_ptr, value, n, LOG: tl.constexpr):
     return lo
 
 
-@triton.jit
+@helper
 def _ancestors(lw, idx, N, key, pos_ptr, cw_ptr, ext_ptr, SCHEME: tl.constexpr, LOG: tl.constexpr):
     """SPEC §2 ancestors for one prompt from its fp64 log weights ``lw`` (``-inf`` past N)."""
     valid = idx < N
     lse = _lse(lw)
     w = tl.exp(lw - lse)
     w = tl.where(valid, w, 0.0)
-    cw = tl.cumsum(w, axis=0)
-    cw = cw / tl.max(cw, axis=0)  # the cumulative sum is nondecreasing: its max is its last element
+    cw = cumsum(w, axis=0)
+    cw = cw / rmax(cw, axis=0)  # the cumulative sum is nondecreasing: its max is its last element
     nf = N.to(tl.float64)
     kf = idx.to(tl.float64)
     if SCHEME == 0:
-        u0 = uniform_f64(key, tl.zeros((), tl.int32))
+        u0 = uniform_f64(key, tl.full((), 0, tl.int32))
         pos = (kf + u0) / nf
     elif SCHEME == 1:
         pos = (kf + uniform_f64(key, idx)) / nf
     else:
         e = -tl.log(uniform_f64(key, idx))
         e = tl.where(idx <= N, e, 0.0)
-        c = tl.cumsum(e, axis=0)
-        pos = c / tl.max(c, axis=0)  # c[N]: exponentials are positive
+        c = cumsum(e, axis=0)
+        pos = c / rmax(c, axis=0)  # c[N]: exponentials are positive
     tl.store(pos_ptr + idx, pos, mask=valid)
     tl.store(cw_ptr + idx, cw, mask=valid)
     tl.debug_barrier()
@@ -113,9 +113,9 @@ def _ancestors(lw, idx, N, key, pos_ptr, cw_ptr, ext_ptr, SCHEME: tl.constexpr, 
     g_prev = tl.where(idx == 0, 0, g_prev)
     count = tl.where(valid, g_i - g_prev, 0)
     extra = tl.maximum(count - 1, 0)
-    extra_end = tl.cumsum(extra, axis=0)
+    extra_end = cumsum(extra, axis=0)
     dead = valid & (count == 0)
-    dead_rank = tl.cumsum(dead.to(tl.int32), axis=0) - 1
+    dead_rank = cumsum(dead.to(tl.int32), axis=0) - 1
     tl.store(ext_ptr + idx, extra_end, mask=valid)
     tl.debug_barrier()
     src = _upper_bound_i(ext_ptr, tl.maximum(dead_rank, 0), N, LOG)
@@ -148,7 +148,7 @@ def _weights_kernel(lw_ptr, stride_lw, inc_ptr, stride_inc, mask_ptr, step_ptr, 
         lse = _lse(lw_new)
         dead = lse == float("-inf")
         norm = lw_new - tl.where(dead, 0.0, lse)
-        ess = tl.where(dead, 0.0, 1.0 / tl.sum(tl.where(valid, tl.exp(2.0 * norm), 0.0), axis=0))
+        ess = tl.where(dead, 0.0, 1.0 / rsum(tl.where(valid, tl.exp(2.0 * norm), 0.0), axis=0))
         log_z_inc = tl.where(dead, float("-inf"), lse - tl.where(lse_prev == float("-inf"), 0.0, lse_prev))
         if ALWAYS:
             do_res = ~dead
@@ -157,7 +157,7 @@ def _weights_kernel(lw_ptr, stride_lw, inc_ptr, stride_inc, mask_ptr, step_ptr, 
         norm32 = norm.to(tl.float32)
         tl.store(ess_ptr + b, ess.to(tl.float32))
         tl.store(lz_ptr + b, log_z_inc.to(tl.float32))
-        tl.store(flag_ptr + b, do_res.to(tl.int8))
+        tl.store(flag_ptr + b, do_res)
         if MODE == 0:
             tl.store(out_w_ptr + row + idx, norm32, mask=valid)
         lwr = norm32.to(tl.float64)
@@ -167,7 +167,7 @@ def _weights_kernel(lw_ptr, stride_lw, inc_ptr, stride_inc, mask_ptr, step_ptr, 
             anc = _ancestors(lwr, idx, N, key, pos_ptr + row, cw_ptr + row, ext_ptr + row, SCHEME, LOG)
             tl.store(anc_ptr + row + idx, anc.to(tl.int64), mask=valid)
             if MODE == 2:
-                reset = tl.zeros((BLOCK,), tl.float64) - tl.log(N.to(tl.float64))
+                reset = tl.full((BLOCK,), 0, tl.float64) - tl.log(N.to(tl.float64))
                 tl.store(out_w_ptr + row + idx, reset.to(tl.float32), mask=valid)
         else:
             tl.store(anc_ptr + row + idx, idx.to(tl.int64), mask=valid)

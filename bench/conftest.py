@@ -1,0 +1,112 @@
+"""Shared set-up of the GPU microbenchmarks (pytest-benchmark). Everything here skips without CUDA.
+
+Timing conventions (used by ``bench/test_bench_kernels.py``):
+
+* ``device_us``: GPU time per call from a CUDA graph holding ``iters`` back-to-back calls,
+  timed with CUDA events (no host launch overhead; the right number for bytes/s);
+* ``eager_us``: CUDA events around ``iters`` eager calls (host launch overhead included when the
+  host is slower than the GPU, which on the lent H100 it often is);
+* pytest-benchmark's own statistics time ``call(); torch.cuda.synchronize()`` from the host.
+
+Bandwidth is reported against the nominal 3000 GB/s H100 copy bandwidth and against the copy
+bandwidth measured in the same session (``torch.Tensor.copy_`` of 1 GiB).
+"""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+NOMINAL_COPY_GBS = 3000.0
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU")
+    for item in items:
+        if "bench" in str(item.fspath):
+            item.add_marker(skip)
+
+
+class GpuTimer:
+    """CUDA-event timers; every method synchronises before it returns."""
+
+    def __init__(self, copy_gbs: float):
+        self.copy_gbs = copy_gbs
+
+    @staticmethod
+    def eager_us(fn, iters: int = 50, warmup: int = 5, reps: int = 5) -> float:
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / iters)
+        return statistics.median(times)
+
+    @staticmethod
+    def graph_us(fn, iters: int = 20, warmup: int = 3, reps: int = 5) -> float:
+        """Per-call GPU time of ``fn`` replayed from a CUDA graph (``fn`` must be capturable)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / iters)
+        del graph
+        return statistics.median(times)
+
+    def bandwidth(self, nbytes: int, us: float) -> dict:
+        gbs = nbytes / (us * 1e-6) / 1e9 if us > 0 else float("nan")
+        return {"bytes_moved": int(nbytes), "achieved_GBps": round(gbs, 1),
+                "frac_of_3000GBps": round(gbs / NOMINAL_COPY_GBS, 3),
+                "frac_of_measured_copy_bw": round(gbs / self.copy_gbs, 3),
+                "measured_copy_GBps": round(self.copy_gbs, 1)}
+
+
+def _measure_copy_gbs() -> float:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = GpuTimer.eager_us(lambda: b.copy_(a), iters=10, warmup=2, reps=3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n / (us * 1e-6) / 1e9  # read + write
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("benchmarks need a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return GpuTimer(_measure_copy_gbs())
+
+
+@pytest.fixture(autouse=True)
+def _free_cuda_memory():
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,100 @@
+"""End-to-end SMC throughput (issue 4): smc_generate vs plain sampling vs a naive PyTorch SMC loop.
+
+Qwen2.5-1.5B-shaped random model, bf16, prompt 256, ``BENCH_SMC_NEW_TOKENS`` new tokens (256),
+N in {16, 64, 256}, B in {1, 8}. Reported in ``extra_info``: tokens/s (particle tokens decoded per
+second) and ms per decoding step. Skips without CUDA.
+"""
+import math
+import os
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+NEW_TOKENS = int(os.environ.get("BENCH_SMC_NEW_TOKENS", "256"))
+PROMPT_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def qwen_shaped():
+    import transformers
+
+    cfg = transformers.Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=4096, eos_token_id=151643, pad_token_id=151643)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None  # run every sequence to the full length
+    return model
+
+
+def _timed(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+@torch.no_grad()
+def naive_smc(model, ids, N, T, seed=0):
+    """The baseline: HF DynamicCache + reorder_cache, torch.multinomial, host-side ESS decision."""
+    from transformers import DynamicCache
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B = ids.shape[0]
+    rows = ids.repeat_interleave(N, 0)
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=rows, past_key_values=cache, use_cache=True)
+    logits = out.logits[:, -1].float()
+    log_w = torch.zeros(B, N, device="cuda")
+    for _ in range(T):
+        logp = torch.log_softmax(logits, -1)
+        probs = torch.softmax(logp, -1)
+        tok = torch.multinomial(probs, 1, generator=g)
+        log_w += 0.0 * logp.gather(1, tok).view(B, N)
+        lse = torch.logsumexp(log_w, 1, keepdim=True)
+        w = torch.exp(log_w - lse)
+        ess = 1.0 / (w * w).sum(1)
+        if bool((ess < 0.5 * N).any().item()):
+            cw = w.cumsum(1)
+            u = (torch.arange(N, device="cuda") + torch.rand(B, 1, device="cuda", generator=g)) / N
+            anc = torch.searchsorted(cw, u).clamp_max(N - 1) + N * torch.arange(B, device="cuda")[:, None]
+            cache.reorder_cache(anc.view(-1))
+            tok = tok[anc.view(-1)]
+            log_w.zero_()
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+
+
+@pytest.mark.parametrize("B,N", [(1, 16), (1, 64), (1, 256), (8, 16), (8, 64)])
+@pytest.mark.parametrize("method", ["smc_bootstrap", "smc_twisted", "plain_generate", "naive_smc"])
+def test_smc_throughput(benchmark, qwen_shaped, B, N, method):
+    from tsmc_kernels import smc_generate
+
+    model = qwen_shaped
+    ids = torch.randint(0, 151000, (B, PROMPT_LEN), device="cuda")
+    T = NEW_TOKENS
+    rows = B * N
+    if method == "smc_bootstrap":
+        fn = lambda: smc_generate(model, ids, num_particles=N, max_new_tokens=T, potential=None,  # noqa: E731
+                                  eos_token_id=[], ess_threshold=0.5)
+    elif method == "smc_twisted":
+        head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, device="cuda", dtype=torch.bfloat16)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        fn = lambda: smc_generate(model, ids, num_particles=N, max_new_tokens=T, eos_token_id=[],  # noqa: E731
+                                  twist=lambda h, c: head(h), ess_threshold=0.5)
+    elif method == "plain_generate":
+        fn = lambda: model.generate(ids.repeat_interleave(N, 0), do_sample=True, max_new_tokens=T,  # noqa: E731
+                                    min_new_tokens=T, pad_token_id=0)
+    else:
+        fn = lambda: naive_smc(model, ids, N, T)  # noqa: E731
+    _, seconds = _timed(lambda: benchmark.pedantic(fn, rounds=1, iterations=1))
+    benchmark.extra_info.update(dict(rows=rows, new_tokens=T, prompt=PROMPT_LEN, method=method,
+                                     tokens_per_s=rows * T / seconds, ms_per_step=1e3 * seconds / T,
+                                     device=torch.cuda.get_device_name()))
+    assert math.isfinite(seconds)

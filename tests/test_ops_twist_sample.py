@@ -1,0 +1,239 @@
+"""ops.twist_sample (SPEC §6.1): the reference sampler's statistics, backend dispatch, torch.compile.
+
+The reference is the oracle of every backend, so its token frequencies are checked against the
+exact twisted proposal ``q ∝ (p0 psi)^(1/T)`` (restricted to the top-k) with a chi-square test,
+and a deliberately broken sampler must fail the same test (the test has power). Fresh random
+inputs every run (the seed is printed; set TSMC_TEST_SEED to replay one).
+"""
+import math
+import os
+
+import pytest
+import torch
+from scipy import stats
+
+from tsmc_kernels import ops, reference, rng
+
+from conftest import requires_cuda
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+CPU_BACKENDS = ["reference"] + (["triton"] if INTERPRETED else [])
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"TSMC_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("TSMC_BACKEND", request.param)
+    return request.param
+
+
+def exact_q(logits, log_twist, temperature, top_k):
+    """Exact proposal probabilities, fp64, straight from the definition in SPEC §2."""
+    p0 = torch.softmax(logits.double(), -1)
+    w = p0 * (log_twist.double().exp() if log_twist is not None else 1.0)
+    w = w ** (1.0 / temperature)
+    if 0 < top_k < w.shape[-1]:
+        kth = torch.topk(w, top_k, dim=-1).values[..., -1:]
+        w = torch.where(w >= kth, w, torch.zeros_like(w))
+    return w / w.sum(-1, keepdim=True)
+
+
+def chi_square_p(tokens, q):
+    """Chi-square p-value of token counts against probabilities ``q`` (cells with small expectation pooled)."""
+    V = q.shape[0]
+    counts = torch.bincount(tokens, minlength=V).double()
+    n = counts.sum()
+    if bool((counts[q == 0] > 0).any()):
+        return 0.0  # a token with probability 0 was drawn
+    exp = q * n
+    keep = exp >= 5
+    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    ex = torch.cat([exp[keep], exp[~keep].sum()[None]])
+    obs, ex = obs[ex > 0], ex[ex > 0]
+    if obs.numel() < 2:
+        return 1.0
+    return float(stats.chisquare(obs.numpy(), ex.numpy()).pvalue)
+
+
+CONFIGS = [  # (V, temperature, top_k, twist scale)
+    (5, 1.0, 0, 1.0),
+    (12, 0.6, 0, 1.5),
+    (12, 1.0, 4, 1.0),
+    (30, 1.8, 10, 2.0),
+]
+
+
+def draw_reference(x, t, M, temperature, top_k, seed, sampler=reference.twist_sample):
+    V = x.shape[-1]
+    xs = x.expand(M, V)
+    ts = t.expand(M, V) if t is not None else None
+    return sampler(xs, ts, temperature=temperature, top_k=top_k, seed=seed, step=0)
+
+
+@pytest.mark.parametrize("V,temperature,top_k,scale", CONFIGS)
+def test_reference_frequencies_match_exact_proposal(gen, V, temperature, top_k, scale):
+    x = torch.randn(1, V, generator=gen, dtype=torch.float64) * 2
+    t = torch.randn(1, V, generator=gen, dtype=torch.float64) * scale
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    out = draw_reference(x, t, 20000, temperature, top_k, seed)
+    q = exact_q(x, t, temperature, top_k)[0]
+    p = chi_square_p(out.token, q)
+    assert p > 1e-4, f"p={p:.3g}"
+    # Scores of the drawn tokens are the exact ones.
+    torch.testing.assert_close(out.logq.double(), q.log()[out.token], atol=1e-5, rtol=0)
+    lse0 = torch.logsumexp(x[0], -1)
+    torch.testing.assert_close(out.log_zpi.double(), torch.logsumexp(x[0] - lse0 + t[0], -1).expand(20000),
+                               atol=1e-5, rtol=0)
+
+
+def _ignore_twist(logits, log_twist, **kw):
+    return reference.twist_sample(logits, None, **kw)
+
+
+def _ignore_temperature(logits, log_twist, *, temperature, **kw):
+    return reference.twist_sample(logits, log_twist, temperature=1.0, **kw)
+
+
+@pytest.mark.parametrize("broken", [_ignore_twist, _ignore_temperature])
+def test_broken_sampler_fails_the_same_check(gen, broken):
+    V, temperature = 8, 0.5
+    x = torch.randn(1, V, generator=gen, dtype=torch.float64)
+    t = torch.randn(1, V, generator=gen, dtype=torch.float64) * 2
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    q = exact_q(x, t, temperature, 0)[0]
+    good = draw_reference(x, t, 20000, temperature, 0, seed)
+    bad = draw_reference(x, t, 20000, temperature, 0, seed, sampler=broken)
+    assert chi_square_p(good.token, q) > 1e-4
+    assert chi_square_p(bad.token, q) < 1e-6
+
+
+def test_reference_top_k_never_samples_outside(gen):
+    V = 50
+    x = torch.randn(64, V, generator=gen)
+    t = torch.randn(64, V, generator=gen)
+    out = reference.twist_sample(x, t, top_k=3, seed=1, step=2)
+    s = x.double() + t.double()
+    kth = torch.topk(s, 3, dim=-1).values[:, -1]
+    assert bool((s.gather(1, out.token[:, None])[:, 0] >= kth).all())
+
+
+# ----------------------------------------------------------------------------- ops dispatch
+
+def _assert_matches(out, ref, atol=1e-5):
+    same = out.token == ref.token
+    assert float(same.float().mean()) >= 0.95
+    for name in ("log_zpi", "entropy"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), atol=atol, rtol=1e-6, equal_nan=True)
+    for name in ("logp", "logq", "log_psi"):
+        torch.testing.assert_close(getattr(out, name)[same], getattr(ref, name)[same], atol=atol, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_matches_reference(gen, backend, dtype):
+    M, V = 6, 90
+    x = (torch.randn(M, V, generator=gen) * 3).to(dtype)
+    t = torch.randn(M, V, generator=gen).to(dtype)
+    x[0, 10:] = -math.inf
+    seed = 2**40 + 17  # folded to 32 bits by ops
+    for kw in (dict(), dict(temperature=0.7, top_k=5)):
+        out = ops.twist_sample(x, t, seed=seed, step=3, **kw)
+        assert isinstance(out, reference.TwistSampleOutput)
+        ref = reference.twist_sample(x, t, seed=seed, step=3, **kw)
+        _assert_matches(out, ref)
+    out = ops.twist_sample(x, None, seed=seed, step=torch.tensor(3))
+    _assert_matches(out, reference.twist_sample(x, None, seed=seed, step=3))
+    assert bool((out.log_psi == 0).all())
+
+
+def test_ops_backends_agree(gen, monkeypatch):
+    if not INTERPRETED:
+        pytest.skip("the Triton backend runs CPU tensors only under TRITON_INTERPRET=1")
+    x = torch.randn(4, 64, generator=gen) * 2
+    t = torch.randn(4, 64, generator=gen)
+    outs = {}
+    for b in ("reference", "triton"):
+        monkeypatch.setenv("TSMC_BACKEND", b)
+        outs[b] = ops.twist_sample(x, t, temperature=1.2, seed=5, step=6)
+    _assert_matches(outs["triton"], outs["reference"])
+
+
+def test_ops_validates_arguments():
+    x = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="log_twist"):
+        ops.twist_sample(x, torch.randn(2, 6))
+    with pytest.raises(ValueError, match="temperature"):
+        ops.twist_sample(x, temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        ops.twist_sample(x, top_k=-1)
+    with pytest.raises(ValueError, match="step"):
+        ops.twist_sample(x, step=-1)
+
+
+def test_ops_under_torch_compile_fullgraph(gen, monkeypatch):
+    monkeypatch.setenv("TSMC_BACKEND", "reference")
+    x = torch.randn(3, 40, generator=gen)
+    t = torch.randn(3, 40, generator=gen)
+
+    def step_fn(logits, log_twist, step):
+        out = ops.twist_sample(logits, log_twist, temperature=0.9, top_k=7, seed=123, step=step, validate=False)
+        return out.token, out.logq + out.log_zpi, out.entropy
+
+    compiled = torch.compile(step_fn, fullgraph=True, backend="aot_eager")
+    step = torch.tensor(4)
+    got = compiled(x, t, step)
+    want = step_fn(x, t, step)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[2], want[2])
+
+
+@pytest.mark.slow
+def test_ops_under_torch_compile_inductor(gen, monkeypatch):
+    monkeypatch.setenv("TSMC_BACKEND", "reference")
+    x = torch.randn(2, 30, generator=gen)
+    t = torch.randn(2, 30, generator=gen)
+
+    @torch.compile(fullgraph=True)
+    def step_fn(logits, log_twist, step):
+        out = ops.twist_sample(logits, log_twist, seed=7, step=step)
+        return out.token, out.logp * 2
+
+    got = step_fn(x, t, torch.tensor(1))
+    ref = reference.twist_sample(x, t, seed=7, step=1)
+    assert torch.equal(got[0], ref.token)
+    torch.testing.assert_close(got[1], ref.logp * 2)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+@requires_cuda
+@pytest.mark.gpu
+def test_ops_cuda_dispatches_to_triton(gen, cuda_device, monkeypatch):
+    monkeypatch.delenv("TSMC_BACKEND", raising=False)
+    assert ops.backend_for(cuda_device, "twist_sample") == "triton"
+    x = (torch.randn(32, 1000, generator=gen) * 3).to(cuda_device, torch.bfloat16)
+    t = torch.randn(32, 1000, generator=gen).to(cuda_device, torch.bfloat16)
+    out = ops.twist_sample(x, t, temperature=0.8, top_k=20, seed=9, step=torch.tensor(2, device=cuda_device))
+    ref = reference.twist_sample(x.cpu(), t.cpu(), temperature=0.8, top_k=20, seed=9, step=2)
+    _assert_matches(type(ref)(*[o.cpu() for o in out]), ref)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_ops_cuda_reference_frequencies(gen, cuda_device):
+    """The Triton sampler on CUDA passes the same chi-square test as the reference."""
+    V, M = 10, 50000
+    x = torch.randn(1, V, generator=gen, dtype=torch.float64)
+    t = torch.randn(1, V, generator=gen, dtype=torch.float64)
+    out = ops.twist_sample(x.float().expand(M, V).contiguous().to(cuda_device),
+                           t.float().expand(M, V).contiguous().to(cuda_device), temperature=0.7, top_k=6,
+                           seed=int(torch.randint(0, 2**62, (1,), generator=gen)))
+    assert chi_square_p(out.token.cpu(), exact_q(x, t, 0.7, 6)[0]) > 1e-4

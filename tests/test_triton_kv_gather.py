@@ -1,0 +1,235 @@
+"""Triton KV-cache gather (SPEC §6.4): all tensors in one launch, only rows with a[i] != i.
+
+Random bytes (floats include NaN/Inf payloads), compared bit-exactly with ``index_select`` and
+with the untouched source; ancestors come from real resampling steps (permutation property).
+Runs under the Triton interpreter on CPU and compiled on CUDA when present. Fresh random inputs
+every run (the seed is printed; set TSMC_TEST_SEED to replay one).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from tsmc_kernels import ops, reference
+from tsmc_kernels.triton import kv_gather as kvg
+from tsmc_kernels.triton.kv_gather import kv_gather_triton_
+
+from conftest import requires_cuda
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
+          torch.bool]
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"TSMC_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def random_data(gen, shape, dtype, device="cpu"):
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool().to(device)
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).view(dtype).reshape(shape).to(device)
+
+
+def row_bytes(t):
+    t = t.contiguous()
+    return t.reshape(t.shape[0], -1).view(torch.uint8) if t.dim() > 1 else t.reshape(-1, 1).view(torch.uint8)
+
+
+def random_ancestors(gen, B, N, scheme="systematic", p_dead=0.4):
+    lw = torch.randn(B, N, generator=gen, dtype=torch.float64) * 3
+    lw[torch.rand(B, N, generator=gen) < p_dead] = -math.inf
+    lw[:, 0] = 0.0
+    return reference.resample(lw, torch.ones(B, dtype=torch.bool), scheme=scheme,
+                              seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+def assert_gathered(out, src, flat):
+    got, want = row_bytes(out.cpu()), row_bytes(src.cpu().index_select(0, flat.cpu()))
+    assert torch.equal(got, want), "gathered rows differ from index_select"
+    keep = flat.cpu() == torch.arange(flat.numel())
+    assert torch.equal(got[keep], row_bytes(src.cpu())[keep]), "a row with a[i] == i changed"
+
+
+def test_all_dtypes_and_shapes_in_one_call(gen):
+    B, N = 2, 6
+    M = B * N
+    anc = random_ancestors(gen, B, N)
+    flat = reference.flat_ancestors(anc)
+    assert bool((flat != torch.arange(M)).any())
+    ts = []
+    for dtype in DTYPES:
+        for shape in [(M, 2, 3, 4), (M, 5), (M,)]:  # 8/4/2/1-byte words, odd row sizes
+            ts.append(random_data(gen, shape, dtype))
+    srcs = [t.clone() for t in ts]
+    kv_gather_triton_(ts, anc)
+    for t, s in zip(ts, srcs):
+        assert_gathered(t, s, flat)
+
+
+def test_nan_payloads_and_flat_ancestors(gen):
+    B, N = 2, 5
+    anc = random_ancestors(gen, B, N)
+    flat = reference.flat_ancestors(anc)
+    bits = torch.tensor([0x7F800001, 0xFFC12345, 0x80000000, 0x7FBFFFFF], dtype=torch.int64)
+    t = (bits[torch.randint(0, 4, (B * N, 7), generator=gen)] + torch.arange(B * N)[:, None]).to(torch.int32)
+    t = t.view(torch.float32)
+    src = t.clone()
+    kv_gather_triton_([t], flat)
+    assert_gathered(t, src, flat)
+
+
+def test_rows_larger_than_a_chunk(gen, monkeypatch):
+    monkeypatch.setattr(kvg, "CHUNK_BYTES", 256)
+    kvg.clear_table_cache()
+    B, N = 2, 4
+    anc = random_ancestors(gen, B, N, p_dead=0.6)
+    flat = reference.flat_ancestors(anc)
+    ts = [random_data(gen, (B * N, 3, 70), torch.bfloat16), random_data(gen, (B * N, 999), torch.int8)]
+    srcs = [t.clone() for t in ts]
+    kv_gather_triton_(ts, anc, block=64)
+    for t, s in zip(ts, srcs):
+        assert_gathered(t, s, flat)
+    kvg.clear_table_cache()
+
+
+def test_record_limit_grows_chunks(gen, monkeypatch):
+    monkeypatch.setattr(kvg, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(kvg, "_MAX_RECORDS", 5)
+    kvg.clear_table_cache()
+    B, N = 1, 6
+    anc = random_ancestors(gen, B, N, p_dead=0.6)
+    t = random_data(gen, (N, 300), torch.int16)
+    src = t.clone()
+    kv_gather_triton_([t], anc)
+    assert_gathered(t, src, reference.flat_ancestors(anc))
+    (table, _), = kvg._cache.values()
+    assert table.shape[0] <= 5
+    kvg.clear_table_cache()
+
+
+def test_identity_changes_nothing_and_table_is_cached(gen):
+    B, N = 3, 4
+    ts = [random_data(gen, (B * N, 2, 3, 4), torch.bfloat16), random_data(gen, (B * N, 9), torch.int64)]
+    srcs = [t.clone() for t in ts]
+    kvg.clear_table_cache()
+    kv_gather_triton_(ts, torch.arange(N).expand(B, N))
+    kv_gather_triton_(ts, torch.arange(B * N))
+    assert len(kvg._cache) == 1  # one layout, one table
+    for t, s in zip(ts, srcs):
+        assert torch.equal(row_bytes(t), row_bytes(s))
+    kv_gather_triton_([], torch.arange(B * N))
+    kv_gather_triton_([torch.empty(B * N, 0)], torch.arange(B * N))
+
+
+def test_strided_permuted_and_non_contiguous_views(gen):
+    B, N = 2, 4
+    M = B * N
+    anc = random_ancestors(gen, B, N)
+    flat = reference.flat_ancestors(anc)
+    cases = []
+    big = random_data(gen, (2 * M, 3, 4), torch.float32)
+    cases.append((big, big[::2]))  # dim-0 stride 2, rows contiguous
+    big = random_data(gen, (M, 7, 2, 4), torch.bfloat16)
+    cases.append((big, big.permute(0, 2, 1, 3)))  # dense rows in permuted order: kernel path
+    big = random_data(gen, (M, 2, 9, 4), torch.float16)
+    cases.append((big, big[:, :, :5]))  # rows with gaps: index_select fallback
+    big = random_data(gen, (5, M), torch.float64)
+    cases.append((big, big.t()))  # column-major rows: fallback
+    big = random_data(gen, (M + 2, 5), torch.int64)
+    cases.append((big, big[1:M + 1]))  # guard rows before and after
+    for base, view in cases:
+        before = base.clone()
+        src = view.clone()
+        kv_gather_triton_([view], anc)
+        assert_gathered(view, src, flat)
+        expect = before.clone()
+        expect.as_strided(view.shape, view.stride(), view.storage_offset() - base.storage_offset()).copy_(
+            src.index_select(0, flat))
+        assert torch.equal(row_bytes(base), row_bytes(expect)), "bytes outside the view were written"
+
+
+def test_aliasing_k_and_v_views(gen):
+    B, N = 2, 4
+    anc = random_ancestors(gen, B, N)
+    buf = random_data(gen, (B * N, 2, 3, 8), torch.float32)
+    src = buf.clone()
+    kv_gather_triton_([buf[:, 0], buf[:, 1]], anc)
+    assert_gathered(buf, src, reference.flat_ancestors(anc))
+
+
+def test_bad_input():
+    t = torch.zeros(6, 4)
+    with pytest.raises(ValueError, match=r"tensors\[1\]"):
+        kv_gather_triton_([t, torch.zeros(7, 4)], torch.arange(6))
+    with pytest.raises(TypeError, match=r"tensors\[0\]"):
+        kv_gather_triton_([t.numpy()], torch.arange(6))
+
+
+def test_ops_triton_backend(gen, monkeypatch):
+    if not INTERPRETED:
+        pytest.skip("the Triton backend runs CPU tensors only under TRITON_INTERPRET=1")
+    monkeypatch.setenv("TSMC_BACKEND", "triton")
+    B, N = 2, 5
+    anc = random_ancestors(gen, B, N, scheme="multinomial")
+    ts = [random_data(gen, (B * N, 2, 4, 8), torch.bfloat16) for _ in range(4)] + [random_data(gen, (B * N, 6),
+                                                                                                 torch.bool)]
+    srcs = [t.clone() for t in ts]
+    ops.kv_gather_(ts, anc)
+    for t, s in zip(ts, srcs):
+        assert_gathered(t, s, reference.flat_ancestors(anc))
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8, torch.bool])
+def test_cuda_equals_reference(gen, cuda_device, dtype):
+    B, N = 4, 16
+    M = B * N
+    anc = random_ancestors(gen, B, N)
+    flat = reference.flat_ancestors(anc)
+    shapes = [(M, 2, 33, 64), (M, 3, 1, 5), (M, 77), (M,), (M, 2, 40, 128), (M, 2, 1000, 128)]
+    ts = [random_data(gen, s, dtype) for s in shapes]
+    expect = [t.clone() for t in ts]
+    reference.kv_gather_(expect, anc)
+    dev = [t.to(cuda_device) for t in ts]
+    kv_gather_triton_(dev, anc.to(cuda_device))
+    torch.cuda.synchronize()
+    for d, e in zip(dev, expect):
+        assert torch.equal(row_bytes(d.cpu()), row_bytes(e))
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay(gen, cuda_device):
+    """Gather inside a captured graph: ancestors change in place between replays."""
+    B, N = 2, 8
+    M = B * N
+    k = random_data(gen, (M, 2, 16, 64), torch.bfloat16, cuda_device)
+    tok = random_data(gen, (M, 16), torch.int64, cuda_device)
+    anc_buf = torch.arange(M, device=cuda_device)
+    kvg.clear_table_cache()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kv_gather_triton_([k, tok], anc_buf)  # compile outside the capture (identity: no copy)
+    torch.cuda.current_stream().wait_stream(s)
+    kvg.clear_table_cache()  # the table is then built during the capture (pinned upload)
+    with torch.cuda.graph(graph):
+        kv_gather_triton_([k, tok], anc_buf)
+    for _ in range(3):
+        anc = reference.flat_ancestors(random_ancestors(gen, B, N))
+        src_k, src_t = k.clone(), tok.clone()
+        anc_buf.copy_(anc)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_gathered(k, src_k, anc)
+        assert_gathered(tok, src_t, anc)

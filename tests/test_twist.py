@@ -1,0 +1,410 @@
+"""Twist heads, losses and training on a tiny model whose optimal twist is known exactly.
+
+The model has 5 tokens (EOS = 4), the prompt is [0, 1, 2] and completions have at most 3 tokens,
+so :mod:`tsmc_kernels.exact` lists every completion and gives ``log Z`` and ``psi*_t``. B
+identical prompts in one SMC call are B independent runs, so one call gives many replicas of
+``log Zhat``.
+"""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+from tsmc_kernels import smc_generate
+from tsmc_kernels.exact import enumerate_completions
+from tsmc_kernels.models import tiny_random_model
+from tsmc_kernels.twist import (EmbeddingTwistHead, MLPTwistHead, ModelTwistHead, TwistHead, bind_prompts,
+                                ctl_loss, dpg_loss, fudge_loss, make_batch, sixo_loss, soft_q_loss, teacher_force,
+                                twist_loss)
+from tsmc_kernels.twist import fit_twist
+
+V, T, EOS = 5, 3, 4
+PROMPT = torch.tensor([0, 1, 2])
+BIG = 1 << 16  # chunk size: one teacher-forced pass for the whole (tiny) batch
+pytestmark = pytest.mark.filterwarnings("ignore:all particles")
+
+
+def potential(c: torch.Tensor) -> torch.Tensor:
+    """phi = 1[completion contains token 2] * exp(0.7 * #3): zeros and a graded part."""
+    return torch.where((c == 2).any(1), 0.0, -math.inf) + 0.7 * (c == 3).sum(1).float()
+
+
+def positive_potential(c: torch.Tensor) -> torch.Tensor:
+    """The same without zeros (phi = e^-4 instead of 0), so bootstrap log Zhat stays finite."""
+    return torch.where((c == 2).any(1), 0.0, -4.0) + 0.7 * (c == 3).sum(1).float()
+
+
+def indicator(c: torch.Tensor) -> torch.Tensor:
+    return torch.where((c == 2).any(1), 0.0, -math.inf)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: threads only contend (much faster on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_random_model(V, seed=3)
+
+
+def make_head(kind: str, model, **kw):
+    if kind == "mlp":
+        return MLPTwistHead.for_model(model, **kw)
+    if kind == "embedding":
+        return EmbeddingTwistHead.for_model(model, **kw)
+    return ModelTwistHead.from_model(model, num_layers=1, **kw)
+
+
+def randomize_(head, seed=0, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+    return head
+
+
+# ----------------------------------------------------------------------------- exact psi*
+
+def psi_error(model, head, ex) -> float:
+    """sum_t sum_{s_1:t} sigma(s_1:t) (f_t - log psi*_t - c_t)^2 over prefixes with sigma > 0.
+
+    ``c_t`` (the sigma-weighted mean offset) is removed: CTL identifies each psi_t up to a constant.
+    """
+    table = ex.optimal_twist().table
+    marg = {}
+    for key, p in zip(ex.keys(), ex.target().tolist()):
+        for t in range(1, len(key) + 1):
+            marg[key[:t]] = marg.get(key[:t], 0.0) + p
+    d = teacher_force(model, PROMPT[None], None, ex.completions[None], ex.lengths[None], chunk_size=BIG)
+    with torch.no_grad():
+        f = head.log_psi_tokens(d["inputs"], d["tokens"])
+    learned = {key[: t + 1]: float(f[i, t]) for i, key in enumerate(ex.keys()) for t in range(len(key))}
+    err = 0.0
+    for t in range(1, T + 1):
+        ks = [k for k in marg if len(k) == t and marg[k] > 0]
+        w = torch.tensor([marg[k] for k in ks], dtype=torch.float64)
+        diff = torch.tensor([learned[k] - table[k] for k in ks], dtype=torch.float64)
+        c = (w * diff).sum() / w.sum()
+        err += float((w * (diff - c) ** 2).sum())
+    return err
+
+
+def log_z_replicas(model, head, pot, N, B=1024, seed=1234):
+    out = smc_generate(model, PROMPT.repeat(B, 1), num_particles=N, max_new_tokens=T, potential=pot, twist=head,
+                       ess_threshold=0.5, seed=seed)
+    return out.log_z
+
+
+def train_ctl(model, pot, steps=60):
+    torch.manual_seed(0)  # the head's hidden layer is randomly initialised
+    head = MLPTwistHead.for_model(model)
+    hist = fit_twist(model, head, PROMPT.repeat(64, 1), pot, loss="ctl", num_particles=4, steps=steps, lr=1e-2,
+                     max_new_tokens=T, chunk_size=BIG, seed=0)
+    return head, hist
+
+
+def test_ctl_learns_the_optimal_twist(model):
+    ex = enumerate_completions(model, PROMPT, T).with_potential(potential)
+    head0 = MLPTwistHead.for_model(model)
+    err0 = psi_error(model, head0, ex)
+    head, hist = train_ctl(model, potential)
+    err1 = psi_error(model, head, ex)
+    assert err1 < 0.4 * err0, f"weighted squared error to log psi*: {err0:.3f} -> {err1:.3f}"
+    # Sampling with the learned twist: every replica finds a phi > 0 particle (bootstrap does not),
+    # and log Zhat is close to log Z.
+    boot = log_z_replicas(model, None, potential, N=2)
+    tw = log_z_replicas(model, head, potential, N=2)
+    assert torch.isneginf(boot).float().mean() > 0.1
+    assert torch.isfinite(tw).all()
+    assert ex.log_z - tw.mean().item() < 0.1
+    assert hist[-1]["finite_frac"] > hist[0]["finite_frac"] + 0.3
+
+
+@pytest.mark.parametrize("N", [2, 4])
+def test_ctl_halves_the_log_z_gap(model, N):
+    ex = enumerate_completions(model, PROMPT, T).with_potential(positive_potential)
+    head, _ = _trained_positive(model)
+    gap_boot = ex.log_z - log_z_replicas(model, None, positive_potential, N).mean().item()
+    gap_tw = ex.log_z - log_z_replicas(model, head, positive_potential, N).mean().item()
+    assert gap_boot > 0.1
+    assert gap_tw < 0.5 * gap_boot, f"log Z - E log Zhat: bootstrap {gap_boot:.3f}, twisted {gap_tw:.3f}"
+
+
+_CACHE = {}
+
+
+def _trained_positive(model):
+    if "pos" not in _CACHE:
+        _CACHE["pos"] = train_ctl(model, positive_potential)
+    return _CACHE["pos"]
+
+
+# ----------------------------------------------------------------------------- loss gradients
+
+def _case(seed=0, B=3, N=4, L=3, Vv=V, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    M = B * N
+    lengths = torch.randint(1, L + 1, (M,), generator=g)
+    mask = torch.arange(L)[None] < lengths[:, None]
+    terminal = torch.arange(L)[None] == (lengths[:, None] - 1)
+    log_w = torch.log_softmax(torch.randn(B, N, generator=g, dtype=dtype), 1)
+    log_w[0, 1] = -math.inf  # a zero-weight particle
+    f = (torch.randn(M, L, generator=g, dtype=dtype) - 1.0).requires_grad_()
+    return dict(B=B, N=N, L=L, M=M, mask=mask, terminal=terminal, log_w=log_w, f=f, g=g)
+
+
+def test_ctl_gradient_is_positive_minus_negative_expectation():
+    c = _case()
+    B, N, L = c["B"], c["N"], c["L"]
+    log_w_neg = torch.randn(c["M"], L, generator=c["g"], dtype=torch.float64)
+    loss = ctl_loss(c["f"], c["mask"], c["log_w"], log_w_neg)
+    (grad,) = torch.autograd.grad(loss, c["f"])
+    W = torch.exp(c["log_w"])
+    expected = torch.zeros(B, N, L, dtype=torch.float64)
+    m = c["mask"].view(B, N, L)
+    for b in range(B):
+        for t in range(L):
+            idx = m[b, :, t]
+            if not idx.any():
+                continue
+            mass = W[b, idx].sum()
+            wneg = torch.softmax(log_w_neg.view(B, N, L)[b, idx, t], 0)
+            expected[b, idx, t] = -(W[b, idx] - mass * wneg) / B
+    torch.testing.assert_close(grad.view(B, N, L), expected)
+
+
+def test_dpg_gradient_is_minus_grad_log_q():
+    c = _case(1)
+    B, N, L, M = c["B"], c["N"], c["L"], c["M"]
+    logits = torch.randn(M, L, V, generator=c["g"], dtype=torch.float64)
+    tokens = torch.randint(0, V, (M, L), generator=c["g"])
+    rows = torch.randn(M, L, V, generator=c["g"], dtype=torch.float64, requires_grad=True)
+    f_tok = rows.gather(-1, tokens[..., None])[..., 0]
+    log_q_rows = torch.log_softmax(torch.log_softmax(logits, -1) + rows.detach(), -1)
+    loss = dpg_loss(f_tok, rows, log_q_rows, c["mask"], c["log_w"])
+    (grad,) = torch.autograd.grad(loss, rows)
+    # d/d rows of -sum W log q(s_t | s_<t) with q = softmax(log p0 + rows): -W (onehot - q).
+    W = torch.exp(c["log_w"]).reshape(M, 1, 1) * c["mask"][..., None]
+    expected = -W * (torch.nn.functional.one_hot(tokens, V) - log_q_rows.exp()) / B
+    torch.testing.assert_close(grad, expected)
+    # ... which is the gradient of the cross-entropy itself:
+    rows2 = rows.detach().clone().requires_grad_()
+    ce = -(W[..., 0] * torch.log_softmax(torch.log_softmax(logits, -1) + rows2, -1).gather(
+        -1, tokens[..., None])[..., 0]).sum() / B
+    torch.testing.assert_close(torch.autograd.grad(ce, rows2)[0], expected)
+
+
+def test_sixo_fudge_soft_q_gradients_match_finite_differences():
+    c = _case(2)
+    mask, terminal, log_w = c["mask"], c["terminal"], c["log_w"]
+    ref = torch.randn(8, c["L"], generator=c["g"], dtype=torch.float64, requires_grad=True)
+    ref_mask = torch.rand(8, c["L"], generator=c["g"]) < 0.8
+    torch.autograd.gradcheck(lambda f, r: sixo_loss(f, mask, log_w, r, ref_mask, 2), (c["f"], ref))
+    log_phi = torch.log(torch.rand(c["M"], generator=c["g"], dtype=torch.float64))
+    torch.autograd.gradcheck(lambda f: fudge_loss(torch.nn.functional.logsigmoid(f), mask, log_phi), (c["f"],))
+    log_zpi = torch.randn(c["M"], c["L"], generator=c["g"], dtype=torch.float64)
+    log_phi[0] = -math.inf
+    torch.autograd.gradcheck(lambda f: soft_q_loss(f, mask, terminal, log_zpi, log_phi), (c["f"],))
+    # soft-Q analytic: 2 (f - target) / M on valid positions; targets log phi (floored) / next log Zpi.
+    loss = soft_q_loss(c["f"], mask, terminal, log_zpi, log_phi, log_phi_floor=-30.0)
+    (grad,) = torch.autograd.grad(loss, c["f"])
+    nxt = torch.cat([log_zpi[:, 1:], torch.zeros_like(log_zpi[:, :1])], 1)
+    target = torch.where(terminal, log_phi.clamp_min(-30.0)[:, None].expand_as(nxt), nxt)
+    torch.testing.assert_close(grad, 2 * (c["f"].detach() - target) * mask / c["M"])
+
+
+@pytest.mark.parametrize("loss", ["ctl", "sixo", "fudge", "soft_q", "dpg"])
+def test_twist_loss_gradient_through_the_head_matches_finite_difference(model, loss):
+    """End to end (sampling -> one teacher-forced pass -> loss): autograd vs a central difference."""
+    pot = indicator if loss == "fudge" else positive_potential
+    head = MLPTwistHead.for_model(model, activation="logsigmoid" if loss == "fudge" else "none", dtype=torch.float64)
+    randomize_(head, seed=1, scale=0.3)
+    from tsmc_kernels.twist import sample_batch
+    batch, _ = sample_batch(model, head, PROMPT.repeat(4, 1), None, pot, loss=loss, num_particles=4,
+                            max_new_tokens=T, seed=5, chunk_size=BIG)
+    # Stop-gradient parts (weights, soft-Q/DPG targets) are held at the current parameters, as in training.
+    direction = {n: torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+                 for i, (n, p) in enumerate(head.named_parameters())}
+    head.zero_grad()
+    value = twist_loss(loss, head, batch)
+    value.backward()
+    analytic = sum((p.grad * direction[n]).sum() for n, p in head.named_parameters())
+
+    frozen = _freeze_targets(loss, head, batch)
+    eps = 1e-6
+    vals = []
+    for sgn in (1, -1):
+        with torch.no_grad():
+            for n, p in head.named_parameters():
+                p.add_(sgn * eps * direction[n])
+            vals.append(float(frozen()))
+            for n, p in head.named_parameters():
+                p.sub_(sgn * eps * direction[n])
+    numeric = (vals[0] - vals[1]) / (2 * eps)
+    assert abs(numeric) > 1e-3
+    assert abs(float(analytic) - numeric) < 1e-5 * max(1.0, abs(numeric)), (float(analytic), numeric)
+
+
+def _freeze_targets(loss, head, batch):
+    """The loss as a function of the head with its stop-gradient inputs frozen at the current head."""
+    from tsmc_kernels.twist import prefix_quantities
+    with torch.no_grad():
+        pq0 = prefix_quantities(head, batch, rows=loss == "dpg", proposal=loss in ("soft_q", "dpg"))
+    if loss in ("ctl", "sixo", "fudge"):
+        return lambda: twist_loss(loss, head, batch)  # their weights do not depend on the current head
+    if loss == "soft_q":
+        def f():
+            pq = prefix_quantities(head, batch)
+            return soft_q_loss(pq.log_psi, pq.mask, pq.terminal, pq0.log_zpi, batch.log_phi)
+        return f
+    log_q_rows = torch.log_softmax(batch.logits.double(), -1) + pq0.log_psi_rows - pq0.log_zpi[..., None].double()
+
+    def g():
+        pq = prefix_quantities(head, batch, rows=True)
+        return dpg_loss(pq.log_psi, pq.log_psi_rows, log_q_rows, pq.mask, batch.log_weights)
+    return g
+
+
+def test_loss_checks(model):
+    head = MLPTwistHead.for_model(model)
+    with pytest.raises(ValueError, match="logsigmoid"):
+        fit_twist(model, head, PROMPT[None], indicator, loss="fudge", steps=1, max_new_tokens=T)
+    with pytest.raises(ValueError, match="unknown twist loss"):
+        fit_twist(model, head, PROMPT[None], indicator, loss="nope", steps=1, max_new_tokens=T)
+    sig = MLPTwistHead.for_model(model, activation="logsigmoid")
+    with pytest.raises(ValueError, match=r"phi in \[0, 1\]"):
+        fit_twist(model, sig, PROMPT.repeat(4, 1), potential, loss="fudge", steps=1, num_particles=4,
+                  max_new_tokens=T)
+
+
+@pytest.mark.parametrize("loss", ["sixo", "fudge", "soft_q", "dpg"])
+def test_other_losses_train(model, loss):
+    pot = indicator if loss == "fudge" else positive_potential
+    head = MLPTwistHead.for_model(model, activation="logsigmoid" if loss == "fudge" else "none")
+    hist = fit_twist(model, head, PROMPT.repeat(32, 1), pot, loss=loss, num_particles=4, steps=8, lr=1e-2,
+                     max_new_tokens=T, chunk_size=BIG)
+    assert all(math.isfinite(h["loss"]) for h in hist)
+    assert any(p.abs().sum() > 0 for p in head.out.parameters())
+
+
+# ----------------------------------------------------------------------------- heads
+
+@pytest.mark.parametrize("kind", ["mlp", "embedding", "model"])
+def test_heads_start_at_zero_and_match_teacher_forcing(model, kind):
+    head = make_head(kind, model)
+    ids = PROMPT.repeat(3, 1)
+    with bind_prompts(head, ids, None, 4):
+        out0 = smc_generate(model, ids, num_particles=4, max_new_tokens=T, potential=potential, twist=head, seed=3)
+    boot = smc_generate(model, ids, num_particles=4, max_new_tokens=T, potential=potential, seed=3)
+    assert torch.equal(out0.completions, boot.completions)  # log psi = 0: bootstrap SMC
+    # With random weights, the proposal used while sampling (KV cache, resampling every step)
+    # equals the one recomputed by one teacher-forced pass.
+    randomize_(head, seed=2)
+    with bind_prompts(head, ids, None, 4):
+        out = smc_generate(model, ids, num_particles=4, max_new_tokens=T, potential=potential, twist=head,
+                           ess_threshold=1.0, seed=4)
+    batch = make_batch(model, head, ids, None, out, chunk_size=BIG)
+    torch.testing.assert_close((batch.log_q_sample * batch.mask).sum(1).view(3, 4), out.log_q, atol=1e-4, rtol=0)
+    tok = head.log_psi_tokens(batch.inputs, batch.tokens)
+    rows = head.log_psi_rows(batch.inputs)
+    torch.testing.assert_close(tok, rows.gather(-1, batch.tokens[..., None])[..., 0], atol=1e-5, rtol=1e-5)
+    if kind != "model":
+        torch.testing.assert_close(head(batch.inputs.hidden), rows)
+        assert head(batch.inputs.hidden[:, 0]).shape == (12, V)
+
+
+def test_model_head_needs_bound_prompts(model):
+    head = make_head("model", model)
+    with pytest.raises(RuntimeError, match="bind"):
+        smc_generate(model, PROMPT[None], num_particles=2, max_new_tokens=T, twist=head)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "embedding", "model"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip(model, kind, dtype, tmp_path):
+    head = randomize_(make_head(kind, model), seed=7).to(dtype)
+    head.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["twist_config.json", "twist_head.safetensors"]
+    loaded = TwistHead.from_pretrained(tmp_path, model=model)
+    assert type(loaded) is type(head) and loaded.dtype == dtype
+    a, b = head.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ex = enumerate_completions(model, PROMPT, T)
+    d = teacher_force(model, PROMPT[None], None, ex.completions[None], ex.lengths[None], chunk_size=BIG)
+    with torch.no_grad():
+        x, y = head.log_psi_rows(d["inputs"]), loaded.log_psi_rows(d["inputs"])
+    assert x.dtype == dtype and torch.equal(x, y)
+    if kind == "embedding":
+        # The output embedding is referenced, not saved.
+        assert "weight" not in " ".join(k for k in a if k.startswith("bias"))
+        assert all(v.shape != model.get_output_embeddings().weight.shape for v in a.values())
+        with pytest.raises(ValueError, match="model=model"):
+            TwistHead.from_pretrained(tmp_path)
+
+
+def test_vocab_mismatch_is_a_clear_error(model, tmp_path):
+    other = tiny_random_model(V + 1, seed=3)
+    head = MLPTwistHead.for_model(other)
+    with pytest.raises(ValueError, match="vocab"):
+        fit_twist(model, head, PROMPT[None], potential, steps=1, max_new_tokens=T)
+    with pytest.raises(ValueError, match="vocab"):
+        smc_generate(model, PROMPT[None], num_particles=2, max_new_tokens=T, twist=head)
+    emb = EmbeddingTwistHead.for_model(other)
+    emb.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="vocab"):
+        TwistHead.from_pretrained(tmp_path, model=model)
+
+
+def test_base_model_is_untouched(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for kind in ("mlp", "embedding"):
+        head = make_head(kind, model)
+        fit_twist(model, head, PROMPT.repeat(8, 1), potential, num_particles=4, steps=3, lr=1e-2, max_new_tokens=T,
+                  chunk_size=BIG)
+        assert any(p.abs().sum() > 0 for p in head.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- HF Trainer
+
+def _trainer(model, out_dir, steps, **kw):
+    from transformers import TrainingArguments
+
+    from tsmc_kernels.twist import TwistTrainer
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=steps, save_steps=2, save_strategy="steps",
+                             per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-2,
+                             logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, **kw)
+    head = MLPTwistHead.for_model(model)
+    return TwistTrainer(model, head, potential, args, train_dataset=PROMPT.repeat(32, 1), num_particles=4,
+                        max_new_tokens=T, chunk_size=BIG)
+
+
+def test_trainer_resumes_from_checkpoint(model, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = _trainer(model, tmp_path / "run", 4)
+        full.train()
+        final = {k: v.clone() for k, v in full.head.state_dict().items()}
+        assert any(v.abs().sum() > 0 for v in final.values())
+        logged = [h for h in full.state.log_history if "loss" in h]
+        assert len(logged) == 4 and all("log_z" in h and "finite_frac" in h for h in logged)
+        ckpt = tmp_path / "run" / "checkpoint-2"
+        assert (ckpt / "twist_config.json").exists() and (ckpt / "model.safetensors").exists()
+        resumed = _trainer(model, tmp_path / "run", 4)  # a fresh head
+        resumed.train(resume_from_checkpoint=str(ckpt))
+        assert resumed.state.global_step == 4
+    again = resumed.head.state_dict()
+    assert all(torch.equal(final[k], again[k]) for k in final), "resumed training differs from the full run"
+    saved = TwistHead.from_pretrained(tmp_path / "run" / "checkpoint-4", model=model)
+    assert all(torch.equal(final[k], saved.state_dict()[k]) for k in final)

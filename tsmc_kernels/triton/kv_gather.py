@@ -1,0 +1,188 @@
+"""In-place KV-cache / buffer gather by ancestors (SPEC §6.4): every tensor in ONE launch.
+
+Design: a **pointer table**. For each tensor the wrapper records (base address, row stride in
+bytes, row length) and splits each row into chunks of at most ``CHUNK`` bytes; the table has one
+int64 record per (tensor, chunk): ``[base, stride_bytes, chunk_start_bytes, chunk_bytes,
+word_bytes]``. The kernel's grid is ``(M rows, table records)``; program ``(i, w)`` first reads
+``a[i]`` and returns at once when ``a[i] == i`` (an identity moves nothing), otherwise it copies
+its chunk of row ``a[i]`` over row ``i``, casting the integer address to a pointer of the widest
+word (8/4/2/1 bytes) that divides the tensor's address, row stride and row length (so any dtype
+works, rows are moved as raw bytes). By the permutation property rows that are read are never
+written, so the copy is race-free in place. Nothing synchronises with the host.
+
+The table is built on the host from shapes and addresses only and cached per tensor layout (a
+static cache reuses one table for every step); on CUDA it is uploaded from pinned memory with a
+non-blocking copy, so building it does not synchronise either and may happen during CUDA-graph
+capture (the entry is then pinned in the cache for the graph's lifetime).
+
+Each row must be one gap-free block of memory (contiguous rows, or a permuted layout of a dense
+row, any stride between rows). A tensor whose rows have gaps (e.g. a slice along L) is handled
+correctly but slowly by ``t.copy_(t.index_select(0, a))`` (moves every row, still no host sync).
+"""
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from ._common import helper
+
+__all__ = ["kv_gather_triton_", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 16384
+_MAX_RECORDS = 65535  # CUDA grid dimension y limit
+_CACHE_SIZE = 64
+_cache: "OrderedDict[tuple, tuple]" = OrderedDict()  # layout -> (device table, pinned host copy)
+_pinned_keys: set = set()
+_lock = threading.Lock()
+
+
+@helper
+def _copy_words(dst, src, n, BLOCK: tl.constexpr):
+    lanes = tl.arange(0, BLOCK)
+    for off in range(0, n, BLOCK):
+        o = off + lanes
+        m = o < n
+        tl.store(dst + o, tl.load(src + o, mask=m), mask=m)
+
+
+@triton.jit
+def _kv_gather_kernel(anc_ptr, table_ptr, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    w = tl.program_id(1)
+    a = tl.load(anc_ptr + i)
+    i64 = i.to(tl.int64)
+    if a != i64:
+        rec = table_ptr + w.to(tl.int64) * 5
+        base = tl.load(rec)
+        stride = tl.load(rec + 1)
+        start = tl.load(rec + 2)
+        nbytes = tl.load(rec + 3)
+        ws = tl.load(rec + 4)
+        dst = base + i64 * stride + start
+        src = base + a * stride + start
+        if ws == 8:
+            _copy_words(dst.to(tl.pointer_type(tl.int64)), src.to(tl.pointer_type(tl.int64)), nbytes // 8, BLOCK)
+        elif ws == 4:
+            _copy_words(dst.to(tl.pointer_type(tl.int32)), src.to(tl.pointer_type(tl.int32)), nbytes // 4, BLOCK)
+        elif ws == 2:
+            _copy_words(dst.to(tl.pointer_type(tl.int16)), src.to(tl.pointer_type(tl.int16)), nbytes // 2, BLOCK)
+        else:
+            _copy_words(dst.to(tl.pointer_type(tl.int8)), src.to(tl.pointer_type(tl.int8)), nbytes, BLOCK)
+
+
+def _rows_dense(t: torch.Tensor) -> bool:
+    """Whether every row ``t[i]`` fills one gap-free block of memory (in any internal order).
+
+    True for contiguous rows and also for permuted layouts such as an ``[M, L, H, D]`` buffer
+    seen as ``[M, H, L, D]``: the row is then copied as the raw block, which is exact.
+    """
+    dims = sorted((st, sz) for st, sz in zip(t.stride()[1:], t.shape[1:]) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _word_bytes(*values: int) -> int:
+    g = 0
+    for v in values:
+        g = math.gcd(g, int(v))
+    for ws in (8, 4, 2):
+        if g % ws == 0:
+            return ws
+    return 1
+
+
+def _build_table(layout: tuple, device: torch.device):
+    records = []
+    chunk = CHUNK_BYTES
+    while sum(-(-rb // chunk) for _, _, rb, _ in layout) > _MAX_RECORDS:
+        chunk *= 2
+    for base, stride_b, row_b, ws in layout:
+        for start in range(0, row_b, chunk):
+            records.append((base, stride_b, start, min(chunk, row_b - start), ws))
+    table = torch.tensor(records, dtype=torch.int64).reshape(-1, 5)
+    if device.type == "cpu":
+        return table, None
+    host = table.pin_memory()
+    # The pinned copy is kept with the entry: a CUDA graph captured around this upload re-reads it.
+    return host.to(device, non_blocking=True), host
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _table_for(layout: tuple, device: torch.device) -> torch.Tensor:
+    key = (device.type, device.index, layout)
+    with _lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit[0]
+        table, host = _build_table(layout, device)
+        _cache[key] = (table, host)
+        if _capturing(device):
+            _pinned_keys.add(key)  # a captured graph reads this table at every replay: never evict it
+        while len(_cache) > _CACHE_SIZE + len(_pinned_keys):
+            for old in _cache:
+                if old not in _pinned_keys:
+                    del _cache[old]
+                    break
+            else:
+                break
+        return table
+
+
+def clear_table_cache() -> None:
+    """Forget every cached pointer table (only safe when no captured graph still uses them)."""
+    with _lock:
+        _cache.clear()
+        _pinned_keys.clear()
+
+
+def kv_gather_triton_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor, *, block: int | None = None) -> None:
+    """In place ``t[i] = t[a[i]]`` for every tensor and every row with ``a[i] != i``, one launch.
+
+    Args:
+        tensors: tensors with ``M`` rows along dim 0 on the ancestors' device (K/V caches
+            ``[M, H, L, D]``, token / position / mask buffers), any dtype.
+        ancestors: int64 ``[M]`` global row indices (or ``[B, N]`` within-prompt indices) with
+            the permutation property of SPEC §2.
+    """
+    a = reference.flat_ancestors(ancestors).to(torch.int64).contiguous()
+    M = a.numel()
+    dev = a.device
+    layout = []
+    for k, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{k}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 1 or t.shape[0] != M:
+            raise ValueError(f"tensors[{k}] has shape {tuple(t.shape)}; dim 0 must equal the {M} rows of ancestors")
+        if t.device != dev:
+            raise ValueError(f"tensors[{k}] is on {t.device} but ancestors are on {dev}")
+        if t.numel() == 0:
+            continue
+        if not _rows_dense(t):
+            t.copy_(t.index_select(0, a))  # correct for any layout, moves every row
+            continue
+        es = t.element_size()
+        row_b = (t.numel() // M) * es
+        stride_b = t.stride(0) * es if M > 1 else row_b
+        base = t.data_ptr()
+        layout.append((base, stride_b, row_b, _word_bytes(base, stride_b, row_b)))
+    if not layout or M == 0:
+        return
+    table = _table_for(tuple(layout), dev)
+    if block is None:
+        block = 1024 if dev.type == "cuda" else 4096
+    _kv_gather_kernel[(M, table.shape[0])](a, table, BLOCK=block, num_warps=4)
