@@ -50,18 +50,30 @@ def naive_twist_sample(logits, log_twist, gen):
     return tok[:, 0], logp.gather(1, tok)[:, 0], logq, log_zpi
 
 
+def make_logits(M, V, kind):
+    """``randn * 3`` logits, or LM-like ones (a few dozen tokens ~15 nats above a N(0, 2) bulk),
+    where most vocabulary tiles cannot hold the Gumbel-max winner and skip their noise."""
+    x = torch.randn(M, V, device="cuda") * (3.0 if kind == "randn" else 2.0)
+    if kind == "lm":
+        hot = torch.randint(0, V, (M, 32), device="cuda")
+        x.scatter_add_(1, hot, torch.full((M, 32), 15.0, device="cuda"))
+    return x.to(torch.bfloat16)
+
+
 @pytest.mark.benchmark(group="twist_sample")
 @pytest.mark.parametrize("V", [49152, 151936])
 @pytest.mark.parametrize("M", [16, 64, 256, 1024])
-@pytest.mark.parametrize("variant", ["twist", "no_twist", "twist_T0.7_top50"])
+@pytest.mark.parametrize("variant", ["twist", "twist_lm_logits", "no_twist", "twist_T0.7_top50"])
 @pytest.mark.parametrize("impl", ["triton", "naive"])
 def test_twist_sample(benchmark, gpu, impl, variant, M, V):
     from tsmc_kernels.triton.twist_sample import twist_sample_triton
 
     if variant == "twist_T0.7_top50" and (impl == "naive" or M not in (64, 1024)):
         pytest.skip("top-k variant: Triton only, two sizes")
+    if variant == "twist_lm_logits" and impl == "naive":
+        pytest.skip("the naive chain does not depend on the logits' values")
     torch.manual_seed(0)
-    logits = (torch.randn(M, V, device="cuda") * 3).to(torch.bfloat16)
+    logits = make_logits(M, V, "lm" if variant == "twist_lm_logits" else "randn")
     twist = torch.randn(M, V, device="cuda").to(torch.bfloat16) if variant != "no_twist" else None
     temperature, top_k = (0.7, 50) if variant == "twist_T0.7_top50" else (1.0, 0)
     step = torch.zeros((), dtype=torch.int64, device="cuda")
@@ -90,6 +102,31 @@ def test_twist_sample(benchmark, gpu, impl, variant, M, V):
     else:
         info.update(gpu.bandwidth(nbytes, info["eager_us"]))
         info["note"] = "GB/s relative to the fused kernel's input bytes; the chain moves several fp32 copies"
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.benchmark(group="twist_sample_tuning")
+@pytest.mark.parametrize("block_v,num_warps", [(512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16)])
+@pytest.mark.parametrize("M,V,splits", [(256, 151936, None), (1024, 151936, None), (16, 151936, None),
+                                        (16, 151936, 1)])
+def test_twist_sample_configs(benchmark, gpu, block_v, num_warps, M, V, splits):
+    """Tile / warp / split sweep on one shape: pick the defaults of ``twist_sample_triton`` from it."""
+    from tsmc_kernels.triton.twist_sample import twist_sample_triton
+
+    torch.manual_seed(0)
+    logits = make_logits(M, V, "randn")
+    twist = torch.randn(M, V, device="cuda").to(torch.bfloat16)
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def kernel():
+        return twist_sample_triton(logits, twist, seed=SEED, step=step, block_v=block_v, num_warps=num_warps,
+                                   num_splits=splits)
+
+    benchmark.pedantic(_sync(kernel), rounds=10, warmup_rounds=2, iterations=1)
+    info = {"impl": "triton", "M": M, "V": V, "block_v": block_v, "num_warps": num_warps,
+            "num_splits": "auto" if splits is None else splits, "eager_us": round(gpu.eager_us(kernel), 2),
+            "device_us": round(gpu.graph_us(kernel), 2)}
+    info.update(gpu.bandwidth(2 * logits.numel() * 2 + M * 28, info["device_us"]))
     benchmark.extra_info.update(info)
 
 

@@ -60,6 +60,14 @@ def summarise(name, out, seconds, weighted=True, extra=""):
                 log_z=lz.mean().item() if lz.numel() else -math.inf, ess=ess, seconds=seconds, extra=extra)
 
 
+HEADER = f"{'method':<22} {'tokens':>7} {'log p(o|c,s)':>13} {'log Zhat':>9} {'ESS/N':>6} {'sec':>6}  notes"
+
+
+def format_row(r) -> str:
+    return (f"{r['method']:<22} {r['tokens']:>7d} {r['score']:>13.3f} {r['log_z']:>9.3f} {r['ess']:>6.2f} "
+            f"{r['seconds']:>6.1f}  {r['extra']}")
+
+
 def main():
     args = parse_args()
     if args.threads:
@@ -80,14 +88,20 @@ def main():
         return out, time.perf_counter() - t
 
     rows = []
+
+    def add(row):  # progress: one line per finished method
+        rows.append(row)
+        print(format_row(row), flush=True)
+
+    print(HEADER, flush=True)
     out, sec = run(ess_threshold=0.0)
-    rows.append(summarise("p0 sampling", out, sec, weighted=False))
-    rows.append(summarise("importance sampling", out, 0.0, extra="same samples, weighted"))
+    add(summarise("p0 sampling", out, sec, weighted=False))
+    add(summarise("importance sampling", out, 0.0, extra="same samples, weighted"))
     out, sec = run(ess_threshold=0.5)
-    rows.append(summarise("bootstrap SMC", out, sec))
+    add(summarise("bootstrap SMC", out, sec))
     inter = tempered(phi, args.inter_beta)
     out, sec = run(ess_threshold=0.5, intermediate_potential=inter, intermediate_every=args.every)
-    rows.append(summarise("SMC + intermediate", out, sec,
+    add(summarise("SMC + intermediate", out, sec,
                           extra=f"p0(o | c, s_1:t)^{args.inter_beta:g} every {args.every} tokens"))
     best = out.best()[0, ids.shape[1]:]
     example = tok.decode(best, skip_special_tokens=True)
@@ -106,16 +120,15 @@ def main():
             train_sec = time.perf_counter() - t
             head.eval()
             out, sec = run(ess_threshold=0.5, twist=head)
-            rows.append(summarise("twisted SMC (CTL)", out, sec,
+            add(summarise("twisted SMC (CTL)", out, sec,
                                   extra=f"+{args.twist_steps} training rounds ({train_sec:.0f}s), "
                                         f"last loss {hist[-1]['loss']:.3f}"))
 
     print(f"\ninfilling: {args.runs} runs x {args.particles} particles x {args.max_new_tokens} tokens; "
           f"c = {args.prefix!r}, o = {args.suffix!r}")
-    print(f"{'method':<22} {'tokens':>7} {'log p(o|c,s)':>13} {'log Zhat':>9} {'ESS/N':>6} {'sec':>6}  notes")
+    print(HEADER)
     for r in rows:
-        print(f"{r['method']:<22} {r['tokens']:>7d} {r['score']:>13.3f} {r['log_z']:>9.3f} {r['ess']:>6.2f} "
-              f"{r['seconds']:>6.1f}  {r['extra']}")
+        print(format_row(r))
     print(f"\nhighest-weight SMC + intermediate middle: {args.prefix}[{example}]{args.suffix}")
 
 

@@ -65,12 +65,18 @@ def summarise(name, out, texts, target, seconds, weighted=True, extra=""):
     return dict(method=name, tokens=out.tokens_decoded, rate=rate, log_z=log_z, ess=ess, seconds=seconds, extra=extra)
 
 
+HEADER = f"{'method':<22} {'tokens':>7} {'target rate':>12} {'log Zhat':>9} {'ESS/N':>6} {'sec':>6}  notes"
+
+
+def format_row(r) -> str:
+    return (f"{r['method']:<22} {r['tokens']:>7d} {r['rate']:>12.3f} {r['log_z']:>9.3f} {r['ess']:>6.2f} "
+            f"{r['seconds']:>6.1f}  {r['extra']}")
+
+
 def print_table(rows, title):
-    print(f"\n{title}")
-    print(f"{'method':<22} {'tokens':>7} {'target rate':>12} {'log Zhat':>9} {'ESS/N':>6} {'sec':>6}  notes")
+    print(f"\n{title}\n{HEADER}")
     for r in rows:
-        print(f"{r['method']:<22} {r['tokens']:>7d} {r['rate']:>12.3f} {r['log_z']:>9.3f} {r['ess']:>6.2f} "
-              f"{r['seconds']:>6.1f}  {r['extra']}")
+        print(format_row(r))
 
 
 def main():
@@ -99,14 +105,20 @@ def main():
         return out, texts, sec
 
     rows = []
+
+    def add(row):  # progress: one line per finished method
+        rows.append(row)
+        print(format_row(row), flush=True)
+
+    print(HEADER, flush=True)
     out, texts, sec = run(ess_threshold=0.0)  # p0 samples, weights phi: plain sampling and IS at once
-    rows.append(summarise("p0 sampling", out, texts, target, sec, weighted=False))
-    rows.append(summarise("importance sampling", out, texts, target, 0.0, extra="same samples, weighted"))
+    add(summarise("p0 sampling", out, texts, target, sec, weighted=False))
+    add(summarise("importance sampling", out, texts, target, 0.0, extra="same samples, weighted"))
     out, texts, sec = run(ess_threshold=0.5)
-    rows.append(summarise("bootstrap SMC", out, texts, target, sec))
+    add(summarise("bootstrap SMC", out, texts, target, sec))
     inter = SentimentPotential(args.polarity, beta=args.inter_beta, scorer=phi.scorer)
     out, texts, sec = run(ess_threshold=0.5, intermediate_potential=inter, intermediate_every=args.every)
-    rows.append(summarise("SMC + intermediate", out, texts, target, sec,
+    add(summarise("SMC + intermediate", out, texts, target, sec,
                           extra=f"exp({args.inter_beta:g} * score(partial)) every {args.every} tokens"))
     best = max(range(len(texts)), key=lambda i: out.weights.reshape(-1)[i].item())
     example = texts[best]
@@ -125,7 +137,7 @@ def main():
             train_sec = time.perf_counter() - t
             head.eval()
             out, texts, sec = run(ess_threshold=0.5, twist=head)
-            rows.append(summarise("twisted SMC (CTL)", out, texts, target, sec,
+            add(summarise("twisted SMC (CTL)", out, texts, target, sec,
                                   extra=f"+{args.twist_steps} training rounds ({train_sec:.0f}s), "
                                         f"last loss {hist[-1]['loss']:.3f}"))
 

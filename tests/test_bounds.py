@@ -180,7 +180,8 @@ def test_kl_estimates_match_enumeration_one_particle(model, enums, twisted):
     torch.testing.assert_close(b.smc_kl_sigma_q, b.kl_sigma_q)
     for est, se, exact, name in ((b.kl_q_sigma, b.kl_q_sigma_se, kl_qs, "KL(q||sigma)"),
                                  (b.kl_sigma_q, b.kl_sigma_q_se, kl_sq, "KL(sigma||q)")):
-        assert abs(float(est) - exact) <= SE * float(se) + 1e-3, f"{name}: {float(est):.4f} ± {float(se):.4f} vs {exact:.4f}"
+        assert abs(float(est) - exact) <= SE * float(se) + 1e-3, \
+            f"{name}: {float(est):.4f} ± {float(se):.4f} vs {exact:.4f}"
         assert float(est) >= -SE * float(se)
     # Without log_z: the pooled estimate log mean Zhat stands in for log Z.
     b2 = iwae_bounds(model, PROMPTS[:1], potential=positive_potential, twist=twist, num_particles=1, num_runs=3000,

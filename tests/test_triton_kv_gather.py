@@ -163,6 +163,16 @@ def test_aliasing_k_and_v_views(gen):
     assert_gathered(buf, src, reference.flat_ancestors(anc))
 
 
+def test_cache_eviction_keeps_limit(gen, monkeypatch):
+    monkeypatch.setattr(kvg, "_CACHE_SIZE", 2)
+    kvg.clear_table_cache()
+    for n in range(4):
+        t = torch.zeros(4, n + 1)
+        kv_gather_triton_([t], torch.arange(4))
+    assert len(kvg._cache) == 2
+    kvg.clear_table_cache()
+
+
 def test_bad_input():
     t = torch.zeros(6, 4)
     with pytest.raises(ValueError, match=r"tensors\[1\]"):
@@ -222,9 +232,10 @@ def test_cuda_graph_capture_and_replay(gen, cuda_device):
     with torch.cuda.stream(s):
         kv_gather_triton_([k, tok], anc_buf)  # compile outside the capture (identity: no copy)
     torch.cuda.current_stream().wait_stream(s)
-    kvg.clear_table_cache()  # the table is then built during the capture (pinned upload)
+    n_tables = len(kvg._cache)
     with torch.cuda.graph(graph):
-        kv_gather_triton_([k, tok], anc_buf)
+        kv_gather_triton_([k, tok], anc_buf)  # reuses the table cached by the warm-up call
+    assert len(kvg._cache) == n_tables
     for _ in range(3):
         anc = reference.flat_ancestors(random_ancestors(gen, B, N))
         src_k, src_t = k.clone(), tok.clone()

@@ -136,7 +136,8 @@ class LogZBounds:
                  f"{'prompt':>6} {'lower':>16} {'upper':>16} {'gap':>8} {'KL(q|s)':>8} {'KL(s|q)':>8} "
                  f"{'KLsmc(q|s)':>10} {'KLsmc(s|q)':>10}"]
         for b in range(self.lower.shape[0]):
-            lines.append(f"{b:>6} {_pm(self.lower[b], self.lower_se[b]):>16} {_pm(self.upper[b], self.upper_se[b]):>16} "
+            lines.append(f"{b:>6} {_pm(self.lower[b], self.lower_se[b]):>16} "
+                         f"{_pm(self.upper[b], self.upper_se[b]):>16} "
                          f"{float(self.gap[b]):>8.3f} {float(self.kl_q_sigma[b]):>8.3f} "
                          f"{float(self.kl_sigma_q[b]):>8.3f} {float(self.smc_kl_q_sigma[b]):>10.3f} "
                          f"{float(self.smc_kl_sigma_q[b]):>10.3f}")
@@ -269,7 +270,10 @@ def _sample_lengths(x: torch.Tensor, eos: Sequence[int], pad: int) -> tuple[torc
     """Lengths (EOS included) of completions ``x [..., T]`` and whether each ended with EOS."""
     T = x.shape[-1]
     pos = torch.arange(T, device=x.device)
-    is_eos = torch.isin(x, torch.tensor(list(eos), dtype=x.dtype, device=x.device)) if eos else torch.zeros_like(x, dtype=torch.bool)
+    if eos:
+        is_eos = torch.isin(x, torch.tensor(list(eos), dtype=x.dtype, device=x.device))
+    else:
+        is_eos = torch.zeros_like(x, dtype=torch.bool)
     has_eos = is_eos.any(-1)
     first_eos = torch.where(is_eos, pos, T).amin(-1) + 1
     if pad in eos:
@@ -316,7 +320,7 @@ def _model_vocab(model) -> int | None:
 # ------------------------------------------------------------------------------ exact samples
 
 def enumeration_samples(enumeration: Enumeration, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``num`` exact samples (with replacement) of ``sigma ∝ p0 * phi`` from an :class:`~tsmc_kernels.exact.Enumeration`.
+    """``num`` exact samples (with replacement) of ``sigma ∝ p0 * phi`` from an enumeration.
 
     The enumeration must carry the potential (:meth:`Enumeration.with_potential`). Returns int64
     ``[num, T]`` completions padded after EOS with the enumeration's pad id.
@@ -332,9 +336,10 @@ def enumeration_samples(enumeration: Enumeration, num: int, generator: torch.Gen
 
 
 @torch.no_grad()
-def rejection_samples(model, input_ids: torch.Tensor, potential, num: int, attention_mask: torch.Tensor | None = None, *,
+def rejection_samples(model, input_ids: torch.Tensor, potential, num: int,
+                      attention_mask: torch.Tensor | None = None, *,
                       max_new_tokens: int = 128, seed: int = 0, tokenizer=None, max_proposals: int | None = None,
-                      batch_size: int | None = None, max_rows: int = 16384, eos_token_id=None, pad_token_id=None,
+                      batch_size: int | None = None, max_rows: int = 2048, eos_token_id=None, pad_token_id=None,
                       cache: str = "dynamic", return_stats: bool = False):
     """``num`` exact samples of ``sigma ∝ p0 * phi`` per prompt by rejection sampling (``phi`` in ``[0, 1]``).
 
@@ -348,7 +353,7 @@ def rejection_samples(model, input_ids: torch.Tensor, potential, num: int, atten
         max_proposals: give up (``RuntimeError``) when a prompt has drawn this many ``p0`` samples
             without ``num`` acceptances (default ``max(10_000, 100 * num)``).
         batch_size: proposals per prompt per round (default: adapted to the acceptance rate seen).
-        max_rows: at most this many particle rows per ``smc_generate`` call.
+        max_rows: at most this many particle rows per ``smc_generate`` call (the KV cache grows with it).
     Returns:
         int64 ``[B, num, max_new_tokens]`` padded after EOS; with ``return_stats`` also a
         :class:`RejectionStats`.
@@ -397,7 +402,8 @@ def rejection_samples(model, input_ids: torch.Tensor, potential, num: int, atten
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="all particles of prompt")
             out = smc_generate(model, input_ids[idx], attention_mask[idx] if attention_mask is not None else None,
-                               num_particles=n, max_new_tokens=T, potential=_PromptMap(fn, idx.cpu()), ess_threshold=0.0,
+                               num_particles=n, max_new_tokens=T, potential=_PromptMap(fn, idx.cpu()),
+                               ess_threshold=0.0,
                                seed=_derive_seed(seed, "rejection", rnd), tokenizer=tokenizer,
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, cache=cache)
         log_phi = out.log_phi.double().cpu()
@@ -459,7 +465,7 @@ def _resolve_exact(exact_samples, model, input_ids, attention_mask, potential, *
 def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, potential,
                  twist=None, num_particles: int = 16, num_runs: int = 32, max_new_tokens: int = 128,
                  ess_threshold: float = 0.5, resampling: str | bool = "multinomial", exact_samples=None,
-                 log_z=None, proposal_kl: bool = True, seed: int = 0, tokenizer=None, max_rows: int = 16384,
+                 log_z=None, proposal_kl: bool = True, seed: int = 0, tokenizer=None, max_rows: int = 2048,
                  max_proposals: int | None = None, **smc_kwargs) -> LogZBounds:
     """Stochastic lower and upper bounds on ``log Z`` per prompt, and KL estimates (SPEC §4).
 
@@ -480,7 +486,8 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         proposal_kl: when the runs resample, also run ``num_runs`` no-resampling runs to estimate
             ``E_q[log p0 phi / q]`` (the proposal KLs); free when ``ess_threshold=0``.
         seed: every run, the rejection sampler and the enumeration draws derive their seeds from it.
-        max_rows: particle rows per :func:`smc_generate` call (runs are chunked).
+        max_rows: particle rows per :func:`smc_generate` call: runs are chunked to bound the KV-cache
+            memory (lower it for large models; results do not depend on it statistically).
         max_proposals: rejection-sampling budget per prompt (see :func:`rejection_samples`).
         **smc_kwargs: passed to :func:`smc_generate`: ``temperature``, ``top_k``, ``eos_token_id``,
             ``pad_token_id``, ``cache``, ``intermediate_potential``, ``intermediate_every``,

@@ -9,9 +9,13 @@
 
 The classifier packages are imported only when a toxicity/sentiment potential is built.
 """
-from .base import Potential, ProductPotential, RewardPotential, as_potential, from_reward, indicator  # noqa: F401
-from .infill import InfillPotential  # noqa: F401
-from .sentiment import SentimentPotential  # noqa: F401
-from .text import (RegexPotential, RegexPrefixPotential, TemperedPotential, TextRewardPotential,  # noqa: F401
+from .base import Potential, ProductPotential, RewardPotential, as_potential, from_reward, indicator
+from .infill import InfillPotential
+from .sentiment import SentimentPotential
+from .text import (RegexPotential, RegexPrefixPotential, TemperedPotential, TextRewardPotential,
                    tempered, text_reward)
-from .toxicity import ToxicityPotential  # noqa: F401
+from .toxicity import ToxicityPotential
+
+__all__ = ["Potential", "ProductPotential", "RewardPotential", "as_potential", "from_reward", "indicator",
+           "RegexPotential", "RegexPrefixPotential", "TextRewardPotential", "text_reward", "TemperedPotential",
+           "tempered", "ToxicityPotential", "SentimentPotential", "InfillPotential"]

@@ -12,8 +12,10 @@ written, so the copy is race-free in place. Nothing synchronises with the host.
 
 The table is built on the host from shapes and addresses only and cached per tensor layout (a
 static cache reuses one table for every step); on CUDA it is uploaded from pinned memory with a
-non-blocking copy, so building it does not synchronise either and may happen during CUDA-graph
-capture (the entry is then pinned in the cache for the graph's lifetime).
+non-blocking copy, so building it does not synchronise either. A table cannot be built while a
+CUDA graph is being captured: the warm-up call before the capture builds it (a clear error
+otherwise); a table used inside a capture is never evicted from the cache, since the captured
+kernel reads it at every replay.
 
 Each row must be one gap-free block of memory (contiguous rows, or a permuted layout of a dense
 row, any stride between rows). A tensor whose rows have gaps (e.g. a slice along L) is handled
@@ -35,11 +37,11 @@ from ._common import helper
 
 __all__ = ["kv_gather_triton_", "CHUNK_BYTES"]
 
-CHUNK_BYTES = 16384
+CHUNK_BYTES = 65536
 _MAX_RECORDS = 65535  # CUDA grid dimension y limit
 _CACHE_SIZE = 64
 _cache: "OrderedDict[tuple, tuple]" = OrderedDict()  # layout -> (device table, pinned host copy)
-_pinned_keys: set = set()
+_pinned_keys: set = set()  # tables used inside a CUDA-graph capture
 _lock = threading.Lock()
 
 
@@ -128,23 +130,24 @@ def _table_for(layout: tuple, device: torch.device) -> torch.Tensor:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
+            if _capturing(device):
+                _pinned_keys.add(key)  # a captured graph reads this table at every replay: never evict it
             return hit[0]
+        if _capturing(device):
+            raise RuntimeError(
+                "kv_gather_triton_: no pointer table for these tensors yet, and building one needs a "
+                "host-to-device copy, which cannot happen while a CUDA graph is being captured. Call it once "
+                "with the same tensors before the capture (the usual warm-up run does this).")
         table, host = _build_table(layout, device)
         _cache[key] = (table, host)
-        if _capturing(device):
-            _pinned_keys.add(key)  # a captured graph reads this table at every replay: never evict it
-        while len(_cache) > _CACHE_SIZE + len(_pinned_keys):
-            for old in _cache:
-                if old not in _pinned_keys:
-                    del _cache[old]
-                    break
-            else:
-                break
+        for old in [k for k in _cache if k not in _pinned_keys][:max(0, len(_cache) - _CACHE_SIZE)]:
+            del _cache[old]
         return table
 
 
 def clear_table_cache() -> None:
-    """Forget every cached pointer table (only safe when no captured graph still uses them)."""
+    """Forget every cached pointer table, also those that captured CUDA graphs still read: call it
+    only when no such graph will be replayed again."""
     with _lock:
         _cache.clear()
         _pinned_keys.clear()

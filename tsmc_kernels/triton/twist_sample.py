@@ -47,12 +47,14 @@ from ._common import cumsum, helper, rmax, rmin, rsum, gumbel_f32, host_key_base
 
 __all__ = ["twist_sample_triton"]
 
-_NF = 12  # fp64 fields per partial: m0 S0 A0 m1 S1 m2 S2 best_val best_x best_tw bad_x bad_tw
+_NF = 10  # fp64 fields per partial: m0 S0 A0 m1 S1 m2 S2 best_val bad_x bad_tw
 
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _POS_INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
+# Upper bound of the kernel's Gumbel noise: u <= 1 - 2**-25 gives g <= 25 log 2 = 17.33.
+_G_MAX = tl.constexpr(17.5)
 
 
 @helper
@@ -97,20 +99,18 @@ def _lanes_to_scalar(m, s, a, WITH_A: tl.constexpr):
 
 @helper
 def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
-              m0, s0, a0, m1, s1, m2, s2, best_val, best_idx, best_x, best_tw, bad_x, bad_tw,
+              m0, s0, a0, m1, s1, m2, s2, best_val, best_idx, bad_x, bad_tw,
               token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
               HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr):
     row64 = row.to(tl.int64)
-    no_draw = best_val == _NEG_INF  # the proposal has no finite entry
-    # Token 0 for a dead row: its logit / twist are read here (one scalar load each).
-    x0 = tl.load(logits_ptr + row64 * stride_l).to(tl.float32)
-    if HAS_TWIST:
-        t0 = tl.load(twist_ptr + row64 * stride_t).to(tl.float32)
-    else:
-        t0 = 0.0
+    no_draw = best_val == _NEG_INF  # the proposal has no finite entry: token 0
     tok = tl.where(no_draw, 0, best_idx)
-    tx = tl.where(no_draw, x0, best_x.to(tl.float32))
-    tt = tl.where(no_draw, t0, best_tw.to(tl.float32))
+    # The winner's logit and twist are read again here (two scalar loads, cached).
+    tx = tl.load(logits_ptr + row64 * stride_l + tok).to(tl.float32)
+    if HAS_TWIST:
+        tt = tl.load(twist_ptr + row64 * stride_t + tok).to(tl.float32)
+    else:
+        tt = tl.full((), 0, tl.float32)
     dead0 = s0 == 0.0  # every logit is -inf
     log_s0 = tl.log(tl.where(dead0, 1.0, s0)).to(tl.float32)
     logp = tl.where(dead0, _NEG_INF, (tx - m0) - log_s0)
@@ -140,7 +140,7 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
     tl.store(ent_ptr + row, entropy)
 
 
-@triton.jit(do_not_specialize=["key_base", "inv_temp", "V", "tiles_per_split"])
+@triton.jit(do_not_specialize=["key_base", "inv_temp", "tiles_per_split"])
 def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, step_ptr, key_base, inv_temp,
                          V, tiles_per_split, part_f_ptr, part_i_ptr,
                          token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
@@ -169,8 +169,7 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     bad_tw = lanes < 0
     bv = zero + _NEG_INF  # per-lane running max of r + g
     bi = tl.full((BLOCK,), 0, tl.int32)
-    bx = zero
-    bt = zero
+    best = tl.full((), _NEG_INF, tl.float32)  # max of r + g over the tiles drawn so far
 
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, (V + BLOCK - 1) // BLOCK)
@@ -178,19 +177,17 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
         offs = t * BLOCK + lanes
         inb = offs < V
         x = tl.load(l_base + offs, mask=inb, other=_NEG_INF).to(tl.float32)
-        bad = (x != x) | (x == _POS_INF)
-        bad_x = bad_x | bad
-        x = tl.where(bad, _NEG_INF, x)
+        ok = x < _POS_INF  # False for NaN and +inf
+        bad_x = bad_x | (~ok)
+        x = tl.where(ok, x, _NEG_INF)
         m0, s0, a0 = _online_entropy(m0, s0, a0, x)  # log p0 and its entropy
         if HAS_TWIST:
             tw = tl.load(t_base + offs, mask=inb, other=0.0).to(tl.float32)
-            badt = (tw != tw) | (tw == _POS_INF)
-            bad_tw = bad_tw | badt
-            u = tl.where(badt, _NEG_INF, x + tw)
-            tw = tl.where(badt, 0.0, tw)
+            okt = tw < _POS_INF
+            bad_tw = bad_tw | (~okt)
+            u = tl.where(okt, x + tw, _NEG_INF)
             m1, s1, _d1, _e1, _g1, _f1 = _online(m1, s1, u)  # log p0 + log psi
         else:
-            tw = zero
             u = x
         r = u  # the proposal actually sampled from
         if TEMPERED:
@@ -199,13 +196,16 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
             r = tl.where(u >= thr, r, _NEG_INF)
         if not SAME_R:
             m2, s2, _d2, _e2, _g2, _f2 = _online(m2, s2, r)
-        g = gumbel_f32(key, offs)
-        val = tl.where(r == _NEG_INF, _NEG_INF, r + g)
-        upd = val > bv
-        bv = tl.where(upd, val, bv)
-        bi = tl.where(upd, offs, bi)
-        bx = tl.where(upd, x, bx)
-        bt = tl.where(upd, tw, bt)
+        # Gumbel-max. The kernel's Gumbel noise is < G_MAX, so a tile whose best r is more
+        # than G_MAX below the best r + g seen so far cannot hold the winner: skip its noise
+        # (most of an LM's vocabulary, after the first tiles). The result is unchanged.
+        if rmax(r, axis=0) + _G_MAX > best:
+            g = gumbel_f32(key, offs)
+            val = tl.where(r == _NEG_INF, _NEG_INF, r + g)
+            upd = val > bv
+            bv = tl.where(upd, val, bv)
+            bi = tl.where(upd, offs, bi)
+            best = tl.maximum(best, rmax(val, axis=0))
 
     m0, s0, a0 = _lanes_to_scalar(m0, s0, a0, True)
     if HAS_TWIST:
@@ -222,12 +222,9 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     bad_tw = rmax(bad_tw.to(tl.int32), axis=0)
     best_val = rmax(bv, axis=0)
     best_idx = rmin(tl.where(bv == best_val, bi, 2147483647), axis=0)
-    sel = (bi == best_idx) & (bv == best_val)
-    best_x = rsum(tl.where(sel, bx, 0.0), axis=0)
-    best_tw = rsum(tl.where(sel, bt, 0.0), axis=0)
     if SPLIT:
         nsplit = tl.num_programs(1)
-        p = part_f_ptr + (row64 * nsplit + split) * 12
+        p = part_f_ptr + (row64 * nsplit + split) * 10
         tl.store(p + 0, m0.to(tl.float64))
         tl.store(p + 1, s0)
         tl.store(p + 2, a0)
@@ -236,14 +233,12 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
         tl.store(p + 5, m2.to(tl.float64))
         tl.store(p + 6, s2)
         tl.store(p + 7, best_val.to(tl.float64))
-        tl.store(p + 8, best_x.to(tl.float64))
-        tl.store(p + 9, best_tw.to(tl.float64))
-        tl.store(p + 10, bad_x.to(tl.float64))
-        tl.store(p + 11, bad_tw.to(tl.float64))
+        tl.store(p + 8, bad_x.to(tl.float64))
+        tl.store(p + 9, bad_tw.to(tl.float64))
         tl.store(part_i_ptr + row64 * nsplit + split, best_idx)
     else:
         _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
-                  m0, s0, a0, m1, s1, m2, s2, best_val, best_idx, best_x, best_tw, bad_x, bad_tw,
+                  m0, s0, a0, m1, s1, m2, s2, best_val, best_idx, bad_x, bad_tw,
                   token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr, HAS_TWIST, TEMPERED)
 
 
@@ -264,7 +259,7 @@ def _twist_combine_kernel(logits_ptr, stride_l, twist_ptr, stride_t, inv_temp, n
     row64 = row.to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
     ok = sp < nsplit
-    p = part_f_ptr + (row64 * nsplit + sp) * 12
+    p = part_f_ptr + (row64 * nsplit + sp) * 10
     m0v = tl.load(p + 0, mask=ok, other=float("-inf"))
     s0v = tl.load(p + 1, mask=ok, other=0.0)
     a0v = tl.load(p + 2, mask=ok, other=0.0)
@@ -273,10 +268,8 @@ def _twist_combine_kernel(logits_ptr, stride_l, twist_ptr, stride_t, inv_temp, n
     m2v = tl.load(p + 5, mask=ok, other=float("-inf"))
     s2v = tl.load(p + 6, mask=ok, other=0.0)
     bvv = tl.load(p + 7, mask=ok, other=float("-inf"))
-    bxv = tl.load(p + 8, mask=ok, other=0.0)
-    btv = tl.load(p + 9, mask=ok, other=0.0)
-    bad_x = rmax(tl.load(p + 10, mask=ok, other=0.0), axis=0)
-    bad_tw = rmax(tl.load(p + 11, mask=ok, other=0.0), axis=0)
+    bad_x = rmax(tl.load(p + 8, mask=ok, other=0.0), axis=0)
+    bad_tw = rmax(tl.load(p + 9, mask=ok, other=0.0), axis=0)
     biv = tl.load(part_i_ptr + row64 * nsplit + sp, mask=ok, other=2147483647)
 
     m0, s0, sc0, safe0 = _combine_pair(m0v, s0v, ok)
@@ -286,12 +279,9 @@ def _twist_combine_kernel(logits_ptr, stride_l, twist_ptr, stride_t, inv_temp, n
     m2, s2, _sc2, _safe2 = _combine_pair(m2v, s2v, ok)
     best_val = rmax(bvv, axis=0)
     best_idx = rmin(tl.where(ok & (bvv == best_val), biv, 2147483647), axis=0)
-    sel = ok & (bvv == best_val) & (biv == best_idx)
-    best_x = rsum(tl.where(sel, bxv, 0.0), axis=0)
-    best_tw = rsum(tl.where(sel, btv, 0.0), axis=0)
     _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
               m0.to(tl.float32), s0, a0, m1.to(tl.float32), s1, m2.to(tl.float32), s2,
-              best_val.to(tl.float32), best_idx, best_x, best_tw, bad_x, bad_tw,
+              best_val.to(tl.float32), best_idx, bad_x, bad_tw,
               token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr, HAS_TWIST, TEMPERED)
 
 
@@ -314,16 +304,18 @@ def _topk_threshold(logits: torch.Tensor, log_twist: torch.Tensor | None, top_k:
 
 
 def _default_splits(M: int, n_tiles: int, device: torch.device) -> int:
+    """Programs per row: 1 when the rows alone fill the GPU, else ~8 programs per SM in all,
+    each with at least 2 vocabulary tiles (so the partial write + combine stays negligible)."""
     sms = num_sms(device)
-    if M >= 2 * sms or n_tiles <= 1:
+    if M >= 4 * sms or n_tiles < 4:
         return 1
-    want = -(-4 * sms // M)  # aim at ~4 programs per SM
-    return max(1, min(want, n_tiles // 2 if n_tiles >= 4 else n_tiles))
+    want = -(-8 * sms // M)
+    return max(1, min(want, n_tiles // 2))
 
 
 def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *, temperature: float = 1.0,
                         top_k: int = 0, seed: int = 0, step=0, num_splits: int | None = None,
-                        block_v: int | None = None):
+                        block_v: int | None = None, num_warps: int | None = None):
     """Triton implementation of :func:`tsmc_kernels.reference.twist_sample`.
 
     Args:
@@ -334,7 +326,9 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
         seed: the seed already folded to 32 bits (``rng.fold_seed``; ops does it).
         step: int64 0-dim / 1-element tensor on the device (read inside the kernel), or an int.
         num_splits: programs per row along V (default: automatic, >1 only when ``M`` is small).
-        block_v: vocabulary tile (default 2048 on GPU, up to 4096 under the interpreter).
+        block_v, num_warps: vocabulary tile and warps per program (default 1024 and 8 on GPU:
+            4 elements per thread, ~80 registers, 3 programs per H100 SM; up to 4096 under the
+            interpreter, where bigger tiles are faster).
     Returns:
         ``(token int64[M], logp, logq, log_zpi, log_psi, entropy fp32[M])``.
     """
@@ -361,13 +355,14 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     key_base = host_key_base(int(seed), rng.STREAM_TOKEN)
 
     if block_v is None:
-        cap = 4096 if dev.type == "cpu" else 2048
+        cap = 4096 if dev.type == "cpu" else 1024
         block_v = min(cap, max(16, triton.next_power_of_2(V)))
     n_tiles = triton.cdiv(V, block_v)
     splits = _default_splits(M, n_tiles, dev) if num_splits is None else max(1, min(int(num_splits), n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)
-    num_warps = 8 if block_v >= 2048 else 4
+    if num_warps is None:
+        num_warps = max(1, min(8, block_v // 128))
     if splits > 1:
         part_f = torch.empty(M, splits, _NF, dtype=torch.float64, device=dev)
         part_i = torch.empty(M, splits, dtype=torch.int32, device=dev)

@@ -17,7 +17,7 @@ __all__ = ["TwistHead", "MLPTwistHead", "EmbeddingTwistHead", "ModelTwistHead", 
            "bind_prompts", "LOSSES", "TwistBatch", "PrefixQuantities", "teacher_force", "prefix_quantities",
            "make_batch", "twist_loss", "ctl_loss", "sixo_loss", "fudge_loss", "soft_q_loss", "dpg_loss",
            "fit_twist", "sample_batch", "TwistTrainer", "TwistModule", "PromptDataset", "PromptCollator",
-           "tokenize_prompts"]
+           "tokenize_prompts", "IndexedPotential"]
 
 _TRAINER = {"fit_twist", "sample_batch", "TwistTrainer", "TwistModule", "PromptDataset", "PromptCollator",
             "tokenize_prompts", "IndexedPotential"}

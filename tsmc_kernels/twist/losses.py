@@ -42,6 +42,7 @@ functions ``ctl_loss`` ... ``dpg_loss``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
@@ -109,9 +110,12 @@ class PrefixQuantities(NamedTuple):
 
 @torch.no_grad()
 def teacher_force(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completions: torch.Tensor,
-                  lengths: torch.Tensor, *, keep_logits: bool = False, chunk_size: int = 32,
+                  lengths: torch.Tensor, *, keep_logits: bool = False, chunk_size: int = 64,
                   head=None, temperature: float = 1.0, top_k: int = 0) -> dict:
-    """One forward pass of the frozen base model over prompt + completion (``no_grad``, in row chunks).
+    """One forward pass of the frozen base model over prompt + completion (``no_grad``).
+
+    As in the sampler, each prompt is run once and its KV cache repeated for its ``N`` particles;
+    then the completions run in one batched call (``chunk_size`` rows at a time).
 
     Args:
         input_ids: ``[B, P]`` prompts (left padded), attention_mask ``[B, P]`` or None.
@@ -123,10 +127,13 @@ def teacher_force(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         dict with ``tokens, mask, terminal, lengths, inputs, log_p0`` and optionally ``logits``,
         ``log_q_sample``, ``log_psi_sample`` (see :class:`TwistBatch`).
     """
+    from transformers import DynamicCache
+
     B, P = input_ids.shape
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
     L = completions.shape[-1]
     tokens = completions.reshape(-1, L).to(device)
     M = tokens.shape[0]
@@ -138,29 +145,42 @@ def teacher_force(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     mask = pos[None, :] < lengths[:, None]
     terminal = pos[None, :] == (lengths[:, None] - 1)
     ids = torch.cat([input_ids.repeat_interleave(N, 0), tokens], 1)
-    seq_mask = torch.cat([attention_mask.to(device=device, dtype=torch.long).repeat_interleave(N, 0),
-                          torch.ones(M, L, dtype=torch.long, device=device)], 1)
+    seq_mask = torch.cat([attention_mask.repeat_interleave(N, 0), torch.ones(M, L, dtype=torch.long, device=device)], 1)
     position_ids = (seq_mask.cumsum(1) - 1).clamp_min(0)
+    keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     hidden, log_p0, logits_all, log_q_s, log_psi_s = [], [], [], [], []
-    for a in range(0, M, chunk_size):
-        sl = slice(a, min(M, a + chunk_size))
-        out = model(input_ids=ids[sl], attention_mask=seq_mask[sl], position_ids=position_ids[sl],
-                    output_hidden_states=True, use_cache=False, return_dict=True)
-        h = out.hidden_states[-1][:, P - 1: P - 1 + L]
-        lg = out.logits[:, P - 1: P - 1 + L]
+    per = max(1, chunk_size // N)  # prompts per chunk
+    for b0 in range(0, B, per):
+        bs = slice(b0, min(B, b0 + per))
+        rows = slice(b0 * N, min(B, b0 + per) * N)
+        cache = DynamicCache(config=model.config)
+        pm = attention_mask[bs]
+        out = model(input_ids=input_ids[bs], attention_mask=pm, position_ids=(pm.cumsum(1) - 1).clamp_min(0),
+                    past_key_values=cache, use_cache=True, output_hidden_states=True, return_dict=True, **keep_kw)
+        h = out.hidden_states[-1][:, -1:].repeat_interleave(N, 0)
+        lg = out.logits[:, -1:].repeat_interleave(N, 0)
+        if L > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(N)
+            out = model(input_ids=tokens[rows, : L - 1], attention_mask=seq_mask[rows, : P + L - 1],
+                        position_ids=position_ids[rows, P: P + L - 1], past_key_values=cache,
+                        cache_position=torch.arange(P, P + L - 1, device=device), use_cache=True,
+                        output_hidden_states=True, return_dict=True)
+            h = torch.cat([h, out.hidden_states[-1]], 1)
+            lg = torch.cat([lg, out.logits], 1)
+        del out, cache
         hidden.append(h)
         V = lg.shape[-1]
-        flat_tok = tokens[sl].reshape(-1)
+        flat_tok = tokens[rows].reshape(-1)
         log_p0.append(ops.twist_score(lg.reshape(-1, V), None, flat_tok).logp.view(-1, L))
         if head is not None:
-            inputs = TwistInputs(h, ids[sl], seq_mask[sl], P)
-            rows = head.log_psi_rows(inputs)
-            sc = ops.twist_score(lg.reshape(-1, V), rows.reshape(-1, V), flat_tok, temperature=temperature, top_k=top_k)
+            rows_psi = head.log_psi_rows(TwistInputs(h, ids[rows], seq_mask[rows], P))
+            sc = ops.twist_score(lg.reshape(-1, V), rows_psi.reshape(-1, V), flat_tok, temperature=temperature,
+                                 top_k=top_k)
             log_q_s.append(sc.logq.view(-1, L))
             log_psi_s.append(sc.log_psi.view(-1, L))
         if keep_logits:
             logits_all.append(lg)
-        del out
     res = dict(tokens=tokens, mask=mask, terminal=terminal, lengths=lengths,
                inputs=TwistInputs(torch.cat(hidden), ids, seq_mask, P), log_p0=torch.cat(log_p0),
                num_prompts=B, num_particles=N, temperature=temperature, top_k=top_k)
@@ -173,7 +193,7 @@ def teacher_force(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
 
 def prefix_quantities(head, batch: TwistBatch, *, rows: bool = False, proposal: bool = False,
-                      chunk_size: int = 32) -> PrefixQuantities:
+                      chunk_size: int = 64) -> PrefixQuantities:
     """The head's per-position quantities on ``batch`` (the one shared function of every loss).
 
     Args:
@@ -378,7 +398,7 @@ def twist_loss(name: str, head, batch: TwistBatch, **options) -> torch.Tensor:
     return loss_needs(name).fn(head, batch, **options)
 
 
-def make_batch(model, head, input_ids, attention_mask, out, *, loss: str = "ctl", ref_out=None, chunk_size: int = 32,
+def make_batch(model, head, input_ids, attention_mask, out, *, loss: str = "ctl", ref_out=None, chunk_size: int = 64,
                temperature: float = 1.0, top_k: int = 0) -> TwistBatch:
     """A :class:`TwistBatch` from :class:`~tsmc_kernels.SMCOutput` ``out`` (twisted samples under ``head``)
     and ``ref_out`` (base-model rollouts, for SIXO / FUDGE)."""

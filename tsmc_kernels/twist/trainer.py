@@ -118,7 +118,7 @@ def _check(model, head, loss: str):
 
 def sample_batch(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, potential, *,
                  loss: str = "ctl", num_particles: int = 16, max_new_tokens: int = 32, seed: int = 0,
-                 ess_threshold: float = 0.0, tokenizer=None, chunk_size: int = 32, smc_kwargs: dict | None = None):
+                 ess_threshold: float = 0.0, tokenizer=None, chunk_size: int = 64, smc_kwargs: dict | None = None):
     """Sample with twisted SMC under ``head`` (and base rollouts if the loss needs them) and build the
     :class:`~.losses.TwistBatch`, everything under ``no_grad``. Returns ``(batch, smc_output)``."""
     spec = loss_needs(loss)
@@ -166,7 +166,7 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
               lr: float = 1e-3, max_new_tokens: int = 32, tokenizer=None, attention_mask: torch.Tensor | None = None,
               batch_size: int | None = None, inner_steps: int = 1, ess_threshold: float = 0.0,
               weight_decay: float = 0.0, max_grad_norm: float | None = 1.0, loss_kwargs: dict | None = None,
-              smc_kwargs: dict | None = None, chunk_size: int = 32, seed: int = 0, progress: bool = False,
+              smc_kwargs: dict | None = None, chunk_size: int = 64, seed: int = 0, progress: bool = False,
               callback=None) -> list[dict]:
     """Train ``head`` on ``prompts`` by alternating twisted SMC and gradient steps (Adam).
 
@@ -182,7 +182,7 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
         ess_threshold: resampling threshold while sampling for training (0 = SIS, exact CTL).
         loss_kwargs: options of the loss (``log_phi_floor``). smc_kwargs: more ``smc_generate``
             options (``temperature``, ``top_k``, ``eos_token_id``, ...).
-        callback: ``callback(step, record, head)`` after every round.
+        callback: ``callback(step, record, head)`` after every round; returning True stops training.
     Returns:
         history: one dict per round: ``step, loss``; of the round's samples ``finite_frac``
         (particles with ``phi > 0``: the reward fraction of an indicator potential),
@@ -233,8 +233,8 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
         if progress:
             rounds.set_postfix(loss=f"{record['loss']:.3g}", phi_pos=f"{record['finite_frac']:.2f}",
                                log_z=f"{record['log_z']:.2f}")
-        if callback is not None:
-            callback(step, record, head)
+        if callback is not None and callback(step, record, head):
+            break
     head.eval()
     return history
 
@@ -322,7 +322,7 @@ class TwistTrainer(_trainer_base()):
     def __init__(self, base_model, head, potential, args=None, train_dataset=None, *, tokenizer=None,
                  loss: str = "ctl", loss_kwargs: dict | None = None, num_particles: int = 16,
                  max_new_tokens: int = 32, ess_threshold: float = 0.0, smc_kwargs: dict | None = None,
-                 chunk_size: int = 32, eval_dataset=None, data_collator=None, **kwargs):
+                 chunk_size: int = 64, eval_dataset=None, data_collator=None, **kwargs):
         from transformers import TrainingArguments
 
         _check(base_model, head, loss)
