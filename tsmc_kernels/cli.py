@@ -230,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.set_defaults(fn=cmd_bounds)
 
-    p = sub.add_parser("bench", help="run the microbenchmarks (pytest-benchmark; meaningful on a GPU)")
-    p.add_argument("pytest_args", nargs="*")
-    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("bench", help="run the microbenchmarks (pytest-benchmark; meaningful on a GPU); "
+                                     "further arguments go to pytest")
+    p.set_defaults(fn=cmd_bench, pytest_args=[])
 
     p = sub.add_parser("demo", help="the main job: eval on the embedded model, table + demo_report.png")
     p.add_argument("--data", default=None, help="GSM8K jsonl (optional: the GSM8K part is skipped without it)")
@@ -244,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and args.command != "bench":
+        build_parser().parse_args(argv)  # reports the unknown arguments and exits with status 2
+    args.pytest_args = extra
     try:
         return args.fn(args)
     except CLIError as exc:
