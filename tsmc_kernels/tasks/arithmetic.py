@@ -14,6 +14,10 @@ Two ways to ask:
   :func:`short_answer_reward` = 1.0 if the first number in the completion equals the gold answer.
   Useful for tiny models that cannot follow the XML format.
 
+Measured base rates of SmolLM2-135M-Instruct (Q4_1 GGUF, temperature 1, 160 samples each, so
+about +-2 points): short answer, "easy" ~4%, "medium" ~2-4%, "hard" ~1%; the XML format: no
+reward of any kind on 40 "easy" samples.
+
 Difficulties (``difficulty=``): ``"easy"`` one ``+``/``-`` on numbers up to 10; ``"medium"`` one
 ``+``/``-``/``*`` on numbers up to 20 (products of factors up to 9); ``"hard"`` two steps.
 """
