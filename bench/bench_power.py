@@ -7,14 +7,14 @@ output_logits=True)`` (the prompt and the kept prefix are prefilled again for ev
 the same algorithm: block-wise annealing, ``n_mcmc`` moves per block, the same cut rule and the
 exact full-suffix acceptance ratio.
 
-Model: Qwen2.5-1.5B-shaped (hidden 1536, 28 layers, 12 heads, 2 KV heads, vocab 151936), bf16,
-random init (a random model almost never emits EOS: every completion runs to the length limit,
+Model (``--model``): Qwen2.5-1.5B-shaped by default (hidden 1536, 28 layers, 12 heads, 2 KV heads,
+vocab 151936), bf16 on CUDA, random init, EOS disabled (every completion runs to the length limit,
 the worst case for both methods). Reported per configuration: wall time per problem, tokens
 decoded (proposals included) and tokens/s.
 
     python bench/bench_power.py                                  # paper sizes: 16 blocks x 192, 10 MH steps
     python bench/bench_power.py --blocks 4 --block-size 32 --n-mcmc 2 --chains 1 8 --problems 2
-    python bench/bench_power.py --device cpu --tiny               # smoke test of the script on CPU
+    python bench/bench_power.py --device cpu --model tiny --threads 1   # smoke test of the script on CPU
     pytest bench/bench_power.py                                   # a small configuration; skips without CUDA
 
 The paper sizes take hours for the ``generate`` reference (~100 ms per token on the lent H100);
@@ -36,19 +36,27 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def qwen_shaped(device, dtype=torch.bfloat16, tiny: bool = False):
+SHAPES = {
+    # the issue's target: Qwen2.5-1.5B
+    "qwen2.5-1.5b": ("Qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936)),
+    # the embedded model's shape (SmolLM2-135M): a CPU-sized comparison
+    "smollm2-135m": ("Llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)),
+    "tiny": ("Qwen2", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=1000)),
+}
+
+
+def random_model(shape: str, device, dtype=torch.bfloat16):
+    """A randomly initialised causal LM of one of :data:`SHAPES`, in eval mode, that never stops at EOS."""
     import transformers
 
-    if tiny:
-        cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, vocab_size=1000, max_position_embeddings=8192)
-    else:
-        cfg = transformers.Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                       max_position_embeddings=32768)
+    arch, kw = SHAPES[shape]
+    cfg = getattr(transformers, f"{arch}Config")(max_position_embeddings=32768, **kw)
     torch.manual_seed(0)
     with torch.device(device):
-        model = transformers.Qwen2ForCausalLM(cfg).to(dtype).eval()
+        model = getattr(transformers, f"{arch}ForCausalLM")(cfg).to(dtype).eval()
     model.generation_config.eos_token_id = None  # run every sequence to the length limit
     model.generation_config.pad_token_id = 0
     return model
@@ -107,7 +115,8 @@ def generate_reference(model, prompt: torch.Tensor, *, alpha: float, cut: str, c
             decoded += len(t)
             nx, nlp, nlq, nen = x[:c] + t, lp[:c] + a, lq[:c] + b, en[:c] + e
             pn = _cut_probs(nen, cut, cut_power)
-            log_a = alpha * (sum(a) - sum(lp[c:])) + sum(lq[c:]) - sum(b) + math.log(pn[c] or 1e-300) - math.log(probs[c])
+            log_a = (alpha * (sum(a) - sum(lp[c:])) + sum(lq[c:]) - sum(b)
+                     + math.log(pn[c] or 1e-300) - math.log(probs[c]))
             if math.log(rnd.random() or 1e-300) < log_a:
                 x, lp, lq, en = nx, nlp, nlq, nen
                 accepted += 1
@@ -158,7 +167,7 @@ def run_reference(model, prompts, *, blocks, reference_blocks, **kw):
 
 def run(args) -> list[dict]:
     device = torch.device(args.device)
-    model = qwen_shaped(device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, tiny=args.tiny)
+    model = random_model(args.model, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, V - 1, (args.problems, args.prompt_len), generator=g).to(device)
@@ -184,7 +193,7 @@ def run(args) -> list[dict]:
 def _parser():
     ap = argparse.ArgumentParser(description="power_sample vs model.generate proposals")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tiny", action="store_true", help="a 2-layer toy model (smoke test on CPU)")
+    ap.add_argument("--model", choices=list(SHAPES), default="qwen2.5-1.5b", help="random-init model shape")
     ap.add_argument("--problems", type=int, default=1)
     ap.add_argument("--chains", type=int, nargs="+", default=[1, 16], help="chains per problem (one run each)")
     ap.add_argument("--prompt-len", type=int, default=256)
@@ -196,6 +205,7 @@ def _parser():
     ap.add_argument("--cut-power", type=float, default=4.0)
     ap.add_argument("--reference-blocks", type=int, default=0, help="run the generate() reference on K blocks only")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", help="also write the results to this file")
     return ap
 
@@ -203,9 +213,11 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        print("bench_power: CUDA is not available; skipping (use --device cpu --tiny for a smoke test)")
+        print("bench_power: CUDA is not available; skipping (use --device cpu --model tiny for a smoke test)")
         return []
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = run(args)
     if args.json:
         meta = {"device": torch.cuda.get_device_name(0) if torch.device(args.device).type == "cuda" else "cpu",

@@ -1,6 +1,6 @@
 """Power sampling (``p0^alpha``, SPEC §5) with the embedded SmolLM2-135M-Instruct, on CPU.
 
-    python python/power_sampling_example.py [--blocks 2] [--block-size 16] [--n-mcmc 2] [--chains 2]
+    python python/power_sampling_example.py [--blocks 2] [--block-size 16] [--n-mcmc 2] [--chains 2] [--threads N]
 
 A short run: the completion grows ``block-size`` tokens per block, and after every block each
 chain makes ``n-mcmc`` Metropolis-Hastings moves (cut at an entropy jump, resample the suffix from
@@ -30,7 +30,10 @@ def main(argv=None):
     ap.add_argument("--n-mcmc", type=int, default=2)
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     model, tok = load_default_model()

@@ -16,7 +16,7 @@ same token budget (``runs x particles x max_new_tokens``):
 For the SMC rows the target rate is ``sum_i W_i 1[p_i > 0.5]`` (an output drawn by weight).
 ``log Zhat`` estimates ``log E_p0[phi]`` (mean over runs; every estimator here is unbiased for ``Z``).
 
-    .venv/bin/python python/toxicity_example.py [--particles 16 --runs 2 --max-new-tokens 20]
+    .venv/bin/python python/toxicity_example.py [--particles 16 --runs 2 --max-new-tokens 16]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from tsmc_kernels import smc_generate
 from tsmc_kernels.models import load_default_model
 from tsmc_kernels.potentials import ToxicityPotential, tempered
 
-PROMPT = 'He looked at me and shouted, "You'
+PROMPT = 'The comments under the video were full of insults like "'
 
 
 def parse_args():
@@ -38,18 +38,19 @@ def parse_args():
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--particles", type=int, default=16, help="particles per run (and plain samples per run)")
     ap.add_argument("--runs", type=int, default=2, help="independent runs (the prompt repeated)")
-    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--beta", type=float, default=1.0, help="phi = p(offensive)^beta")
-    ap.add_argument("--every", type=int, default=4, help="intermediate potential every k tokens")
-    ap.add_argument("--inter-beta", type=float, default=0.5, help="tempering of the intermediate classifier score")
-    ap.add_argument("--twist-steps", type=int, default=4, help="CTL training rounds (0: skip twisted SMC)")
+    ap.add_argument("--every", type=int, default=2, help="intermediate potential every k tokens")
+    ap.add_argument("--inter-beta", type=float, default=1.0, help="tempering of the intermediate classifier score")
+    ap.add_argument("--twist-steps", type=int, default=3, help="CTL training rounds (0: skip twisted SMC)")
+    ap.add_argument("--twist-lr", type=float, default=1e-3, help="learning rate of the twist head")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     return ap.parse_args()
 
 
 def summarise(name, out, texts, target, seconds, weighted=True, extra=""):
-    """One table row: tokens, target rate, log Zhat, final ESS/N."""
+    """One table row: tokens, target rate, mean log Zhat, resampling steps per run, seconds."""
     B, N = out.log_weights.shape
     hit = target(texts).view(B, N).double()
     if weighted:
@@ -59,15 +60,16 @@ def summarise(name, out, texts, target, seconds, weighted=True, extra=""):
         rate = hit.mean().item()
     lz = out.log_z[torch.isfinite(out.log_z)]
     log_z = lz.mean().item() if lz.numel() else -math.inf
-    ess = (out.weights.double().sum(1) ** 2 / (out.weights.double() ** 2).sum(1).clamp_min(1e-300)).mean().item() / N
-    return dict(method=name, tokens=out.tokens_decoded, rate=rate, log_z=log_z, ess=ess, seconds=seconds, extra=extra)
+    resamples = out.resampled.sum(1).double().mean().item()  # resampling steps per run
+    return dict(method=name, tokens=out.tokens_decoded, rate=rate, log_z=log_z, resamples=resamples, seconds=seconds,
+                extra=extra)
 
 
-HEADER = f"{'method':<22} {'tokens':>7} {'target rate':>12} {'log Zhat':>9} {'ESS/N':>6} {'sec':>6}  notes"
+HEADER = f"{'method':<22} {'tokens':>7} {'target rate':>12} {'log Zhat':>9} {'resamples':>9} {'sec':>6}  notes"
 
 
 def format_row(r) -> str:
-    return (f"{r['method']:<22} {r['tokens']:>7d} {r['rate']:>12.3f} {r['log_z']:>9.3f} {r['ess']:>6.2f} "
+    return (f"{r['method']:<22} {r['tokens']:>7d} {r['rate']:>12.3f} {r['log_z']:>9.3f} {r['resamples']:>9.1f} "
             f"{r['seconds']:>6.1f}  {r['extra']}")
 
 
@@ -116,7 +118,7 @@ def main():
     inter = tempered(ToxicityPotential(), args.inter_beta)
     out, texts, sec = run(ess_threshold=0.5, intermediate_potential=inter, intermediate_every=args.every)
     add(summarise("SMC + intermediate", out, texts, target, sec,
-                          extra=f"p(offensive | partial)^{args.inter_beta:g} every {args.every} tokens"))
+                  extra=f"p(offensive | partial)^{args.inter_beta:g} every {args.every} tokens"))
     best = max(range(len(texts)), key=lambda i: out.weights.reshape(-1)[i].item())
     example = texts[best]
 
@@ -128,15 +130,17 @@ def main():
         else:
             t = time.perf_counter()
             head = MLPTwistHead.for_model(model)
-            hist = fit_twist(model, head, ids, phi, attention_mask=mask, loss="ctl", steps=args.twist_steps,
+            k = min(2, args.runs)  # train on two replicas of the prompt: the cost does not grow with --runs
+            hist = fit_twist(model, head, ids[:k], phi, attention_mask=mask[:k], loss="ctl", steps=args.twist_steps,
+                             lr=args.twist_lr,
                              num_particles=args.particles, max_new_tokens=args.max_new_tokens, tokenizer=tok,
                              seed=args.seed + 1)
             train_sec = time.perf_counter() - t
             head.eval()
             out, texts, sec = run(ess_threshold=0.5, twist=head)
             add(summarise("twisted SMC (CTL)", out, texts, target, sec,
-                                  extra=f"+{args.twist_steps} training rounds ({train_sec:.0f}s), "
-                                        f"last loss {hist[-1]['loss']:.3f}"))
+                          extra=f"+{args.twist_steps} training rounds ({train_sec:.0f}s), "
+                                f"last loss {hist[-1]['loss']:.3f}"))
 
     print_table(rows, f"toxicity: prompt {args.prompt!r}, {args.runs} runs x {args.particles} particles x "
                       f"{args.max_new_tokens} tokens, phi = p(offensive)^{args.beta:g}")

@@ -310,11 +310,12 @@ def test_infill_fixed_length_span_and_text_suffix():
     assert torch.allclose(by_text(c), pot(c), atol=1e-6)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static", "none"])
-def test_infill_from_kv_cache_matches_full_forward(cache):
+@pytest.mark.parametrize("arch,cache", [("llama", "dynamic"), ("llama", "static"), ("llama", "none"),
+                                        ("gpt2", "dynamic")])
+def test_infill_from_kv_cache_matches_full_forward(arch, cache):
     """log_phi_cached (the sampler hook) equals the full forward on rows that just finished."""
     V, T, N = 9, 4, 3
-    model = tiny_random_model(V, seed=7)
+    model = tiny_random_model(V, arch=arch, seed=7)
     ids = torch.tensor([[5, 0, 3, 2], [5, 5, 1, 6]])
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     suffixes = [[4, 4, 1], [2]]

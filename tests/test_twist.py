@@ -163,8 +163,9 @@ def _case(seed=0, B=3, N=4, L=3, Vv=V, dtype=torch.float64):
 def test_ctl_gradient_is_positive_minus_negative_expectation():
     c = _case()
     B, N, L = c["B"], c["N"], c["L"]
-    log_w_neg = torch.randn(c["M"], L, generator=c["g"], dtype=torch.float64)
-    loss = ctl_loss(c["f"], c["mask"], c["log_w"], log_w_neg)
+    log_w_base = torch.randn(c["M"], L, generator=c["g"], dtype=torch.float64)
+    loss = ctl_loss(c["f"], c["mask"], c["log_w"], log_w_base)
+    log_w_neg = log_w_base + c["f"].detach()
     (grad,) = torch.autograd.grad(loss, c["f"])
     W = torch.exp(c["log_w"])
     expected = torch.zeros(B, N, L, dtype=torch.float64)
@@ -178,6 +179,8 @@ def test_ctl_gradient_is_positive_minus_negative_expectation():
             wneg = torch.softmax(log_w_neg.view(B, N, L)[b, idx, t], 0)
             expected[b, idx, t] = -(W[b, idx] - mass * wneg) / B
     torch.testing.assert_close(grad.view(B, N, L), expected)
+    assert loss.item() >= 0  # a sum of KL divergences
+    torch.autograd.gradcheck(lambda f: ctl_loss(f, c["mask"], c["log_w"], log_w_base), (c["f"],))
 
 
 def test_dpg_gradient_is_minus_grad_log_q():
@@ -258,7 +261,7 @@ def _freeze_targets(loss, head, batch):
     with torch.no_grad():
         pq0 = prefix_quantities(head, batch, rows=loss == "dpg", proposal=loss in ("soft_q", "dpg"))
     if loss in ("ctl", "sixo", "fudge"):
-        return lambda: twist_loss(loss, head, batch)  # their weights do not depend on the current head
+        return lambda: twist_loss(loss, head, batch)  # no stop-gradient on the current head
     if loss == "soft_q":
         def f():
             pq = prefix_quantities(head, batch)
@@ -318,6 +321,19 @@ def test_heads_start_at_zero_and_match_teacher_forcing(model, kind):
     if kind != "model":
         torch.testing.assert_close(head(batch.inputs.hidden), rows)
         assert head(batch.inputs.hidden[:, 0]).shape == (12, V)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "model"])
+def test_teacher_forcing_matches_sampling_with_left_padding(model, kind):
+    ids = torch.tensor([[0, 1, 2], [EOS, 3, 2], [EOS, EOS, 1]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1], [0, 0, 1]])
+    head = randomize_(make_head(kind, model), seed=5)
+    with bind_prompts(head, ids, mask, 4):
+        out = smc_generate(model, ids, mask, num_particles=4, max_new_tokens=T, potential=positive_potential,
+                           twist=head, ess_threshold=1.0, seed=9)
+    batch = make_batch(model, head, ids, mask, out, chunk_size=8)  # several chunks
+    torch.testing.assert_close((batch.log_p0 * batch.mask).sum(1).view(3, 4), out.log_p0, atol=1e-4, rtol=0)
+    torch.testing.assert_close((batch.log_q_sample * batch.mask).sum(1).view(3, 4), out.log_q, atol=1e-4, rtol=0)
 
 
 def test_model_head_needs_bound_prompts(model):

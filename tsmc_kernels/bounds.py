@@ -454,8 +454,9 @@ def _resolve_exact(exact_samples, model, input_ids, attention_mask, potential, *
         if len(exact_samples) != B or not all(isinstance(e, Enumeration) for e in exact_samples):
             raise ValueError(f"exact_samples as a list must hold {B} Enumerations (one per prompt)")
         g = torch.Generator().manual_seed(_derive_seed(seed, "enumeration", 0))
-        rows = [_pad_to(enumeration_samples(e, R, g), T, pad) for e in exact_samples]
-        return torch.stack(rows).to(input_ids.device), nan
+        rows = [enumeration_samples(e, R, g) for e in exact_samples]
+        width = max(r.shape[1] for r in rows)  # _check_exact then checks the lengths against max_new_tokens
+        return torch.stack([_pad_to(r, width, pad) for r in rows]).to(input_ids.device), nan
     return exact_samples, nan
 
 
@@ -520,6 +521,11 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     eos = _eos_ids(model, smc_kwargs.get("eos_token_id"))
     pad = _pad_id(model, smc_kwargs.get("pad_token_id"), eos)
     kw = dict(max_new_tokens=T, potential=fn, twist=twist, tokenizer=tokenizer, **smc_kwargs)
+    if log_z is not None:
+        given_log_z = torch.as_tensor(log_z, dtype=torch.float64).detach().cpu().reshape(-1)
+        if given_log_z.numel() not in (1, B):
+            raise ValueError(f"log_z must be a float or have one value per prompt ({B}), got {given_log_z.numel()}")
+        given_log_z = given_log_z.expand(B).clone()
 
     exact, log_z_mc = _resolve_exact(exact_samples, model, input_ids, attention_mask, fn, num_runs=R,
                                      max_new_tokens=T, seed=seed, tokenizer=tokenizer, eos=eos, pad=pad,
@@ -562,8 +568,7 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if log_z is None:
         ref_lz, ref_se = _log_mean_exp_se(lz_lo)
     else:
-        ref_lz = torch.as_tensor(log_z, dtype=torch.float64).reshape(-1).expand(B).clone()
-        ref_se = torch.zeros(B, dtype=torch.float64)
+        ref_lz, ref_se = given_log_z, torch.zeros(B, dtype=torch.float64)
     return LogZBounds(
         lower=lower, lower_se=lower_se, upper=upper, upper_se=upper_se,
         log_z_ref=ref_lz, log_z_ref_se=ref_se,

@@ -42,6 +42,7 @@ uniforms stream :data:`STREAM_ACCEPT`, both with ``step = move`` and ``row = cha
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
@@ -56,6 +57,7 @@ __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 CUT_RULES = ("entropy", "uniform")
 STREAM_ACCEPT = 3  # MH accept uniforms: step = move index, row = chain row
 STREAM_CUT = 4  # cut-position uniforms: step = move index, row = chain row
+ARENA_EXTRA = 1.0  # arena columns beyond prompt + max_new_tokens, in units of max_new_tokens
 
 
 # ----------------------------------------------------------------------------- output
@@ -123,7 +125,8 @@ def _validate(model, input_ids, attention_mask, *, alpha, cut, cut_power, num_ch
         if attention_mask.dim() == 1:
             attention_mask = attention_mask.unsqueeze(0)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
         if attention_mask.device != input_ids.device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
         if bool((attention_mask[:, -1] == 0).any()):
@@ -347,12 +350,15 @@ class _Arena:
         B, P = prompt_ids.shape
         self.M, self.T, self.Pp = B * num_chains, T, P - 1
         device = prompt_ids.device
-        self.capacity = self.Pp + 2 * T + 1  # mask column `capacity` is a trash slot that is never read
+        # Room for the prompt, a full completion and ARENA_EXTRA * T more columns (compaction frees them);
+        # mask column `capacity` is a trash slot that is never read.
+        self.capacity = self.Pp + T + max(1, int(ARENA_EXTRA * T))
         _, cache_cls = _arena_classes()
         self.cache = cache_cls(_num_cache_layers(model), self.capacity)
         self.mask = torch.zeros(self.M, self.capacity + 1, dtype=torch.long, device=device)
         self.prop = torch.zeros_like(self.mask)
         self.forward_passes = 0
+        self.logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         if self.Pp > 0:
             pm = prompt_mask[:, :self.Pp]
             self._forward(prompt_ids[:, :self.Pp], pm, (pm.cumsum(1) - 1).clamp_min(0),
@@ -364,8 +370,9 @@ class _Arena:
         self.length = self.Pp
 
     def _forward(self, ids, mask, position_ids, cache_position):
+        kw = {"logits_to_keep": 1} if self.logits_to_keep else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
-                         cache_position=cache_position, use_cache=True, return_dict=True, logits_to_keep=1)
+                         cache_position=cache_position, use_cache=True, return_dict=True, **kw)
         self.forward_passes += 1
         return out.logits[:, -1]
 
@@ -378,7 +385,7 @@ class _Arena:
         self.capacity = cap
 
     def reserve(self, tokens: int, col: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """Make room for ``tokens`` more columns (compacting, then growing if needed). Returns the renumbered ``col``."""
+        """Make room for ``tokens`` more columns (compact, then grow if needed); returns the renumbered ``col``."""
         if self.length + tokens <= self.capacity:
             return col
         col = self.compact(col, length)
@@ -444,7 +451,7 @@ class _Chains:
         f = lambda: torch.zeros(M, T, dtype=torch.float32, device=device)  # noqa: E731
         self.scores = _Scores(f(), f(), f(), torch.zeros(M, dtype=torch.int64, device=device))
         self.col = torch.full((M, T), -1, dtype=torch.int64, device=device)
-        self.tokens_decoded = 0
+        self.decoded = torch.zeros((), dtype=torch.int64, device=device)
 
     def ended(self) -> torch.Tensor:
         L = self.scores.length
@@ -474,7 +481,7 @@ class _Chains:
             for buf, val in ((tok, out.token), (logp, out.logp), (logq, out.logq), (ent, out.entropy),
                              (col, torch.full_like(out.token, column))):
                 buf.scatter_(1, idx, torch.where(live, val.to(buf.dtype), buf.gather(1, idx)[:, 0])[:, None])
-            self.tokens_decoded += int(live.sum())
+            self.decoded += live.sum()
             done = torch.isin(out.token, self.eos) | (pos + 1 >= limit)
             pos = pos + live.long()
             live = live & ~done
@@ -559,7 +566,7 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 bar.set_postfix(block=f"{b + 1}/{len(ends)}", acc=f"{float(accept.float().mean()):.2f}")
     if bar is not None:
         bar.close()
-    return _output(input_ids, num_chains, chains.tokens, chains.scores, accepted, n_mcmc, chains.tokens_decoded,
+    return _output(input_ids, num_chains, chains.tokens, chains.scores, accepted, n_mcmc, chains.decoded,
                    chains.arena.forward_passes, ends)
 
 
@@ -668,6 +675,8 @@ def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch
         new_tok, new_len = decode(length, grow, limit, move)
         tokens, length = torch.where(grow[:, None], new_tok, tokens), torch.where(grow, new_len, length)
         move += 1
+        if bar is not None:
+            bar.update(1)
         for _ in range(n_mcmc):
             old = lm.score(tokens, length)
             log_w = _log_cut_weights(old.ent, old.length, cut, cut_power)
@@ -681,8 +690,6 @@ def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch
             move += 1
             if bar is not None:
                 bar.update(1)
-        if bar is not None and n_mcmc == 0:
-            bar.update(1)
     if bar is not None:
         bar.close()
     final = lm.score(tokens, length)

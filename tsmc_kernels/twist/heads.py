@@ -131,6 +131,7 @@ class TwistHead(nn.Module):
 
     head_type = "base"
     needs_ids = False  # True: reads token ids (bind the prompts before sampling)
+    default_lr = 1e-3  # AdamW learning rate that suits the head (fit_twist's default)
 
     def __init__(self, *, vocab_size: int, hidden_size: int, activation: str = "none"):
         super().__init__()
@@ -313,6 +314,7 @@ class EmbeddingTwistHead(TwistHead):
     """
 
     needs_model = True
+    default_lr = 1e-4  # every token's log psi moves with g(h): Adam steps are large in function space
 
     def __init__(self, *, vocab_size: int, hidden_size: int, embedding_size: int | None = None,
                  mlp_size: int | None = None, num_layers: int = 2, activation: str = "none",
@@ -390,6 +392,7 @@ class ModelTwistHead(TwistHead):
     """
 
     needs_ids = True
+    default_lr = 1e-4
 
     def __init__(self, *, model_config: dict, vocab_size: int, hidden_size: int | None = None,
                  activation: str = "none", dtype: torch.dtype | None = None):

@@ -14,14 +14,15 @@ proposal, and the optimal twist is ``psi*_T = phi``; all losses below train it t
 Losses (``W``: the final SMC weights, normalised per prompt, approximating ``sigma``; ``sg``:
 stop-gradient; sums over the valid positions of each sequence, averages over prompts):
 
-* ``ctl`` — contrastive twist learning, ``sum_t KL(sigma(s_1:t) || pi_t)``::
+* ``ctl`` — contrastive twist learning, ``sum_t KL(sigma(s_1:t) || pi_t)``; on a batch::
 
-      loss = - sum_t [ sum_i W_i f_it  -  m_t sum_i Wneg_it f_it ]      f = log psi_t
+      loss = sum_t m_t KL(W_t / m_t || Wneg_t),     gradient in f_t:  -(W_i - m_t Wneg_it)   f = log psi_t
 
   ``Wneg_t = softmax_i(log p0(s_1:t) + log psi_t(s_1:t) - log q(s_1:t))`` over the particles that
-  reach ``t`` (the SIS weights of ``pi_t``, with the sampling-time ``q`` and ``psi``) and
-  ``m_t = sum_{i reaching t} W_i``. The gradient is ``E_sigma[grad f_t] - E_pi_t[grad f_t]``; it
-  vanishes at ``psi_t ∝ psi*_t`` (CTL identifies each ``psi_t`` up to a constant per ``t``).
+  reach ``t`` (the self-normalised IS weights of ``pi_t``: ``q`` is the sampling proposal, ``psi``
+  the current head) and ``m_t = sum_{i reaching t} W_i``. The gradient estimates
+  ``E_sigma[grad f_t] - E_pi_t[grad f_t]`` (SPEC §3); it vanishes at ``psi_t ∝ psi*_t`` (CTL
+  identifies each ``psi_t`` up to a constant per ``t``).
   With resampling during sampling the negatives are approximate; sample with ``ess_threshold=0``
   (SIS, the default of the trainers) for the exact estimator.
 * ``sixo`` — noise contrastive: ``- sum_t [ sum_i W_i log sigmoid(f_it) + mean_j log sigmoid(-f_jt) ]``
@@ -68,7 +69,7 @@ class TwistBatch:
         logits: ``[M, L, V]`` base logits, kept only for losses that need full rows (soft-Q, DPG).
         log_phi: fp32 ``[M]``. log_weights: fp32 ``[B, N]`` final normalised SMC weights.
         log_q_sample, log_psi_sample: fp32 ``[M, L]`` per-token ``log q`` and ``log psi`` under the
-            head that sampled (CTL's negative weights).
+            head that sampled (``log q`` enters CTL's negative weights).
         ref: base-model rollouts (another batch) for SIXO / FUDGE, or None.
     """
 
@@ -243,24 +244,34 @@ def _masked_softmax(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tens
     return torch.where(s > 0, e / s.clamp_min(1e-300), torch.zeros_like(e))
 
 
-def ctl_loss(log_psi: torch.Tensor, mask: torch.Tensor, log_w_pos: torch.Tensor, log_w_neg: torch.Tensor) -> torch.Tensor:
-    """Contrastive twist learning (module docstring).
+def ctl_loss(log_psi: torch.Tensor, mask: torch.Tensor, log_w_pos: torch.Tensor, log_w_base: torch.Tensor) -> torch.Tensor:
+    """Contrastive twist learning on a batch (module docstring): for each prompt and position ``t``,
+
+        m_t * KL( W_t / m_t  ||  softmax_i(log_w_base_it + f_it) )       (over the particles reaching t)
+
+    summed over ``t``, averaged over prompts. Its gradient in ``f`` is ``-(W_i - m_t Wneg_it)``, the
+    CTL gradient, with the negatives ``Wneg_t = softmax_i(log p0(s_1:t) + log psi_t(s_1:t) - log q(s_1:t))``
+    recomputed under the *current* head (so several gradient steps on one batch stay correct).
 
     Args:
-        log_psi: ``[M, L]`` ``log psi_t(s_1:t)`` (with grad). mask: bool ``[M, L]``.
+        log_psi: ``[M, L]`` ``f = log psi_t(s_1:t)`` (with grad). mask: bool ``[M, L]``.
         log_w_pos: ``[B, N]`` normalised final weights (positives).
-        log_w_neg: ``[M, L]`` unnormalised log weights of ``pi_t`` for each prefix (no grad).
+        log_w_base: ``[M, L]`` ``log p0(s_1:t) - log q(s_1:t)`` under the sampling proposal (no grad).
     """
     B, N = log_w_pos.shape
     L = log_psi.shape[1]
-    f = _fp(log_psi).view(B, N, L)
     m = mask.view(B, N, L)
-    w = _weights(log_w_pos)[:, :, None] * m  # [B, N, L]
-    mass = w.sum(1, keepdim=True)  # m_t
-    wneg = _masked_softmax(_fp(log_w_neg.detach()).view(B, N, L), m, dim=1)
-    coef = (w - mass * wneg).detach()
-    f = torch.where(m, f, torch.zeros_like(f))
-    return -(coef * f).sum() / B
+    f = _fp(log_psi).view(B, N, L)
+    w = _weights(log_w_pos)[:, :, None] * m  # W_i on the particles reaching t
+    mass = w.sum(1)  # m_t  [B, L]
+    logits = (_fp(log_w_base.detach()).view(B, N, L) + f).masked_fill(~m, -math.inf)
+    lse = torch.logsumexp(logits, 1)  # [B, L]
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    log_neg = torch.where(m, logits - lse[:, None], torch.zeros_like(logits))
+    # m_t KL(W/m_t || Wneg) = sum_i W_i (log W_i - log m_t - log Wneg_i)
+    log_wn = torch.where(w > 0, torch.log(w.clamp_min(1e-300)) - torch.log(mass.clamp_min(1e-300))[:, None],
+                         torch.zeros_like(w))
+    return (w * (log_wn - log_neg)).sum() / B
 
 
 def sixo_loss(log_psi: torch.Tensor, mask: torch.Tensor, log_w_pos: torch.Tensor, ref_log_psi: torch.Tensor,
@@ -341,8 +352,8 @@ def _run_ctl(head, batch: TwistBatch, **_):
     pq = prefix_quantities(head, batch)
     if batch.log_q_sample is None:
         raise ValueError("CTL needs the sampling-time log q: build the batch with teacher_force(head=...)")
-    log_w_neg = batch.log_p0.cumsum(1) + batch.log_psi_sample - batch.log_q_sample.cumsum(1)
-    return ctl_loss(pq.log_psi, pq.mask, batch.log_weights, log_w_neg)
+    log_w_base = batch.log_p0.cumsum(1) - batch.log_q_sample.cumsum(1)
+    return ctl_loss(pq.log_psi, pq.mask, batch.log_weights, log_w_base)
 
 
 def _run_sixo(head, batch: TwistBatch, **_):

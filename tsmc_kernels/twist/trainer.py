@@ -124,6 +124,8 @@ def sample_batch(model, head, input_ids: torch.Tensor, attention_mask: torch.Ten
     spec = loss_needs(loss)
     kw = dict(num_particles=num_particles, max_new_tokens=max_new_tokens, potential=potential, tokenizer=tokenizer)
     kw.update(smc_kwargs or {})
+    ess_threshold = kw.pop("ess_threshold", ess_threshold)
+    seed = kw.pop("seed", seed)
     temperature, top_k = kw.get("temperature", 1.0), kw.get("top_k", 0)
     was_training = head.training
     head.eval()
@@ -163,7 +165,7 @@ def _step_seed(seed: int, step: int, micro: int = 0) -> int:
 
 
 def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particles: int = 16, steps: int = 100,
-              lr: float = 1e-3, max_new_tokens: int = 32, tokenizer=None, attention_mask: torch.Tensor | None = None,
+              lr: float | None = None, max_new_tokens: int = 32, tokenizer=None, attention_mask: torch.Tensor | None = None,
               batch_size: int | None = None, inner_steps: int = 1, ess_threshold: float = 0.0,
               weight_decay: float = 0.0, max_grad_norm: float | None = 1.0, loss_kwargs: dict | None = None,
               smc_kwargs: dict | None = None, chunk_size: int = 64, seed: int = 0, progress: bool = False,
@@ -177,6 +179,8 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
         potential: final ``log phi``; ``prompt_index`` refers to the full prompt list.
         loss: ``"ctl"`` (default) | ``"sixo"`` | ``"fudge"`` | ``"soft_q"`` | ``"dpg"``.
         num_particles, max_new_tokens: of each SMC run. steps: sampling rounds.
+        lr: AdamW learning rate (default: the head's ``default_lr``: 1e-3 for the MLP head, 1e-4
+            for the embedding head (every output moves with ``g(h)``) and the model head).
         batch_size: prompts per round (a random subset; default all). inner_steps: gradient steps
             per round on the same samples.
         ess_threshold: resampling threshold while sampling for training (0 = SIS, exact CTL).
@@ -197,6 +201,7 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
     params = [p for p in head.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the twist head has no trainable parameters")
+    lr = getattr(head, "default_lr", 1e-3) if lr is None else lr
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     history = []
@@ -306,7 +311,8 @@ class TwistTrainer(_trainer_base()):
         base_model: the frozen HF causal LM (kept outside the optimised module; not moved, not saved).
         head: a :class:`~.heads.TwistHead` (on the base model's device).
         potential: final ``log phi``; ``prompt_index`` is the dataset index of each prompt.
-        args: ``TrainingArguments`` (``per_device_train_batch_size`` = prompts per micro-batch).
+        args: ``TrainingArguments`` (``per_device_train_batch_size`` = prompts per micro-batch; set
+            ``learning_rate``, e.g. to ``head.default_lr``: HF's default 5e-5 is slow for the MLP head).
         train_dataset: a :class:`PromptDataset`, or anything :class:`PromptDataset` accepts.
         tokenizer: decodes text for potentials and tokenizes string prompts; saved with checkpoints.
         loss, loss_kwargs: see :mod:`.losses`. num_particles, max_new_tokens, ess_threshold,
@@ -327,7 +333,8 @@ class TwistTrainer(_trainer_base()):
 
         _check(base_model, head, loss)
         if args is None:
-            args = TrainingArguments(output_dir="twist_trainer_output", remove_unused_columns=False, report_to=[])
+            args = TrainingArguments(output_dir="twist_trainer_output", remove_unused_columns=False, report_to=[],
+                                     learning_rate=getattr(head, "default_lr", 1e-3))
         if getattr(args, "remove_unused_columns", False):
             args.remove_unused_columns = False  # our items carry prompt_index, which the loss reads
         if train_dataset is not None and not isinstance(train_dataset, torch.utils.data.Dataset):

@@ -1,0 +1,316 @@
+"""power_sample (SPEC §5) on tiny models whose power target ``p0^alpha`` can be enumerated exactly.
+
+Three kinds of checks:
+
+* **exact**: the MH kernel the sampler implements (its cut distribution and acceptance ratio,
+  :func:`tsmc_kernels.power._log_accept`) is built as a matrix over every completion and must
+  leave ``p0^alpha`` invariant to rounding error; the same matrix with a wrong ratio must not.
+* **statistical**: many chains (prompts x chains in one batched call) run long enough to mix; their
+  final states must be within a total-variation tolerance of ``p0^alpha``. Each configuration
+  was chosen (with the exact kernel) so that a broken ratio is visibly biased there: truncating
+  the current suffix to the proposal's length, dropping the uniform cut's length correction,
+  dropping the entropy cut's ``log sum w(x) - log sum w(x')`` correction — each fails at least one
+  test below (checked by breaking the code on purpose). Truncation only biases the chain when
+  acceptance does not saturate, which on these toy models needs ``alpha < 1`` (then shortening
+  moves have ``A < 1``), hence ``alpha = 0.5`` in two tests.
+* **oracle**: the KV-arena chain equals the re-decoding reference chain (same random numbers):
+  same completions and accept decisions, with left padding, several blocks, compaction and growth.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from tsmc_kernels import power
+from tsmc_kernels.exact import enumerate_completions
+from tsmc_kernels.models import tiny_random_model
+from tsmc_kernels.power import PowerOutput, power_sample, power_sample_reference
+
+V, EOS, T = 5, 4, 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is several times faster than two (and immune to a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy(seed: int, scale: float = 1.0):
+    """tiny_random_model(5) with its output layer scaled by ``scale`` (< 1: flatter next-token laws)."""
+    m = tiny_random_model(V, seed=seed)
+    with torch.no_grad():
+        m.get_output_embeddings().weight.mul_(scale)
+    return m
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def tv_to_target(out: PowerOutput, model, prompt, alpha: float) -> float:
+    ex = enumerate_completions(model, torch.tensor(prompt), out.block_ends[-1])
+    B, C, Tp = out.completions.shape
+    idx = ex.index(out.completions.reshape(B * C, Tp), out.lengths.reshape(-1))
+    assert (idx >= 0).all(), "a chain is not a valid completion"
+    est = torch.bincount(idx, minlength=len(ex.lengths)).double() / idx.numel()
+    return 0.5 * (est - ex.target(alpha)).abs().sum().item()
+
+
+# ----------------------------------------------------------------------------- the exact kernel
+
+@torch.no_grad()
+def exact_kernel(model, prompt, alpha, cut, cut_power, log_accept=None):
+    """``(target [S], K [S, S])``: the MH transition matrix of one move over all completions of length <= T."""
+    log_accept = log_accept or power._log_accept
+    from tsmc_kernels import ops
+
+    table, frontier = {}, [()]
+    for _ in range(T):  # p0, q and entropy after every prefix
+        lg = model(input_ids=torch.tensor([list(prompt) + list(k) for k in frontier])).logits[:, -1]
+        for k, row in zip(frontier, lg):
+            s = ops.twist_score(row.expand(V, V).contiguous(), None, torch.arange(V), temperature=1 / alpha)
+            table[k] = (s.logp, s.logq, s.entropy[0])
+        frontier = [k + (v,) for k in frontier for v in range(V) if v != EOS]
+    states = []
+    stack = [()]
+    while stack:
+        k = stack.pop()
+        for v in range(V):
+            (states if v == EOS or len(k) + 1 == T else stack).append(k + (v,))
+    S = len(states)
+    sc = power._Scores(*(torch.zeros(S, T) for _ in range(3)), torch.tensor([len(s) for s in states]))
+    toks = torch.full((S, T), -1)
+    for i, s in enumerate(states):
+        toks[i, :len(s)] = torch.tensor(s)
+        for t, v in enumerate(s):
+            a, b, h = table[s[:t]]
+            sc.logp[i, t], sc.logq[i, t], sc.ent[i, t] = a[v], b[v], h
+    p_cut = torch.softmax(power._log_cut_weights(sc.ent, sc.length, cut, cut_power), 1)
+    K = torch.zeros(S, S, dtype=torch.float64)
+    for i in range(S):
+        for c in range(int(sc.length[i])):
+            if p_cut[i, c] == 0:
+                continue
+            js = ((toks[:, :c] == toks[i, :c]).all(1) & (sc.length > c)).nonzero()[:, 0]
+            old = power._Scores(*(x[i:i + 1].expand(len(js), *x.shape[1:]) for x in sc))
+            new = power._Scores(*(x[js] for x in sc))
+            cc = torch.full((len(js),), c)
+            la = log_accept(old, new, cc, alpha=alpha, cut=cut, cut_power=cut_power)
+            K[i, js] += p_cut[i, c] * power._suffix_sum(new.logq, cc, new.length).exp() * la.clamp(max=0).exp()
+    K[range(S), range(S)] += 1 - K.sum(1)
+    return torch.softmax(alpha * sc.logp.double().sum(1), 0), K
+
+
+def _at(lw, c):
+    return lw.gather(1, c[:, None])[:, 0] - torch.logsumexp(lw, 1)
+
+
+def truncated_ratio(old, new, c, *, alpha, cut, cut_power):
+    """The public code's bug: the current suffix truncated to the proposal's length."""
+    end = torch.minimum(old.length, new.length)
+    la = power._log_accept(power._Scores(old.logp, old.logq, old.ent, end), new, c, alpha=alpha, cut=cut,
+                           cut_power=cut_power)
+    return la + _at(power._log_cut_weights(old.ent, end, cut, cut_power), c) - _at(
+        power._log_cut_weights(old.ent, old.length, cut, cut_power), c)
+
+
+def ratio_without_cut_term(old, new, c, *, alpha, cut, cut_power):
+    la = power._log_accept(old, new, c, alpha=alpha, cut=cut, cut_power=cut_power)
+    return la - _at(power._log_cut_weights(new.ent, new.length, cut, cut_power), c) + _at(
+        power._log_cut_weights(old.ent, old.length, cut, cut_power), c)
+
+
+# Two toy targets: flat next-token laws (acceptance rarely saturates at alpha < 1) and a prompt
+# after which EOS is nearly certain and the first entropy is small (the entropy-cut term matters).
+FLAT, EOS_FIRST = (0, 0.5, [3]), (0, 1.0, [2, 3])
+
+
+@pytest.mark.parametrize("cut,cut_power", [("uniform", 4.0), ("entropy", 4.0), ("entropy", 1.0)])
+@pytest.mark.parametrize("alpha", [0.5, 4.0])
+@pytest.mark.parametrize("toy_model", [FLAT, EOS_FIRST], ids=["flat", "eos-first"])
+def test_exact_kernel_leaves_power_target_invariant(toy_model, alpha, cut, cut_power):
+    seed, scale, prompt = toy_model
+    target, K = exact_kernel(toy(seed, scale), prompt, alpha, cut, cut_power)
+    assert (K >= -1e-12).all() and torch.allclose(K.sum(1), torch.ones(len(K), dtype=K.dtype))
+    assert (target @ K - target).abs().sum() < 1e-9
+
+
+@pytest.mark.parametrize("broken,toy_model,alpha,cut", [
+    (truncated_ratio, FLAT, 0.5, "uniform"), (truncated_ratio, FLAT, 0.5, "entropy"),
+    (ratio_without_cut_term, EOS_FIRST, 1.0, "uniform"), (ratio_without_cut_term, EOS_FIRST, 1.0, "entropy"),
+])
+def test_exact_kernel_with_a_wrong_ratio_is_not_invariant(broken, toy_model, alpha, cut):
+    """The invariance check has teeth: each known-wrong ratio moves the target by > 1% in one move."""
+    seed, scale, prompt = toy_model
+    target, K = exact_kernel(toy(seed, scale), prompt, alpha, cut, 4.0, broken)
+    assert (target @ K - target).abs().sum() > 1e-2
+
+
+# ----------------------------------------------------------------------------- statistical convergence
+
+# (model seed, output scale, prompt, alpha, cut, cut_power, block_size, n_mcmc, tolerance)
+CONVERGENCE = {
+    "uniform-alpha0.5": (0, 0.5, [3], 0.5, "uniform", 4.0, T, 6, 0.055),
+    "entropy-alpha0.5": (0, 0.5, [3], 0.5, "entropy", 4.0, T, 6, 0.055),
+    "uniform-alpha1": (0, 1.0, [2, 3], 1.0, "uniform", 4.0, T, 10, 0.015),
+    "entropy-alpha1-blocks": (0, 1.0, [2, 3], 1.0, "entropy", 4.0, 1, 4, 0.015),
+    "uniform-alpha4": (0, 0.7, [0, 1, 2], 4.0, "uniform", 4.0, T, 30, 0.03),
+    "entropy-alpha4-blocks": (0, 0.7, [0, 1, 2], 4.0, "entropy", 4.0, 2, 20, 0.03),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERGENCE))
+def test_chains_converge_to_power_target(name):
+    seed, scale, prompt, alpha, cut, cut_power, block_size, n_mcmc, tol = CONVERGENCE[name]
+    model = toy(seed, scale)
+    out = power_sample(model, torch.tensor([prompt] * 32), num_chains=256, alpha=alpha, cut=cut,
+                       cut_power=cut_power, max_new_tokens=T, block_size=block_size, n_mcmc=n_mcmc,
+                       seed=fresh_seed())
+    tv = tv_to_target(out, model, prompt, alpha)
+    assert tv < tol, f"TV(chains, p0^alpha) = {tv:.4f} >= {tol}"
+    assert out.acceptance.shape == (32, 256, len(out.block_ends))
+
+
+# ----------------------------------------------------------------------------- cached chain == re-decoding chain
+
+def checked_commit(commit, prompt_mask):
+    """Wrap ``_Chains.commit``: after every move, each row's unmasked arena columns must be exactly its
+    prompt columns plus the columns of its fed tokens ``s_0 .. s_{L-1}`` (no stale or missing column)."""
+    def wrapped(self, accept, proposal):
+        commit(self, accept, proposal)
+        arena, L = self.arena, self.scores.length
+        chains = self.M // prompt_mask.shape[0]
+        want = torch.zeros(self.M, arena.length, dtype=torch.long)
+        want[:, :arena.Pp] = prompt_mask[:, :arena.Pp].repeat_interleave(chains, 0)
+        for m in range(self.M):
+            want[m, self.col[m, :L[m]]] = 1
+        assert torch.equal(arena.mask[:, :arena.length], want)
+        assert (arena.mask[:, arena.length:] == 0).all()
+    return wrapped
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("cut", ["entropy", "uniform"])
+def test_cached_chain_equals_redecoding_chain(arch, cut, monkeypatch):
+    model = tiny_random_model(V, arch=arch, seed=1)
+    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2], [4, 4, 4, 3]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]])  # left padding; a 1-token prompt
+    kw = dict(num_chains=4, max_new_tokens=7, block_size=3, n_mcmc=3, cut=cut, cut_power=2.0, alpha=2.0,
+              top_k=4 if cut == "uniform" else 0, seed=fresh_seed())
+    compactions = []
+    orig = power._Arena.compact
+    monkeypatch.setattr(power._Arena, "compact", lambda self, *a: compactions.append(1) or orig(self, *a))
+    monkeypatch.setattr(power._Chains, "commit", checked_commit(power._Chains.commit, mask))
+    a = power_sample(model, ids, mask, **kw)
+    b = power_sample_reference(model, ids, mask, **kw)
+    assert compactions, "the arena was never compacted: the test does not cover compaction"
+    assert torch.equal(a.completions, b.completions)
+    assert torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.acceptance, b.acceptance)
+    assert a.tokens_decoded == b.tokens_decoded
+    torch.testing.assert_close(a.log_p0, b.log_p0, atol=1e-4, rtol=0)
+    assert 0 < a.acceptance.mean() < 1, "the test should see both accepts and rejects"
+
+
+def test_arena_growth_path_equals_redecoding(monkeypatch):
+    monkeypatch.setattr(power, "ARENA_EXTRA", 0.0)  # one spare column: compact and grow all the time
+    model = tiny_random_model(V, seed=2)
+    kw = dict(num_chains=3, max_new_tokens=6, block_size=2, n_mcmc=2, seed=fresh_seed())
+    ids = torch.tensor([[1, 2], [3, 3]])
+    monkeypatch.setattr(power._Chains, "commit", checked_commit(power._Chains.commit, torch.ones_like(ids)))
+    a, b = power_sample(model, ids, **kw), power_sample_reference(model, ids, **kw)
+    assert torch.equal(a.completions, b.completions) and torch.equal(a.acceptance, b.acceptance)
+
+
+def test_left_padding_does_not_change_the_chain():
+    model = tiny_random_model(V, seed=1)
+    kw = dict(num_chains=3, max_new_tokens=5, block_size=2, n_mcmc=2, seed=fresh_seed())
+    plain = power_sample(model, torch.tensor([[1, 2, 3]]), **kw)
+    padded = power_sample(model, torch.tensor([[4, 4, 1, 2, 3]]), torch.tensor([[0, 0, 1, 1, 1]]), **kw)
+    assert torch.equal(plain.completions, padded.completions)
+    torch.testing.assert_close(plain.log_p0, padded.log_p0, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- outputs, EOS, determinism
+
+def test_outputs_eos_and_log_p0():
+    model = toy(3)
+    prompt = torch.tensor([[0, 1, 2], [2, 2, 1]])
+    out = power_sample(model, prompt, num_chains=64, max_new_tokens=4, block_size=2, n_mcmc=2, seed=1)
+    B, C, Tp = out.completions.shape
+    assert (B, C) == (2, 64) and Tp == int(out.lengths.max()) <= 4 and out.num_blocks == 2
+    assert out.block_ends == [2, 4]
+    assert torch.equal(out.sequences[:, :, :3], prompt[:, None].expand(2, 64, 3))
+    assert torch.equal(out.sequences[:, :, 3:], out.completions)
+    assert out.acceptance.shape == (2, 64, 2) and ((out.acceptance >= 0) & (out.acceptance <= 1)).all()
+    assert out.best().shape == (2, 3 + Tp)
+    comps, lengths = out.completions.reshape(-1, Tp), out.lengths.reshape(-1)
+    short = lengths < 4
+    assert short.any(), "the toy model must produce EOS"
+    for row, n in zip(comps, lengths):
+        assert (row[: n - 1] != EOS).all()  # EOS only as the last token
+        assert n == 4 or row[n - 1] == EOS
+        assert (row[n:] == EOS).all()  # padded with the pad id (= EOS for the toy model)
+    # log p0 is the teacher-forced probability of each completion
+    ex = enumerate_completions(model, prompt[1], 4)
+    idx = ex.index(out.completions[1], out.lengths[1])
+    torch.testing.assert_close(out.log_p0[1].double(), ex.log_p0[idx], atol=1e-4, rtol=0)
+    assert out.tokens_decoded >= int(out.lengths.sum())
+
+
+def test_eos_chain_is_not_grown():
+    model = toy(3)
+    out = power_sample(model, torch.tensor([[0, 1, 2]]), num_chains=256, max_new_tokens=4, block_size=2, n_mcmc=0,
+                       seed=3)
+    ends_early = (out.completions[0, :, :2] == EOS).any(1)
+    assert ends_early.any() and (out.lengths[0][ends_early] <= 2).all()
+    assert (out.lengths[0][~ends_early] > 2).all()
+    assert torch.isnan(out.acceptance).all()  # no MH moves
+    assert out.tokens_decoded == int(out.lengths.sum())
+
+
+def test_same_seed_same_chain_and_progress_bar():
+    model = tiny_random_model(V, seed=1)
+    kw = dict(num_chains=4, max_new_tokens=4, block_size=2, n_mcmc=2)
+    a = power_sample(model, torch.tensor([[1, 2]]), seed=5, progress=True, **kw)
+    b = power_sample(model, torch.tensor([[1, 2]]), seed=5, **kw)
+    c = power_sample(model, torch.tensor([[1, 2]]), seed=6, **kw)
+    assert torch.equal(a.completions, b.completions) and torch.equal(a.acceptance, b.acceptance)
+    assert not (torch.equal(a.completions, c.completions) and torch.equal(a.acceptance, c.acceptance))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(alpha=0.0), "alpha"), (dict(alpha=-1.0), "alpha"), (dict(alpha=math.inf), "alpha"),
+    (dict(cut="middle"), "cut rule"), (dict(cut_power=0.0), "cut_power"),
+    (dict(block_size=0), "block_size"), (dict(n_mcmc=-1), "n_mcmc"), (dict(num_chains=0), "num_chains"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_k=-1), "top_k"), (dict(seed=-1), "seed"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    model = tiny_random_model(V, seed=0)
+    with pytest.raises(ValueError, match=match):
+        power_sample(model, torch.tensor([[1, 2]]), **{"max_new_tokens": 2, **kwargs})
+
+
+def test_bad_inputs_raise():
+    model = tiny_random_model(V, seed=0)
+    with pytest.raises(ValueError, match="input_ids must be"):
+        power_sample(model, torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(TypeError, match="int64"):
+        power_sample(model, torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        power_sample(model, torch.tensor([[1, V]]))
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        power_sample(model, torch.tensor([[1, 2]]), torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="left padding"):
+        power_sample(model, torch.tensor([[1, 2]]), torch.tensor([[1, 0]]))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        power_sample(model, [[1, 2]])
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            power_sample(model, torch.tensor([[1, 2]], device="cuda"))
