@@ -12,7 +12,8 @@ The hash is Chris Wellons' ``lowbias32`` on 32-bit words::
     mix32(x):  x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
     key   = mix32(mix32(mix32(seed32 ^ (stream * 0x9E3779B9)) ^ step32) ^ row32)
     bits  = mix32(key ^ (counter * 0x85EBCA6B))
-    u     = ((bits >> 8) + 0.5) / 2**24            # in (0, 1), exact in fp32 and fp64
+    u     = ((bits >> 8) + 0.5) / 2**24            # in (0, 1), exact in fp64 (compute it in fp64:
+                                                   # in fp32 the top values round to 1.0)
 
 with ``seed32 = (seed ^ (seed >> 32)) mod 2**32`` and ``step32``/``row32`` taken mod 2**32.
 """
