@@ -221,7 +221,7 @@ def _log_accept(old: _Scores, new: _Scores, c: torch.Tensor, *, alpha: float, cu
     at = lambda lw: lw.gather(1, c[:, None])[:, 0] - torch.logsumexp(lw, 1)  # noqa: E731  log P_cut(c | .)
     log_a = (alpha * (_suffix_sum(new.logp, c, new.length) - _suffix_sum(old.logp, c, old.length))
              + _suffix_sum(old.logq, c, old.length) - _suffix_sum(new.logq, c, new.length)
-)
+             + at(lw_new) - at(lw_old))
     return torch.nan_to_num(log_a, nan=-math.inf)
 
 
