@@ -226,7 +226,9 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                                                                  pad, eos).to(device))
         log_psi_new = log_psi_tok + log_inter
         inc = torch.where(terminal, logp + log_phi - log_psi_prev - logq, logp + log_psi_new - log_psi_prev - logq)
-        inc = torch.where(torch.isneginf(logq) | torch.isneginf(log_phi), torch.full_like(inc, -math.inf), inc)
+        # A particle whose twist is already -inf has zero weight and stays dead (avoids -inf - -inf = NaN).
+        dead_now = torch.isneginf(logq) | torch.isneginf(log_phi) | torch.isneginf(log_psi_prev)
+        inc = torch.where(dead_now, torch.full_like(inc, -math.inf), inc)
         inc = torch.where(active, inc, torch.zeros_like(inc))
         log_psi_prev.copy_(torch.where(active & ~terminal, log_psi_new, log_psi_prev))
         log_phi_final.copy_(torch.where(terminal, log_phi, log_phi_final))
