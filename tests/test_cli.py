@@ -1,4 +1,5 @@
 """The command line on a tiny random model saved with the embedded model's tokenizer."""
+import dataclasses
 import json
 
 import pytest
@@ -87,3 +88,53 @@ def test_not_jsonl_is_an_error(tiny_model_dir, capsys, tmp_path):
 def test_bench_collects(capfd):
     code, out, _ = run(["bench", "--co", "-q"], capfd)  # pytest runs in a subprocess: capture the fds
     assert code == 0 and "test_bench_smc.py" in out
+
+
+def test_train_twist_then_use_the_head(tiny_model_dir, capsys, tmp_path):
+    head = tmp_path / "head"
+    code, out, _ = run(["train-twist", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "2",
+                        "--particles", "2", "--steps", "1", "--max-new-tokens", "3", "--out", str(head)], capsys)
+    assert code == 0 and (head / "config.json").is_file() or any(head.iterdir())
+    code, out, _ = run(["run", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "1",
+                        "--particles", "2", "--max-new-tokens", "3", "--head", str(head)], capsys)
+    assert code == 0 and "log Zhat" in out
+    code, out, _ = run(["eval", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "1",
+                        "--particles", "2", "--max-new-tokens", "3", "--methods", "twisted", "--head", str(head)],
+                       capsys)
+    assert code == 0 and "| twisted |" in out
+
+
+def test_missing_head_is_an_error(tiny_model_dir, capsys, tmp_path):
+    code, _, err = run(["run", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "1",
+                        "--head", str(tmp_path / "nohead")], capsys)
+    assert code == 2 and "twist head" in err
+
+
+def test_bounds_without_exact_samples_is_an_error(tiny_model_dir, capsys):
+    code, _, err = run(["bounds", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "1",
+                        "--particles", "2", "--runs", "2", "--max-new-tokens", "2", "--max-proposals", "8"], capsys)
+    assert code == 2 and "rejection sampling" in err
+
+
+def test_bounds(tiny_model_dir, capsys, monkeypatch):
+    """The bounds command end to end, with a potential the random model often satisfies."""
+    task, problems, popts = cli._load_task(cli.build_parser().parse_args(
+        ["bounds", "--task", "arithmetic-short", "-n", "1"]))
+    even_first = lambda ids, **kw: torch.where(ids[:, 0] % 2 == 0, 0.0, -float("inf"))  # noqa: E731
+    task = dataclasses.replace(task, potential=lambda golds, **kw: even_first)
+    monkeypatch.setattr(cli, "_load_task", lambda args: (task, problems, popts))
+    code, out, err = run(["bounds", "--model", tiny_model_dir, "--particles", "2", "--runs", "2",
+                          "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    assert "lower" in out and "upper" in out
+
+
+def test_demo_on_a_tiny_model(tiny_model_dir, capsys, tmp_path):
+    data = tmp_path / "g.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i}+1?", "answer": f"#### {i + 1}"}) + "\n"
+                            for i in range(3)))
+    png = tmp_path / "report.png"
+    code, out, _ = run(["demo", "--model", tiny_model_dir, "--data", str(data), "--out", str(png), "-n", "2",
+                        "--particles", "2"], capsys)
+    assert code == 0 and png.stat().st_size > 0
+    assert out.count("| sample |") == 2 and "| smc |" in out

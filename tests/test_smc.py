@@ -80,15 +80,15 @@ def test_bootstrap_matches_target(model, exact, resampling, ess_threshold):
     check_against_target(out, exact, tv_tol=TV_TOL)
 
 
-def random_twist(seed: int) -> TableTwist:
-    """A deliberately bad but valid twist: random log psi for every prefix."""
+def random_twist(seed: int, scale: float = 0.5) -> TableTwist:
+    """A deliberately bad but valid twist: random log psi ~ N(0, scale^2) for every prefix."""
     g = torch.Generator().manual_seed(seed)
     table = {}
     frontier = [()]
     for _ in range(T):
         nxt = []
         for k in frontier:
-            for v, x in enumerate(torch.randn(V, generator=g).tolist()):
+            for v, x in enumerate((scale * torch.randn(V, generator=g)).tolist()):
                 table[k + (v,)] = x
                 nxt.append(k + (v,))
         frontier = nxt
@@ -97,9 +97,12 @@ def random_twist(seed: int) -> TableTwist:
 
 @pytest.mark.parametrize("ess_threshold", [0.0, 1.0])
 def test_twisted_with_random_twist_matches_target(model, exact, ess_threshold):
-    out = smc_generate(model, replicas(512), num_particles=8, max_new_tokens=T, potential=potential,
+    # A random twist makes the weights noisier than bootstrap's, so use 4x the replicas: a correct
+    # sampler's TV is then 0.02-0.035 (60 seeds); dropping the -log psi_{t-1} term gives ~0.05-0.2
+    # and a mean-Zhat error of ~18 standard errors.
+    out = smc_generate(model, replicas(2048), num_particles=8, max_new_tokens=T, potential=potential,
                        twist=random_twist(fresh_seed()), ess_threshold=ess_threshold, seed=fresh_seed())
-    check_against_target(out, exact, tv_tol=TV_TOL)
+    check_against_target(out, exact, tv_tol=0.05)
 
 
 @pytest.mark.parametrize("ess_threshold", [0.0, 0.5, 1.0])

@@ -69,8 +69,11 @@ def _load_head(path, model):
         return None
     if not os.path.exists(path):
         raise CLIError(f"twist head not found: {path}")
-    from .twist import load_head
-    return load_head(path, model=model).to(next(model.parameters()).device)
+    from .twist import TwistHead
+    try:
+        return TwistHead.from_pretrained(path, model=model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(f"could not load the twist head {path}: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------- commands
@@ -156,10 +159,14 @@ def cmd_bounds(args) -> int:
     prompts = [task.build_prompt(tok, p.question) for p in problems]
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
     potential = task.potential([p.gold for p in problems], **{"mode": "indicator", **popts})
-    res = log_z_bounds(model, enc.input_ids, attention_mask=enc.attention_mask, potential=potential,
-                       twist=_load_head(args.head, model), num_particles=args.particles, num_runs=args.runs,
-                       max_new_tokens=args.max_new_tokens, tokenizer=tok, seed=args.seed)
-    print(res)
+    try:
+        res = log_z_bounds(model, enc.input_ids, attention_mask=enc.attention_mask, potential=potential,
+                           twist=_load_head(args.head, model), num_particles=args.particles, num_runs=args.runs,
+                           max_new_tokens=args.max_new_tokens, tokenizer=tok, seed=args.seed,
+                           max_proposals=args.max_proposals, progress=True)
+    except (RuntimeError, ValueError) as exc:  # e.g. rejection sampling found too few exact samples
+        raise CLIError(str(exc)) from exc
+    print(res.summary())
     return 0
 
 
@@ -174,7 +181,11 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    return run_demo(data=args.data, out=args.out, seed=args.seed, device=args.device)
+    if args.data and not os.path.isfile(args.data):
+        raise CLIError(f"GSM8K file not found: {args.data}")
+    loaded = _load_model(args) if args.model else None
+    return run_demo(data=args.data, out=args.out, seed=args.seed, device=args.device, loaded=loaded,
+                    num_problems=args.num_problems, num_particles=args.particles)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -228,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-proposals", type=int, default=4096,
+                   help="rejection-sampling budget per prompt for the exact target samples")
     p.set_defaults(fn=cmd_bounds)
 
     p = sub.add_parser("bench", help="run the microbenchmarks (pytest-benchmark; meaningful on a GPU); "
@@ -237,8 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: eval on the embedded model, table + demo_report.png")
     p.add_argument("--data", default=None, help="GSM8K jsonl (optional: the GSM8K part is skipped without it)")
     p.add_argument("--out", default="demo_report.png")
+    p.add_argument("--model", default=None, help="another model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("-n", "--num-problems", type=int, default=8)
+    p.add_argument("--particles", type=int, default=8)
     p.set_defaults(fn=cmd_demo)
     return parser
 

