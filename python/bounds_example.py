@@ -91,6 +91,45 @@ def print_rows(name, b, seconds):
               f"{(f'{seconds:>7.0f}' if i == 0 else ''):>7}")
 
 
+HEADER = f"{'method':<16} {'#':>3} {'lower':>15}{'upper':>15}{'gap':>7}{'KL(q|s)':>9}{'KL(s|q)':>9}{'sec':>7}"
+
+
+def compare_bounds(model, ids, mask, phi, *, tokenizer, runs: int, particles: int, max_new_tokens: int,
+                   twist=None, seed: int = 0):
+    """Bounds for bootstrap and (if ``twist``) twisted SMC / IWAE, sharing one set of exact samples.
+
+    ``phi <= 1`` (rejection sampling from ``p0``). Returns ``[(name, LogZBounds, seconds)]``.
+    """
+    t = time.perf_counter()
+    exact, stats = rejection_samples(model, ids, phi, runs, mask, max_new_tokens=max_new_tokens,
+                                     tokenizer=tokenizer, seed=seed, return_stats=True)
+    print(f"rejection sampling: {runs} exact samples per prompt from {stats.proposals.tolist()} p0 draws "
+          f"in {time.perf_counter() - t:.0f}s", flush=True)
+    for i in range(ids.shape[0]):
+        sample = tokenizer.decode(exact[i, 0], skip_special_tokens=True).strip()
+        print(f"  [{i}] log mean phi over the p0 draws = {float(stats.log_z_mc[i]):.3f}; an exact sample: {sample!r}")
+    common = dict(potential=phi, num_particles=particles, num_runs=runs, max_new_tokens=max_new_tokens,
+                  exact_samples=exact, tokenizer=tokenizer, seed=seed + 1)
+    # SMC rows resample at every step (the twisted-SMC paper's setting); their proposal is the IWAE
+    # row's, so the proposal KLs are estimated once, on the IWAE rows.
+    methods = [("bootstrap SMC", dict(ess_threshold=1.0, proposal_kl=False)),
+               ("bootstrap IWAE", dict(ess_threshold=0.0))]
+    if twist is not None:
+        methods += [("twisted SMC", dict(ess_threshold=1.0, twist=twist, proposal_kl=False)),
+                    ("twisted IWAE", dict(ess_threshold=0.0, twist=twist))]
+    results = []
+    for name, kw in methods:
+        t = time.perf_counter()
+        results.append((name, log_z_bounds(model, ids, mask, **{**common, **kw}), time.perf_counter() - t))
+    return results
+
+
+def print_bounds(results, title: str):
+    print(f"\n{title}\n{HEADER}")
+    for name, b, sec in results:
+        print_rows(name, b, sec)
+
+
 def main():
     args = parse_args()
     if args.threads:
@@ -106,30 +145,7 @@ def main():
     phi = make_potential(golds, args)
     T = args.max_new_tokens
 
-    t = time.perf_counter()
-    exact, stats = rejection_samples(model, ids, phi, args.runs, mask, max_new_tokens=T, tokenizer=tok,
-                                     seed=args.seed, return_stats=True)
-    print(f"rejection sampling: {args.runs} exact samples per problem from {stats.proposals.tolist()} p0 draws "
-          f"in {time.perf_counter() - t:.0f}s")
-    for i, p in enumerate(problems):
-        sample = tok.decode(exact[i, 0], skip_special_tokens=True).strip()
-        print(f"  [{i}] {p.question}  (gold {p.gold}; log mean phi over p0 draws = {float(stats.log_z_mc[i]):.3f}; "
-              f"an exact sample: {sample!r})")
-
-    common = dict(potential=phi, num_particles=args.particles, num_runs=args.runs, max_new_tokens=T,
-                  exact_samples=exact, tokenizer=tok, seed=args.seed + 1)
-    results = []
-
-    def bounds(name, **kw):
-        t = time.perf_counter()
-        b = log_z_bounds(model, ids, mask, **{**common, **kw})
-        results.append((name, b, time.perf_counter() - t))
-
-    # SMC rows resample at every step (the twisted-SMC paper's setting); their proposal is the same
-    # as the IWAE row's, so the proposal KLs are estimated once, on the IWAE rows.
-    bounds("bootstrap SMC", ess_threshold=1.0, proposal_kl=False)
-    bounds("bootstrap IWAE", ess_threshold=0.0)
-
+    head = None
     if args.twist_steps > 0:
         try:
             from tsmc_kernels.twist import MLPTwistHead, fit_twist
@@ -143,14 +159,12 @@ def main():
             head.eval()
             print(f"twist: MLPTwistHead, {args.twist_steps} CTL rounds in {time.perf_counter() - t:.0f}s, "
                   f"last loss {hist[-1]['loss']:.3f}")
-            bounds("twisted SMC", ess_threshold=1.0, twist=head, proposal_kl=False)
-            bounds("twisted IWAE", ess_threshold=0.0, twist=head)
+    results = compare_bounds(model, ids, mask, phi, tokenizer=tok, runs=args.runs, particles=args.particles,
+                             max_new_tokens=T, twist=head, seed=args.seed)
 
     kind = "1[right]" if args.hard else f"1 right / e^-{args.wrong:g} wrong number / e^-{args.no_number:g} no number"
-    print(f"\nlog Z bounds, phi = {kind}: {args.runs} runs x {args.particles} particles x {T} tokens per bound")
-    print(f"{'method':<16} {'#':>3} {'lower':>15}{'upper':>15}{'gap':>7}{'KL(q|s)':>9}{'KL(s|q)':>9}{'sec':>7}")
-    for name, b, sec in results:
-        print_rows(name, b, sec)
+    print_bounds(results, f"log Z bounds, phi = {kind}: {args.runs} runs x {args.particles} particles x {T} tokens "
+                          "per bound")
     lo = torch.stack([b.lower for _, b, _ in results]).max(0).values
     up = torch.stack([b.upper for _, b, _ in results]).min(0).values
     print("\ntightest interval per problem: " + ", ".join(

@@ -46,6 +46,8 @@ def parse_args():
     ap.add_argument("--inter-beta", type=float, default=2.0, help="phi_t = exp(inter_beta * score(partial text))")
     ap.add_argument("--twist-steps", type=int, default=3, help="CTL training rounds (0: skip twisted SMC)")
     ap.add_argument("--twist-lr", type=float, default=1e-3, help="learning rate of the twist head")
+    ap.add_argument("--bounds-runs", type=int, default=8,
+                    help="runs per bound for the bidirectional log Z bounds (0: skip; exact samples by rejection)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     return ap.parse_args()
@@ -125,6 +127,7 @@ def main():
     best = max(range(len(texts)), key=lambda i: out.weights.reshape(-1)[i].item())
     example = texts[best]
 
+    head = None
     if args.twist_steps > 0:
         try:
             from tsmc_kernels.twist import MLPTwistHead, fit_twist
@@ -148,6 +151,15 @@ def main():
     print_table(rows, f"sentiment ({args.polarity}): request {args.request!r}, {args.runs} runs x "
                       f"{args.particles} particles x {args.max_new_tokens} tokens, phi = exp({args.beta:g} * score)")
     print(f"\nhighest-weight SMC + intermediate sample: {example!r}")
+
+    if args.bounds_runs > 0:  # phi <= 1: exact target samples by rejection sampling from p0
+        from bounds_example import compare_bounds, print_bounds
+        bounded = phi * (lambda c: torch.full((c.shape[0],), -args.beta))  # phi e^-beta <= 1, same target
+        results = compare_bounds(model, ids[:1], mask[:1], bounded, tokenizer=tok, runs=args.bounds_runs,
+                                 particles=args.particles, max_new_tokens=args.max_new_tokens, twist=head,
+                                 seed=args.seed)
+        print_bounds(results, f"sentiment: bidirectional bounds on log Z' = log Z - {args.beta:g} "
+                              f"(phi' = phi e^-{args.beta:g} <= 1, the same target)")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ def parse_args():
     ap.add_argument("--inter-beta", type=float, default=1.0, help="tempering of the intermediate classifier score")
     ap.add_argument("--twist-steps", type=int, default=3, help="CTL training rounds (0: skip twisted SMC)")
     ap.add_argument("--twist-lr", type=float, default=1e-3, help="learning rate of the twist head")
+    ap.add_argument("--bounds-runs", type=int, default=8,
+                    help="runs per bound for the bidirectional log Z bounds (0: skip; exact samples by rejection)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     return ap.parse_args()
@@ -122,6 +124,7 @@ def main():
     best = max(range(len(texts)), key=lambda i: out.weights.reshape(-1)[i].item())
     example = texts[best]
 
+    head = None
     if args.twist_steps > 0:
         try:
             from tsmc_kernels.twist import MLPTwistHead, fit_twist
@@ -145,6 +148,13 @@ def main():
     print_table(rows, f"toxicity: prompt {args.prompt!r}, {args.runs} runs x {args.particles} particles x "
                       f"{args.max_new_tokens} tokens, phi = p(offensive)^{args.beta:g}")
     print(f"\nhighest-weight SMC + intermediate sample: {example!r}")
+
+    if args.bounds_runs > 0:  # phi <= 1: exact target samples by rejection sampling from p0
+        from bounds_example import compare_bounds, print_bounds
+        results = compare_bounds(model, ids[:1], mask[:1], phi, tokenizer=tok, runs=args.bounds_runs,
+                                 particles=args.particles, max_new_tokens=args.max_new_tokens, twist=head,
+                                 seed=args.seed)
+        print_bounds(results, f"toxicity: bidirectional bounds on log Z, phi = p(offensive)^{args.beta:g}")
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("-n", "--num-problems", type=int, default=8)
+    p.add_argument("-n", "--num-problems", type=int, default=16)
     p.add_argument("--particles", type=int, default=8)
     p.set_defaults(fn=cmd_demo)
     return parser

@@ -43,7 +43,7 @@ def _plot(reports, path: str) -> None:
 
 
 def run_demo(*, data: str | None = None, out: str = "demo_report.png", seed: int = 0, device: str = "cpu",
-             num_problems: int = 8, num_particles: int = 8, loaded=None) -> int:
+             num_problems: int = 16, num_particles: int = 8, loaded=None) -> int:
     """Run the demo; returns a process exit status.
 
     ``loaded``: an already loaded ``(model, tokenizer)`` (default: the embedded SmolLM2-135M-Instruct).
