@@ -56,7 +56,8 @@ import torch
 
 from .exact import Enumeration
 from .potentials.base import Potential, as_potential
-from .sampler.smc import _eos_ids, _pad_id, smc_generate
+from .sampler.inputs import eos_ids, pad_id
+from .sampler.smc import smc_generate
 
 __all__ = ["LogZBounds", "RejectionStats", "log_z_bounds", "iwae_bounds", "rejection_samples",
            "enumeration_samples"]
@@ -369,8 +370,8 @@ def rejection_samples(model, input_ids: torch.Tensor, potential, num: int,
     if not isinstance(max_proposals, int) or max_proposals < 1:
         raise ValueError(f"max_proposals must be an int >= 1, got {max_proposals!r}")
     fn = as_potential(potential)
-    eos = _eos_ids(model, eos_token_id)
-    pad = _pad_id(model, pad_token_id, eos)
+    eos = eos_ids(model, eos_token_id)
+    pad = pad_id(model, pad_token_id, eos)
     B, T = input_ids.shape[0], max_new_tokens
     device = input_ids.device
     accepted: list[list[torch.Tensor]] = [[] for _ in range(B)]
@@ -518,8 +519,8 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         raise ValueError("log_z_bounds needs a potential (with phi = 1, log Z = 0 trivially)")
     fn = as_potential(potential)
     B, R, N, T = input_ids.shape[0], num_runs, num_particles, max_new_tokens
-    eos = _eos_ids(model, smc_kwargs.get("eos_token_id"))
-    pad = _pad_id(model, smc_kwargs.get("pad_token_id"), eos)
+    eos = eos_ids(model, smc_kwargs.get("eos_token_id"))
+    pad = pad_id(model, smc_kwargs.get("pad_token_id"), eos)
     kw = dict(max_new_tokens=T, potential=fn, twist=twist, tokenizer=tokenizer, **smc_kwargs)
     if log_z is not None:
         given_log_z = torch.as_tensor(log_z, dtype=torch.float64).detach().cpu().reshape(-1)

@@ -110,10 +110,10 @@ def enumerate_completions(model, prompt_ids: torch.Tensor, max_new_tokens: int, 
 
     Cost: one batched forward per depth over all live prefixes (``V**T`` at most): tiny models only.
     """
-    from .sampler.smc import _eos_ids, _pad_id
+    from .sampler.inputs import eos_ids, pad_id
 
-    eos = tuple(_eos_ids(model, eos_token_id))
-    pad = _pad_id(model, pad_token_id, list(eos))
+    eos = tuple(eos_ids(model, eos_token_id))
+    pad = pad_id(model, pad_token_id, list(eos))
     prompt = prompt_ids.reshape(1, -1)
     live = [((), 0.0)]
     done = []

@@ -50,7 +50,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import ops, rng
-from .sampler.smc import _eos_ids, _pad_id
+from .sampler.inputs import check_prompts, eos_ids, pad_id
 
 __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 
@@ -108,33 +108,7 @@ class PowerOutput:
 
 def _validate(model, input_ids, attention_mask, *, alpha, cut, cut_power, num_chains, max_new_tokens, block_size,
               n_mcmc, top_k, seed):
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [B, P] with B, P >= 1, got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
-    model_device = next(model.parameters()).device
-    if input_ids.device != model_device:
-        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {model_device}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask.unsqueeze(0)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
-                             f"{tuple(input_ids.shape)}")
-        if attention_mask.device != input_ids.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask must use left padding (the last prompt column must be a real token)")
-    emb = model.get_output_embeddings()
-    vocab = emb.weight.shape[0] if emb is not None else None
-    if vocab is not None and bool(((input_ids >= vocab) | (input_ids < 0)).any()):
-        raise ValueError(f"input_ids contain ids outside the model's vocabulary [0, {vocab})")
+    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, left_padded=True)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if cut not in CUT_RULES:
@@ -161,8 +135,8 @@ def _setup(model, input_ids, attention_mask, alpha, cut, cut_power, num_chains, 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.long()
-    eos = _eos_ids(model, eos_token_id)
-    pad = _pad_id(model, pad_token_id, eos)
+    eos = eos_ids(model, eos_token_id)
+    pad = pad_id(model, pad_token_id, eos)
     ends = [min(k * block_size, max_new_tokens) for k in range(1, -(-max_new_tokens // block_size) + 1)]
     return input_ids, attention_mask, eos, pad, ends
 

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from ..sampler.inputs import eos_ids
 from .base import Potential
 
 __all__ = ["InfillPotential"]
@@ -70,17 +71,6 @@ def _as_id_list(x, what: str, name: str, tokenizer=None) -> list[torch.Tensor]:
                 raise TypeError(f"potential {name!r}: cannot read {what} element of type {type(v).__name__}")
         return out
     raise TypeError(f"potential {name!r}: {what} must be token ids, a str or a list of them, got {type(x).__name__}")
-
-
-def _eos_ids(model, eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        gen = getattr(model, "generation_config", None)
-        eos_token_id = getattr(gen, "eos_token_id", None) if gen is not None else None
-        if eos_token_id is None:
-            eos_token_id = getattr(model.config, "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
 
 
 class InfillPotential(Potential):
@@ -141,7 +131,7 @@ class InfillPotential(Potential):
         if max_batch_rows is not None and max_batch_rows < 1:
             raise ValueError(f"potential {name!r}: max_batch_rows must be >= 1, got {max_batch_rows}")
         self.prompts, self.suffixes = prompts, suffixes
-        self.eos = _eos_ids(model, eos_token_id)
+        self.eos = eos_ids(model, eos_token_id)
         self.beta, self.max_batch_rows, self.vocab = beta, max_batch_rows, vocab
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 

@@ -22,60 +22,16 @@ import torch
 
 from .. import ops
 from ..potentials.base import as_potential, check_log_phi
+from .inputs import check_prompts, eos_ids, pad_id
 from .lm import CACHE_MODES, ParticleLM
 from .output import SMCOutput
 
 TwistFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _eos_ids(model, eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        gen = getattr(model, "generation_config", None)
-        eos_token_id = getattr(gen, "eos_token_id", None) if gen is not None else None
-        if eos_token_id is None:
-            eos_token_id = getattr(model.config, "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
-
-
-def _pad_id(model, pad_token_id, eos: list[int]) -> int:
-    if pad_token_id is not None:
-        return int(pad_token_id)
-    gen = getattr(model, "generation_config", None)
-    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
-    if pad is None:
-        pad = getattr(model.config, "pad_token_id", None)
-    if isinstance(pad, (list, tuple)):
-        pad = pad[0] if pad else None
-    return int(pad) if pad is not None else (eos[0] if eos else 0)
-
-
 def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, ess_threshold, temperature, top_k,
               cache, cuda_graph, reference_completions):
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be [B, P] with B, P >= 1, got shape {tuple(input_ids.shape)}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
-    model_device = next(model.parameters()).device
-    if input_ids.device != model_device:
-        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {model_device}")
-    if attention_mask is not None:
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask.unsqueeze(0)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
-        if attention_mask.device != input_ids.device:
-            raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
-        if bool((attention_mask.sum(1) == 0).any()):
-            raise ValueError("attention_mask has a prompt with no tokens (all padding)")
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
-    if vocab is not None and bool((input_ids >= vocab).any() | (input_ids < 0).any()):
-        raise ValueError(f"input_ids contain ids outside the model's vocabulary [0, {vocab})")
+    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -145,8 +101,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if cuda_graph:
         warnings.warn("cuda_graph=True: graph capture of the SMC step is not implemented yet; running eagerly")
 
-    eos = _eos_ids(model, eos_token_id)
-    pad = _pad_id(model, pad_token_id, eos)
+    eos = eos_ids(model, eos_token_id)
+    pad = pad_id(model, pad_token_id, eos)
     B, N, T = input_ids.shape[0], num_particles, max_new_tokens
     M = B * N
     device = input_ids.device

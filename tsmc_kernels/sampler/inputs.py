@@ -1,0 +1,70 @@
+"""Checks and defaults shared by every sampler that takes HF-style prompts (SMC, power MH, bounds)."""
+from __future__ import annotations
+
+import torch
+
+
+def eos_ids(model, eos_token_id=None) -> list[int]:
+    """EOS ids: ``eos_token_id`` (int or list), else the model's generation config, else its config."""
+    if eos_token_id is None:
+        gen = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+
+
+def pad_id(model, pad_token_id, eos: list[int]) -> int:
+    """Padding id after EOS: ``pad_token_id``, else the model's, else the first EOS id, else 0."""
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    gen = getattr(model, "generation_config", None)
+    pad = getattr(gen, "pad_token_id", None) if gen is not None else None
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0] if pad else None
+    return int(pad) if pad is not None else (eos[0] if eos else 0)
+
+
+def check_prompts(model, input_ids, attention_mask=None, *, left_padded: bool = False):
+    """Validate ``input_ids`` ``[B, P]`` (or ``[P]``) and ``attention_mask`` against ``model``.
+
+    Raises ``TypeError``/``ValueError`` naming the argument: not a tensor, wrong rank or dtype,
+    empty, on another device than the model, ids outside the vocabulary, a mask of another shape
+    or device, a prompt that is all padding (or, with ``left_padded``, right padding).
+    Returns:
+        ``(input_ids [B, P], attention_mask [B, P] or None)`` with a batch dimension.
+    """
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, P] with B, P >= 1, got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+    model_device = next(model.parameters()).device
+    if input_ids.device != model_device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {model_device}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if attention_mask.device != input_ids.device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+        if bool((attention_mask.sum(1) == 0).any()):
+            raise ValueError("attention_mask has a prompt with no tokens (all padding)")
+        if left_padded and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("attention_mask must use left padding (the last prompt column must be a real token)")
+    emb = model.get_output_embeddings()
+    vocab = emb.weight.shape[0] if emb is not None else None
+    if vocab is not None and bool(((input_ids >= vocab) | (input_ids < 0)).any()):
+        raise ValueError(f"input_ids contain ids outside the model's vocabulary [0, {vocab})")
+    return input_ids, attention_mask
