@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from example_common import train_ctl_head
 from tsmc_kernels import smc_generate
 from tsmc_kernels.models import load_default_model
 from tsmc_kernels.potentials import InfillPotential, tempered
@@ -106,24 +107,11 @@ def main():
     example = tok.decode(best, skip_special_tokens=True)
 
     if args.twist_steps > 0:
-        try:
-            from tsmc_kernels.twist import MLPTwistHead, fit_twist
-        except ImportError as exc:
-            print(f"twisted SMC skipped: {exc}")
-        else:
-            t = time.perf_counter()
-            head = MLPTwistHead.for_model(model)
-            k = min(2, args.runs)  # train on two replicas of the prompt: the cost does not grow with --runs
-            hist = fit_twist(model, head, ids[:k], phi, attention_mask=mask[:k], loss="ctl", steps=args.twist_steps,
-                             lr=args.twist_lr,
-                             num_particles=args.particles, max_new_tokens=args.max_new_tokens, tokenizer=tok,
-                             smc_kwargs={"eos_token_id": no_eos}, seed=args.seed + 1)
-            train_sec = time.perf_counter() - t
-            head.eval()
-            out, sec = run(ess_threshold=0.5, twist=head)
-            add(summarise("twisted SMC (CTL)", out, sec,
-                          extra=f"+{args.twist_steps} training rounds ({train_sec:.0f}s), "
-                                f"last loss {hist[-1]['loss']:.3f}"))
+        head, hist, train_sec = train_ctl_head(model, ids, mask, phi, args, tok, smc_kwargs={"eos_token_id": no_eos})
+        out, sec = run(ess_threshold=0.5, twist=head)
+        add(summarise("twisted SMC (CTL)", out, sec,
+                      extra=f"+{args.twist_steps} training rounds ({train_sec:.0f}s), "
+                            f"last loss {hist[-1]['loss']:.3f}"))
 
     print(f"\ninfilling: {args.runs} runs x {args.particles} particles x {args.max_new_tokens} tokens; "
           f"c = {args.prefix!r}, o = {args.suffix!r}")

@@ -22,11 +22,11 @@ For the SMC rows the target rate is ``sum_i W_i 1[score_i > 0.5]`` (an output dr
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 
+from example_common import HEADER, format_row, print_table, summarise, train_ctl_head
 from tsmc_kernels import smc_generate
 from tsmc_kernels.models import load_default_model
 from tsmc_kernels.potentials import SentimentPotential
@@ -51,36 +51,6 @@ def parse_args():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     return ap.parse_args()
-
-
-def summarise(name, out, texts, target, seconds, weighted=True, extra=""):
-    """One table row: tokens, target rate, mean log Zhat, resampling steps per run, seconds."""
-    B, N = out.log_weights.shape
-    hit = target(texts).view(B, N).double()
-    if weighted:
-        w = out.weights.double()
-        rate = (w * hit).sum(1).mean().item()
-    else:
-        rate = hit.mean().item()
-    lz = out.log_z[torch.isfinite(out.log_z)]
-    log_z = lz.mean().item() if lz.numel() else -math.inf
-    resamples = out.resampled.sum(1).double().mean().item()  # resampling steps per run
-    return dict(method=name, tokens=out.tokens_decoded, rate=rate, log_z=log_z, resamples=resamples, seconds=seconds,
-                extra=extra)
-
-
-HEADER = f"{'method':<22} {'tokens':>7} {'target rate':>12} {'log Zhat':>9} {'resamples':>9} {'sec':>6}  notes"
-
-
-def format_row(r) -> str:
-    return (f"{r['method']:<22} {r['tokens']:>7d} {r['rate']:>12.3f} {r['log_z']:>9.3f} {r['resamples']:>9.1f} "
-            f"{r['seconds']:>6.1f}  {r['extra']}")
-
-
-def print_table(rows, title):
-    print(f"\n{title}\n{HEADER}")
-    for r in rows:
-        print(format_row(r))
 
 
 def main():
@@ -129,24 +99,11 @@ def main():
 
     head = None
     if args.twist_steps > 0:
-        try:
-            from tsmc_kernels.twist import MLPTwistHead, fit_twist
-        except ImportError as exc:
-            print(f"twisted SMC skipped: {exc}")
-        else:
-            t = time.perf_counter()
-            head = MLPTwistHead.for_model(model)
-            k = min(2, args.runs)  # train on two replicas of the prompt: the cost does not grow with --runs
-            hist = fit_twist(model, head, ids[:k], phi, attention_mask=mask[:k], loss="ctl", steps=args.twist_steps,
-                             lr=args.twist_lr,
-                             num_particles=args.particles, max_new_tokens=args.max_new_tokens, tokenizer=tok,
-                             seed=args.seed + 1)
-            train_sec = time.perf_counter() - t
-            head.eval()
-            out, texts, sec = run(ess_threshold=0.5, twist=head)
-            add(summarise("twisted SMC (CTL)", out, texts, target, sec,
-                          extra=f"+{args.twist_steps} training rounds ({train_sec:.0f}s), "
-                                f"last loss {hist[-1]['loss']:.3f}"))
+        head, hist, train_sec = train_ctl_head(model, ids, mask, phi, args, tok)
+        out, texts, sec = run(ess_threshold=0.5, twist=head)
+        add(summarise("twisted SMC (CTL)", out, texts, target, sec,
+                      extra=f"+{args.twist_steps} training rounds ({train_sec:.0f}s), "
+                            f"last loss {hist[-1]['loss']:.3f}"))
 
     print_table(rows, f"sentiment ({args.polarity}): request {args.request!r}, {args.runs} runs x "
                       f"{args.particles} particles x {args.max_new_tokens} tokens, phi = exp({args.beta:g} * score)")

@@ -8,7 +8,6 @@ that is not JSONL, an unknown task) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -110,8 +110,6 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                     need_hidden=twist is not None)
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
     delim_t = torch.tensor(list(intermediate_delimiters or []), dtype=torch.int64, device=device)
-    rows = torch.arange(M, device=device)
-    prompt_index = rows // N
     conditional = reference_completions is not None
     if conditional:
         ref = torch.full((B, T), pad, dtype=torch.int64, device=device)

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from .. import rng
-from ._common import cumsum, helper, rmax, rmin, rsum, gumbel_f32, host_key_base, num_sms, row_key, step_tensor
+from ._common import helper, rmax, rmin, rsum, gumbel_f32, host_key_base, num_sms, row_key, step_tensor
 
 __all__ = ["twist_sample_triton"]
 

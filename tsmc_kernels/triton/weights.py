@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import reference, rng
-from ._common import cumsum, helper, rmax, rmin, rsum, host_key_base, row_key, step_tensor, uniform_f64
+from ._common import cumsum, helper, rmax, rsum, host_key_base, row_key, step_tensor, uniform_f64
 
 __all__ = ["normalize_triton", "resample_triton", "reweight_triton", "MAX_N"]
 
