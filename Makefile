@@ -21,7 +21,7 @@ $(VENV)/.deps:
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	TSMC_BUILD_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 cpp-test: $(VENV)/.deps

@@ -2,7 +2,8 @@
 
 The C++ CPU kernels in ``csrc/*.cpp`` are always built. The CUDA kernels in ``csrc/*.cu`` are
 added when torch was built with CUDA and ``nvcc`` is found; ``TSMC_BUILD_CUDA=0/1`` overrides.
-``TSMC_BUILD_EXT=0`` skips the extension entirely (the package then uses its PyTorch/Triton paths).
+``TSMC_BUILD_EXT=0`` skips the extension entirely (the package then uses its PyTorch/Triton paths);
+by default a failed compilation installs the package without it, ``TSMC_BUILD_EXT=1`` makes it an error.
 """
 import glob
 import os
@@ -18,8 +19,26 @@ def _want_cuda(torch_has_cuda: bool) -> bool:
     return torch_has_cuda and (shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME")))
 
 
+def _build_ext_class(BuildExtension, required: bool):
+    """``BuildExtension`` that, unless the extension is ``required``, installs the package without it
+    when compiling fails (the package then runs on its PyTorch/Triton paths) instead of failing."""
+
+    class OptionalBuildExtension(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure
+                if required:
+                    raise
+                print(f"WARNING: building {ext.name} failed ({type(exc).__name__}: {exc}); installing without it "
+                      "(PyTorch/Triton paths only). Set TSMC_BUILD_EXT=1 to make this an error.")
+
+    return OptionalBuildExtension.with_options(use_ninja=True)
+
+
 def _extensions():
-    if os.environ.get("TSMC_BUILD_EXT", "1") == "0":
+    flag = os.environ.get("TSMC_BUILD_EXT")
+    if flag == "0":
         return [], {}
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -28,6 +47,9 @@ def _extensions():
     sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))
     cxx = ["-O3"]  # the C++ standard is the one torch asks for
     if _want_cuda(torch.version.cuda is not None):
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No GPU to detect the architecture from (a build machine): A100, H100 and PTX for newer GPUs.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cu")))
         ext = CUDAExtension("tsmc_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
                             define_macros=[("TSMC_WITH_CUDA", "1")],
@@ -35,7 +57,7 @@ def _extensions():
     else:
         ext = CppExtension("tsmc_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],
                            extra_compile_args={"cxx": cxx})
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _build_ext_class(BuildExtension, required=flag == "1")}
 
 
 ext_modules, cmdclass = _extensions()
