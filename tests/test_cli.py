@@ -40,6 +40,20 @@ def test_run_with_prompts(tiny_model_dir, capsys):
     assert out.count("=== prompt") == 2 and "log Zhat" in out and "tokens decoded" in out
 
 
+def test_run_with_a_prompt_potential(tiny_model_dir, capsys):
+    code, out, err = run(["run", "--model", tiny_model_dir, "--prompt", "Hello", "--particles", "3",
+                          "--max-new-tokens", "3", "--potential", "regex:[0-9]", "--beta", "2"], capsys)
+    assert code == 0, err
+    assert "log phi=0.00" in out or "log phi=-2.00" in out
+
+
+@pytest.mark.parametrize("spec,match", [("nope", "unknown --potential"), ("regex:(", "regex"),
+                                        ("sentiment:neutral", "unknown --potential")])
+def test_bad_prompt_potential(tiny_model_dir, capsys, spec, match):
+    code, _, err = run(["run", "--model", tiny_model_dir, "--prompt", "Hi", "--potential", spec], capsys)
+    assert code == 2 and match in err
+
+
 def test_run_on_a_task(tiny_model_dir, capsys):
     code, out, _ = run(["run", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "2",
                         "--particles", "2", "--max-new-tokens", "3"], capsys)

@@ -63,6 +63,25 @@ def _load_task(args):
     return task, problems, potential_options
 
 
+def _prompt_potential(spec: str | None, beta: float):
+    """``--potential`` for free prompts: ``toxicity``, ``sentiment:positive|negative``, ``regex:PATTERN``."""
+    if spec is None:
+        return None
+    from . import potentials
+    kind, _, arg = spec.partition(":")
+    try:
+        if kind == "toxicity" and not arg:
+            return potentials.ToxicityPotential(beta=beta)
+        if kind == "sentiment" and arg in ("positive", "negative"):
+            return potentials.SentimentPotential(arg, beta=beta)
+        if kind == "regex" and arg:
+            return potentials.tempered(potentials.RegexPotential(arg, penalty=1.0), beta)
+    except (ImportError, ValueError) as exc:
+        raise CLIError(f"--potential {spec}: {exc}") from exc
+    raise CLIError(f"unknown --potential {spec!r}; expected toxicity, sentiment:positive, sentiment:negative "
+                   "or regex:PATTERN")
+
+
 def _load_head(path, model):
     if path is None:
         return None
@@ -79,12 +98,15 @@ def _load_head(path, model):
 
 def cmd_run(args) -> int:
     from .sampler import smc_generate
+    if args.potential and not args.prompt:
+        raise CLIError("--potential is for --prompt (a task brings its own potential)")
+    prompt_potential = _prompt_potential(args.potential, args.beta)  # input errors before the model loads
     task_info = None if args.prompt else _load_task(args)
     model, tok = _load_model(args)
     if args.prompt:
         prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                    if args.chat and tok.chat_template else p for p in args.prompt]
-        potential = None
+        potential = prompt_potential
     else:
         task, problems, popts = task_info
         prompts = [task.build_prompt(tok, p.question) for p in problems]
@@ -198,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     _task_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: problems of --task")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the model's chat template")
+    p.add_argument("--potential", default=None,
+                   help="with --prompt: toxicity | sentiment:positive | sentiment:negative | regex:PATTERN "
+                        "(regex: phi = 1 on a match, e^-beta otherwise)")
+    p.add_argument("--beta", type=float, default=1.0, help="inverse temperature of --potential")
     p.add_argument("--method", choices=["smc", "sample", "power"], default="smc")
     p.add_argument("--head", default=None, help="a saved twist head (twisted SMC)")
     p.add_argument("--particles", type=int, default=8)
