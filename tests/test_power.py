@@ -314,3 +314,12 @@ def test_bad_inputs_raise():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="the model is on"):
             power_sample(model, torch.tensor([[1, 2]], device="cuda"))
+
+
+@pytest.mark.parametrize("sampler", ["power_sample", "power_sample_reference"])
+def test_nan_logits_are_an_error(sampler):
+    model = tiny_random_model(8, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight[3] = float("nan")  # every logit row has a NaN
+    with pytest.raises(FloatingPointError, match="NaN in the model logits"):
+        getattr(power, sampler)(model, torch.tensor([[1, 2]]), max_new_tokens=4, block_size=2, n_mcmc=1)

@@ -443,6 +443,7 @@ class _Chains:
         logp, logq, ent = (x.clone() for x in self.scores[:3])
         pos = torch.where(active, cut, self.scores.length)
         live = active.clone()
+        nan_rows = torch.zeros_like(live)
         j = 0
         while bool(live.any()):
             prev = tok.gather(1, (pos - 1).clamp(0, T - 1)[:, None])[:, 0]
@@ -456,10 +457,12 @@ class _Chains:
                              (col, torch.full_like(out.token, column))):
                 buf.scatter_(1, idx, torch.where(live, val.to(buf.dtype), buf.gather(1, idx)[:, 0])[:, None])
             self.decoded += live.sum()
+            nan_rows |= live & torch.isnan(out.log_zpi)
             done = torch.isin(out.token, self.eos) | (pos + 1 >= limit)
             pos = pos + live.long()
             live = live & ~done
             j += 1
+        _check_no_nan(nan_rows, move)
         length = torch.where(active, pos, self.scores.length)
         past = torch.arange(T, device=pos.device)[None, :] >= length[:, None]
         tok = tok.masked_fill(past, self.pad)
@@ -474,6 +477,13 @@ class _Chains:
                               torch.where(accept, sc.length, self.scores.length))
         self.col = torch.where(a, col, self.col)
         self.arena.commit(accept)
+
+
+def _check_no_nan(nan_rows: torch.Tensor, move: int) -> None:
+    """Raise if the model gave NaN logits on some chain row (bool ``[M]``) during proposal ``move``."""
+    if bool(nan_rows.any()):
+        rows = torch.nonzero(nan_rows).flatten().tolist()[:8]
+        raise FloatingPointError(f"NaN in the model logits while decoding proposal {move} (chain rows {rows})")
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -626,6 +636,7 @@ def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch
     def decode(cut_at, active, limit, move):
         nonlocal decoded
         tok, pos, live, j = tokens.clone(), torch.where(active, cut_at, length), active.clone(), 0
+        nan_rows = torch.zeros_like(live)
         while bool(live.any()):
             lg = lm.logits(tok)
             lg = lg.gather(1, pos.clamp_max(T - 1)[:, None, None].expand(-1, 1, lg.shape[2]))[:, 0]
@@ -634,10 +645,12 @@ def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch
             idx = pos.clamp_max(T - 1)[:, None]
             tok.scatter_(1, idx, torch.where(live, out.token, tok.gather(1, idx)[:, 0])[:, None])
             decoded += int(live.sum())
+            nan_rows |= live & torch.isnan(out.log_zpi)
             done = torch.isin(out.token, eos_t) | (pos + 1 >= limit)
             pos = pos + live.long()
             live = live & ~done
             j += 1
+        _check_no_nan(nan_rows, move)
         new_len = torch.where(active, pos, length)
         return tok.masked_fill(t_idx >= new_len[:, None], pad), new_len
 
