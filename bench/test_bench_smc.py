@@ -41,33 +41,49 @@ def _timed(fn):
 
 @torch.no_grad()
 def naive_smc(model, ids, N, T, seed=0):
-    """The baseline: HF DynamicCache + reorder_cache, torch.multinomial, host-side ESS decision."""
+    """The baseline: HF DynamicCache + reorder_cache, torch.multinomial, host-side ESS decision.
+
+    The weight increments are random (standing in for ``log p0 + log psi_t - log psi_{t-1} - log q``)
+    so that, like the twisted runs of ``smc_generate``, it really resamples and reorders the cache.
+    """
     from transformers import DynamicCache
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    device = ids.device
+    g = torch.Generator(device=device).manual_seed(seed)
     B = ids.shape[0]
     rows = ids.repeat_interleave(N, 0)
     cache = DynamicCache(config=model.config)
     out = model(input_ids=rows, past_key_values=cache, use_cache=True)
     logits = out.logits[:, -1].float()
-    log_w = torch.zeros(B, N, device="cuda")
+    log_w = torch.zeros(B, N, device=device)
+    offsets = N * torch.arange(B, device=device)[:, None]
     for _ in range(T):
         logp = torch.log_softmax(logits, -1)
         probs = torch.softmax(logp, -1)
         tok = torch.multinomial(probs, 1, generator=g)
-        log_w += 0.0 * logp.gather(1, tok).view(B, N)
+        log_w += torch.randn(B, N, device=device, generator=g)
         lse = torch.logsumexp(log_w, 1, keepdim=True)
         w = torch.exp(log_w - lse)
         ess = 1.0 / (w * w).sum(1)
         if bool((ess < 0.5 * N).any().item()):
             cw = w.cumsum(1)
-            u = (torch.arange(N, device="cuda") + torch.rand(B, 1, device="cuda", generator=g)) / N
-            anc = torch.searchsorted(cw, u).clamp_max(N - 1) + N * torch.arange(B, device="cuda")[:, None]
-            cache.reorder_cache(anc.view(-1))
-            tok = tok[anc.view(-1)]
+            u = (torch.arange(N, device=device) + torch.rand(B, 1, device=device, generator=g)) / N
+            anc = (torch.searchsorted(cw, u).clamp_max(N - 1) + offsets).view(-1)
+            cache.reorder_cache(anc)
+            tok = tok[anc]
             log_w.zero_()
         out = model(input_ids=tok, past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1].float()
+
+
+def random_twist_head(model, scale: float = 0.5):
+    """A linear twist head with random weights (``log psi`` of std ~``scale`` per token for unit-RMS
+    hidden states): weights vary, so SMC resamples and gathers for real."""
+    H = model.config.hidden_size
+    head = torch.nn.Linear(H, model.config.vocab_size, device=model.device, dtype=model.dtype)
+    torch.nn.init.normal_(head.weight, std=scale / H ** 0.5)
+    torch.nn.init.zeros_(head.bias)
+    return lambda h, completion: head(h)
 
 
 @pytest.mark.parametrize("B,N", [(1, 16), (1, 64), (1, 256), (8, 16), (8, 64)])
@@ -83,11 +99,9 @@ def test_smc_throughput(benchmark, qwen_shaped, B, N, method):
         fn = lambda: smc_generate(model, ids, num_particles=N, max_new_tokens=T, potential=None,  # noqa: E731
                                   eos_token_id=[], ess_threshold=0.5)
     elif method == "smc_twisted":
-        head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, device="cuda", dtype=torch.bfloat16)
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
+        twist = random_twist_head(model)
         fn = lambda: smc_generate(model, ids, num_particles=N, max_new_tokens=T, eos_token_id=[],  # noqa: E731
-                                  twist=lambda h, c: head(h), ess_threshold=0.5)
+                                  twist=twist, ess_threshold=0.5)
     elif method == "plain_generate":
         fn = lambda: model.generate(ids.repeat_interleave(N, 0), do_sample=True, max_new_tokens=T,  # noqa: E731
                                     min_new_tokens=T, pad_token_id=0)
