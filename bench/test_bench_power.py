@@ -12,10 +12,10 @@ vocab 151936), bf16 on CUDA, random init, EOS disabled (every completion runs to
 the worst case for both methods). Reported per configuration: wall time per problem, tokens
 decoded (proposals included) and tokens/s.
 
-    python bench/bench_power.py                                  # paper sizes: 16 blocks x 192, 10 MH steps
-    python bench/bench_power.py --blocks 4 --block-size 32 --n-mcmc 2 --chains 1 8 --problems 2
-    python bench/bench_power.py --device cpu --model tiny --threads 1   # smoke test of the script on CPU
-    pytest bench/bench_power.py                                   # a small configuration; skips without CUDA
+    python bench/test_bench_power.py                             # paper sizes: 16 blocks x 192, 10 MH steps
+    python bench/test_bench_power.py --blocks 4 --block-size 32 --n-mcmc 2 --chains 1 8 --problems 2
+    python bench/test_bench_power.py --device cpu --model tiny --threads 1   # smoke test of the script on CPU
+    pytest bench/test_bench_power.py                              # a small configuration; skips without CUDA
 
 The paper sizes take hours for the ``generate`` reference (~100 ms per token on the lent H100);
 ``--reference-blocks K`` runs the reference on the first K blocks only and reports its tokens/s
