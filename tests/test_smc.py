@@ -154,9 +154,11 @@ def test_left_padding_does_not_change_the_result(model):
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_other_architectures(arch):
+    # These targets are noisier than the Llama one (gpt2 at 512 replicas: TV p90 0.086 over 40 seeds),
+    # so 4x the replicas: a correct sampler's TV is then <= 0.055, dropping -log q gives ~0.27.
     m = tiny_random_model(V, arch=arch, seed=1)
     e = enumerate_completions(m, PROMPT, 3).with_potential(potential)
-    out = smc_generate(m, replicas(512), num_particles=8, max_new_tokens=3, potential=potential, seed=fresh_seed())
+    out = smc_generate(m, replicas(2048), num_particles=8, max_new_tokens=3, potential=potential, seed=fresh_seed())
     check_against_target(out, e, tv_tol=TV_TOL)
 
 
