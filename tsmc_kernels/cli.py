@@ -185,7 +185,11 @@ def cmd_bounds(args) -> int:
                            twist=_load_head(args.head, model), num_particles=args.particles, num_runs=args.runs,
                            max_new_tokens=args.max_new_tokens, tokenizer=tok, seed=args.seed,
                            max_proposals=args.max_proposals, progress=True)
-    except (RuntimeError, ValueError) as exc:  # e.g. rejection sampling found too few exact samples
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    except RuntimeError as exc:  # too few exact samples is an input problem; anything else is a bug
+        if not str(exc).startswith("rejection sampling"):
+            raise
         raise CLIError(str(exc)) from exc
     print(res.summary())
     return 0
@@ -204,7 +208,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     if args.data and not os.path.isfile(args.data):
         raise CLIError(f"GSM8K file not found: {args.data}")
-    loaded = _load_model(args) if args.model else None
+    loaded = _load_model(args) if args.model or args.dtype else None  # else run_demo loads the default
     return run_demo(data=args.data, out=args.out, seed=args.seed, device=args.device, loaded=loaded,
                     num_problems=args.num_problems, num_particles=args.particles)
 
