@@ -30,8 +30,8 @@ import time
 
 import torch
 
+from example_common import add_run_options, load_model
 from tsmc_kernels.bounds import log_z_bounds, rejection_samples
-from tsmc_kernels.models import load_default_model
 from tsmc_kernels.potentials.base import Potential
 from tsmc_kernels.tasks.arithmetic import (build_short_prompt, extract_first_number, make_problems,
                                            short_answer_potential, short_answer_reward)
@@ -49,8 +49,7 @@ def parse_args():
     ap.add_argument("--hard", action="store_true", help="phi = 1[right answer] (KL(q||sigma) is then infinite)")
     ap.add_argument("--twist-steps", type=int, default=4, help="CTL training rounds (0: no twisted SMC)")
     ap.add_argument("--twist-particles", type=int, default=8, help="particles per prompt while training the twist")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    add_run_options(ap)
     return ap.parse_args()
 
 
@@ -132,11 +131,7 @@ def print_bounds(results, title: str):
 
 def main():
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    model, tok = load_default_model()
-    print(f"model loaded in {time.perf_counter() - t0:.0f}s")
+    model, tok = load_model(args)
     problems = make_problems(args.problems, seed=args.seed, difficulty=args.difficulty)
     golds = [p.gold for p in problems]
     texts = [build_short_prompt(tok, p.question) for p in problems]

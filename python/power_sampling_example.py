@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from tsmc_kernels.models import load_default_model
+from example_common import add_run_options, load_model
 from tsmc_kernels.power import power_sample
 
 
@@ -29,15 +29,9 @@ def main(argv=None):
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--n-mcmc", type=int, default=2)
     ap.add_argument("--chains", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    add_run_options(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    t0 = time.perf_counter()
-    model, tok = load_default_model()
-    print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - t0:.1f} s")
+    model, tok = load_model(args)
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                    add_generation_prompt=True)
     enc = tok(text, return_tensors="pt")
