@@ -69,17 +69,8 @@ def fresh_seed() -> int:
 
 
 def random_twist(seed: int, scale: float = 1.0) -> TableTwist:
-    """A valid but bad twist: random log psi (std ``scale``) for every prefix (as in test_smc)."""
-    g = torch.Generator().manual_seed(seed)
-    table, frontier = {}, [()]
-    for _ in range(T):
-        nxt = []
-        for k in frontier:
-            for v, x in enumerate((scale * torch.randn(V, generator=g)).tolist()):
-                table[k + (v,)] = x
-                nxt.append(k + (v,))
-        frontier = nxt
-    return TableTwist(table, V)
+    """A valid but bad twist: random log psi ~ N(0, scale^2) for every prefix."""
+    return TableTwist.random(V, T, seed=seed, scale=scale)
 
 
 @torch.no_grad()

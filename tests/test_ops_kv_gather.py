@@ -6,43 +6,23 @@ outputs (reference.resample on random weights), so they have the permutation pro
 random inputs every run (the seed is printed; set TSMC_TEST_SEED to replay one).
 """
 import math
-import os
 
 import pytest
 import torch
 
 from tsmc_kernels import ops, reference
 
+from conftest import random_data, row_bytes
+
 BACKENDS = ["reference"] + (["native"] if ops.native_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
           torch.uint8, torch.bool]
-
-
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"TSMC_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     monkeypatch.setenv("TSMC_BACKEND", request.param)
     return request.param
-
-
-def random_data(gen, shape, dtype, device="cpu"):
-    """Random bytes viewed as ``dtype`` (bool: random 0/1)."""
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=gen).bool().to(device)
-    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).view(dtype).reshape(shape).to(device)
-
-
-def row_bytes(t):
-    """[M, bytes per row] uint8 image of t (bitwise, NaN payloads included)."""
-    t = t.contiguous()
-    return t.reshape(t.shape[0], -1).view(torch.uint8) if t.dim() > 1 else t.reshape(-1, 1).view(torch.uint8)
 
 
 def random_ancestors(gen, B, N, scheme=None):

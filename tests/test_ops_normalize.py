@@ -3,7 +3,6 @@
 Fresh random inputs every run (the seed is printed; set TSMC_TEST_SEED to replay one).
 """
 import math
-import os
 
 import numpy as np
 import pytest
@@ -11,13 +10,6 @@ import torch
 from scipy.special import logsumexp
 
 from tsmc_kernels import ops, reference
-
-
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"TSMC_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def random_log_w(gen, B, N, p_dead=0.2, scale=4.0):

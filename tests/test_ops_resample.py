@@ -4,7 +4,6 @@ Fresh random inputs every run (the seed is printed; set TSMC_TEST_SEED to replay
 test runs on every CPU backend available: the PyTorch reference and the C++ extension.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -14,13 +13,6 @@ from tsmc_kernels import ops, reference
 
 SCHEMES = reference.SCHEMES
 BACKENDS = ["reference"] + (["native"] if ops.native_available() else [])
-
-
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"TSMC_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from tsmc_kernels import ops, reference, rng
+from tsmc_kernels import ops, reference
 
 from conftest import requires_cuda
 
@@ -20,13 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CPU_BACKENDS = ["reference"] + (["triton"] if INTERPRETED else [])
-
-
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"TSMC_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(params=CPU_BACKENDS)

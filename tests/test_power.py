@@ -29,14 +29,7 @@ from tsmc_kernels.power import PowerOutput, power_sample, power_sample_reference
 
 V, EOS, T = 5, 4, 3
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is several times faster than two (and immune to a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy(seed: int, scale: float = 1.0):

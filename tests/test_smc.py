@@ -81,18 +81,8 @@ def test_bootstrap_matches_target(model, exact, resampling, ess_threshold):
 
 
 def random_twist(seed: int, scale: float = 0.5) -> TableTwist:
-    """A deliberately bad but valid twist: random log psi ~ N(0, scale^2) for every prefix."""
-    g = torch.Generator().manual_seed(seed)
-    table = {}
-    frontier = [()]
-    for _ in range(T):
-        nxt = []
-        for k in frontier:
-            for v, x in enumerate((scale * torch.randn(V, generator=g)).tolist()):
-                table[k + (v,)] = x
-                nxt.append(k + (v,))
-        frontier = nxt
-    return TableTwist(table, V)
+    """A valid but bad twist: random log psi ~ N(0, scale^2) for every prefix."""
+    return TableTwist.random(V, T, seed=seed, scale=scale)
 
 
 @pytest.mark.parametrize("ess_threshold", [0.0, 1.0])

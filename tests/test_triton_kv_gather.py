@@ -15,30 +15,11 @@ from tsmc_kernels import ops, reference
 from tsmc_kernels.triton import kv_gather as kvg
 from tsmc_kernels.triton.kv_gather import kv_gather_triton_
 
-from conftest import requires_cuda
+from conftest import random_data, requires_cuda, row_bytes
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
           torch.bool]
-
-
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"TSMC_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
-def random_data(gen, shape, dtype, device="cpu"):
-    if dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=gen).bool().to(device)
-    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8).view(dtype).reshape(shape).to(device)
-
-
-def row_bytes(t):
-    t = t.contiguous()
-    return t.reshape(t.shape[0], -1).view(torch.uint8) if t.dim() > 1 else t.reshape(-1, 1).view(torch.uint8)
 
 
 def random_ancestors(gen, B, N, scheme="systematic", p_dead=0.4):

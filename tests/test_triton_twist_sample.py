@@ -5,7 +5,6 @@ and, when a GPU is present, compiled on CUDA. Fresh random inputs every run (the
 set TSMC_TEST_SEED to replay one). The interpreter is slow (~15 ms per program), so shapes are small.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -16,19 +15,12 @@ from scipy import stats
 from tsmc_kernels import reference, rng
 from tsmc_kernels.triton.twist_sample import twist_sample_triton
 
-from conftest import HAS_CUDA, requires_cuda
+from conftest import requires_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy log(0) etc. in the interpreter
 
 ATOL = 1e-5
 FIELDS = ("logp", "logq", "log_zpi", "log_psi", "entropy")
-
-
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"TSMC_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
 
 
 def exact_proposal(logits, log_twist, temperature, top_k):

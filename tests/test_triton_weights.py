@@ -25,13 +25,6 @@ SCHEMES = ("systematic", "stratified", "multinomial")
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@pytest.fixture
-def gen():
-    seed = int(os.environ.get("TSMC_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
-    print(f"TSMC_TEST_SEED={seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 def random_log_w(gen, B, N, *, p_dead=0.3, dead_prompts=(), dtype=torch.float32):
     scale = torch.rand(B, 1, generator=gen, dtype=torch.float64) * 5
     lw = torch.randn(B, N, generator=gen, dtype=torch.float64) * scale

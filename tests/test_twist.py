@@ -23,7 +23,7 @@ from tsmc_kernels.twist import fit_twist
 V, T, EOS = 5, 3, 4
 PROMPT = torch.tensor([0, 1, 2])
 BIG = 1 << 16  # chunk size: one teacher-forced pass for the whole (tiny) batch
-pytestmark = pytest.mark.filterwarnings("ignore:all particles")
+pytestmark = [pytest.mark.filterwarnings("ignore:all particles"), pytest.mark.usefixtures("one_thread")]
 
 
 def potential(c: torch.Tensor) -> torch.Tensor:
@@ -38,15 +38,6 @@ def positive_potential(c: torch.Tensor) -> torch.Tensor:
 
 def indicator(c: torch.Tensor) -> torch.Tensor:
     return torch.where((c == 2).any(1), 0.0, -math.inf)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: threads only contend (much faster on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,21 @@ class TableTwist:
     def __init__(self, table: dict, vocab_size: int, default: float = 0.0):
         self.table, self.vocab_size, self.default = table, vocab_size, default
 
+    @classmethod
+    def random(cls, vocab_size: int, depth: int, *, seed: int, scale: float = 1.0) -> "TableTwist":
+        """A valid but deliberately bad twist: ``log psi ~ N(0, scale^2)`` for every prefix of up to
+        ``depth`` tokens (a test input: SMC must stay exact under any twist)."""
+        g = torch.Generator().manual_seed(seed)
+        table, frontier = {}, [()]
+        for _ in range(depth):
+            nxt = []
+            for k in frontier:
+                for v, x in enumerate((scale * torch.randn(vocab_size, generator=g)).tolist()):
+                    table[k + (v,)] = x
+                    nxt.append(k + (v,))
+            frontier = nxt
+        return cls(table, vocab_size)
+
     def __call__(self, hidden: torch.Tensor, completion_ids: torch.Tensor) -> torch.Tensor:
         V = self.vocab_size
         out = torch.tensor([[self.table.get((*row, v), self.default) for v in range(V)]
