@@ -56,7 +56,7 @@ import torch
 
 from .exact import Enumeration
 from .potentials.base import Potential, as_potential
-from .sampler.inputs import eos_ids, pad_id
+from .sampler.inputs import check_prompts, eos_ids, pad_id
 from .sampler.smc import smc_generate
 
 __all__ = ["LogZBounds", "RejectionStats", "log_z_bounds", "iwae_bounds", "rejection_samples",
@@ -171,18 +171,6 @@ def _derive_seed(seed: int, tag: str, chunk: int) -> int:
     """An independent 31-bit seed for each (purpose, chunk) so that no two smc_generate calls share random numbers."""
     h = hashlib.blake2b(f"{int(seed)}:{tag}:{chunk}".encode(), digest_size=4).digest()
     return int.from_bytes(h, "little") & 0x7FFFFFFF
-
-
-def _prep_ids(model, input_ids, attention_mask):
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if attention_mask is not None and attention_mask.dim() == 1:
-        attention_mask = attention_mask.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
-    return input_ids, attention_mask
 
 
 def _mean_se(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,7 +350,7 @@ def rejection_samples(model, input_ids: torch.Tensor, potential, num: int,
         ValueError: the potential returns ``log phi > 0`` (``phi > 1``) on some proposal.
         RuntimeError: the acceptance is too rare for ``max_proposals``.
     """
-    input_ids, attention_mask = _prep_ids(model, input_ids, attention_mask)
+    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
     if not isinstance(num, int) or num < 1:
         raise ValueError(f"num must be an int >= 1, got {num!r}")
     if max_proposals is None:
@@ -504,7 +492,7 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if unknown:
         raise TypeError(f"log_z_bounds got unexpected arguments {sorted(unknown)}; smc_generate options it passes "
                         f"through: {list(_PASS_THROUGH)}")
-    input_ids, attention_mask = _prep_ids(model, input_ids, attention_mask)
+    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
     if resampling is False:
         ess_threshold, resampling = 0.0, "multinomial"
     elif resampling is True:
