@@ -77,31 +77,40 @@ def naive_smc(model, ids, N, T, seed=0):
 
 
 def random_twist_head(model, scale: float = 0.5):
-    """A linear twist head with random weights (``log psi`` of std ~``scale`` per token for unit-RMS
-    hidden states): weights vary, so SMC resamples and gathers for real."""
+    """A linear twist head (``MLPTwistHead``, one layer) with random weights (``log psi`` of std
+    ~``scale`` per token for unit-RMS hidden states): weights vary, so SMC resamples and gathers
+    for real. A hidden-state head, so ``cuda_graph=True`` can capture it."""
+    from tsmc_kernels.twist import MLPTwistHead
+
     H = model.config.hidden_size
-    head = torch.nn.Linear(H, model.config.vocab_size, device=model.device, dtype=model.dtype)
-    torch.nn.init.normal_(head.weight, std=scale / H ** 0.5)
-    torch.nn.init.zeros_(head.bias)
-    return lambda h, completion: head(h)
+    head = MLPTwistHead.for_model(model, num_layers=1, dtype=model.dtype)
+    with torch.no_grad():
+        torch.nn.init.normal_(head.out.weight, std=scale / H ** 0.5)
+    return head
 
 
 @pytest.mark.parametrize("B,N", [(1, 16), (1, 64), (1, 256), (8, 16), (8, 64)])
-@pytest.mark.parametrize("method", ["smc_bootstrap", "smc_twisted", "plain_generate", "naive_smc"])
+@pytest.mark.parametrize("method", ["smc_bootstrap", "smc_twisted", "smc_no_resampling",
+                                    "smc_bootstrap_graph", "smc_twisted_graph", "smc_no_resampling_graph",
+                                    "plain_generate", "naive_smc"])
 def test_smc_throughput(benchmark, qwen_shaped, B, N, method):
+    """``smc_no_resampling`` (ESS threshold 0) is plain batched sampling through the same code and
+    cache mode: the reference that SMC's overhead is measured against. ``*_graph``: cuda_graph=True."""
     from tsmc_kernels import smc_generate
 
     model = qwen_shaped
     ids = torch.randint(0, 151000, (B, PROMPT_LEN), device="cuda")
     T = NEW_TOKENS
     rows = B * N
-    if method == "smc_bootstrap":
-        fn = lambda: smc_generate(model, ids, num_particles=N, max_new_tokens=T, potential=None,  # noqa: E731
-                                  eos_token_id=[], ess_threshold=0.5)
-    elif method == "smc_twisted":
-        twist = random_twist_head(model)
-        fn = lambda: smc_generate(model, ids, num_particles=N, max_new_tokens=T, eos_token_id=[],  # noqa: E731
-                                  twist=twist, ess_threshold=0.5)
+    if method.startswith("smc_"):
+        graph = method.endswith("_graph")
+        kw = dict(num_particles=N, max_new_tokens=T, eos_token_id=[], ess_threshold=0.5, cuda_graph=graph,
+                  cache="static" if graph else "dynamic")
+        if "twisted" in method:
+            kw["twist"] = random_twist_head(model)
+        if "no_resampling" in method:
+            kw["ess_threshold"] = 0.0
+        fn = lambda: smc_generate(model, ids, **kw)  # noqa: E731
     elif method == "plain_generate":
         fn = lambda: model.generate(ids.repeat_interleave(N, 0), do_sample=True, max_new_tokens=T,  # noqa: E731
                                     min_new_tokens=T, pad_token_id=0)

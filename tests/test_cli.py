@@ -42,7 +42,8 @@ def test_run_with_prompts(tiny_model_dir, capsys):
 
 def test_run_with_a_prompt_potential(tiny_model_dir, capsys):
     code, out, err = run(["run", "--model", tiny_model_dir, "--prompt", "Hello", "--particles", "3",
-                          "--max-new-tokens", "3", "--potential", "regex:[0-9]", "--beta", "2"], capsys)
+                          "--max-new-tokens", "3", "--potential", "regex:[0-9]", "--beta", "2", "--sync-every", "2"],
+                         capsys)
     assert code == 0, err
     assert "log phi=0.00" in out or "log phi=-2.00" in out
 
@@ -81,6 +82,7 @@ def test_eval_on_gsm8k_file(tiny_model_dir, capsys, tmp_path):
 
 @pytest.mark.parametrize("argv,match", [
     (["run", "--model", "/nonexistent/model", "--prompt", "x"], "not found"),
+    (["run", "--prompt", "x", "--cuda-graph", "--device", "cpu"], "CUDA"),
     (["eval", "--task", "nosuchtask"], "unknown task"),
     (["eval", "--task", "gsm8k"], "--data"),
     (["eval", "--task", "gsm8k", "--data", "/nonexistent.jsonl"], "nonexistent"),

@@ -334,6 +334,26 @@ def test_infill_from_kv_cache_matches_full_forward(arch, cache):
         lm.step(comps[:, t])
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sampler_scores_infill_from_its_kv_cache(cache, monkeypatch):
+    """smc_generate calls log_phi_cached for an InfillPotential; same run as the full forward."""
+    V, N = 9, 4
+    model = tiny_random_model(V, seed=7)
+    ids = torch.tensor([[5, 0, 3, 2], [5, 5, 1, 6]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    pot = InfillPotential(model, ids, [[4, 4, 1], [2]], attention_mask=mask, eos_token_id=[8])
+    kw = dict(num_particles=N, max_new_tokens=5, eos_token_id=[8], ess_threshold=0.8, cache=cache, seed=3)
+    calls = []
+    cached = InfillPotential.log_phi_cached
+    monkeypatch.setattr(InfillPotential, "log_phi_cached", lambda self, *a: calls.append(1) or cached(self, *a))
+    a = smc_generate(model, ids, mask, potential=pot, **kw)
+    assert calls, "the sampler did not use the KV-cache hook"
+    b = smc_generate(model, ids, mask, potential=lambda c, prompt_index: pot(c, prompt_index=prompt_index), **kw)
+    assert torch.equal(a.completions, b.completions)
+    torch.testing.assert_close(a.log_phi, b.log_phi, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.log_z, b.log_z, atol=1e-4, rtol=0)
+
+
 def test_infill_bad_input():
     model = tiny_random_model(6, seed=0)
     with pytest.raises(ValueError, match="'infill'.*suffix is empty"):

@@ -173,6 +173,102 @@ def test_same_seed_same_result(model):
     assert torch.equal(a.completions, b.completions) and torch.equal(a.log_z, b.log_z)
 
 
+# ---------------------------------------------------------------------------- sync_every, CUDA graphs
+
+@pytest.mark.parametrize("sync_every", [2, 3, 8])
+def test_deferred_potentials_match_target(model, exact, sync_every):
+    # sync_every = 8 > T: every potential is applied after the last token (the extra weigh column).
+    # Skipping that final step (or the phi term of a deferred increment) gives TV ~0.3-0.5.
+    out = smc_generate(model, replicas(512), num_particles=8, max_new_tokens=T, potential=potential,
+                       ess_threshold=0.5, sync_every=sync_every, seed=fresh_seed())
+    assert out.ess.shape[1] in (out.steps, out.steps + 1)
+    check_against_target(out, exact, tv_tol=TV_TOL)
+
+
+@pytest.mark.parametrize("sync_every", [2, 8])
+def test_deferred_potentials_with_random_twist_match_target(model, exact, sync_every):
+    out = smc_generate(model, replicas(2048), num_particles=8, max_new_tokens=T, potential=potential,
+                       twist=random_twist(fresh_seed()), ess_threshold=1.0, sync_every=sync_every, seed=fresh_seed())
+    check_against_target(out, exact, tv_tol=0.05)
+
+
+def test_deferred_potentials_keep_the_optimal_twist_exact(model, exact):
+    # psi* of a finished sequence is phi itself, so a late potential changes no weight.
+    out = smc_generate(model, replicas(16), num_particles=4, max_new_tokens=T, potential=potential,
+                       twist=exact.optimal_twist(), ess_threshold=0.5, sync_every=2, seed=fresh_seed())
+    torch.testing.assert_close(out.log_z, torch.full_like(out.log_z, exact.log_z), atol=1e-4, rtol=0)
+
+
+def test_sync_every_without_potential_changes_nothing(model):
+    # With phi = 1 the device knows the final potential itself: no deferral, identical runs.
+    kw = dict(num_particles=6, max_new_tokens=5, ess_threshold=0.9, seed=fresh_seed())
+    a = smc_generate(model, replicas(4), **kw)
+    b = smc_generate(model, replicas(4), sync_every=3, **kw)
+    assert torch.equal(a.completions, b.completions) and torch.equal(a.ancestors, b.ancestors[:, : a.steps])
+    torch.testing.assert_close(a.log_z, b.log_z, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_step_never_reads_the_python_step(model, monkeypatch, sync_every):
+    """What CUDA graph replay needs: after the first step, propose() without a step number (and a
+    frozen Python cache counter) gives the same run, so every index comes from device tensors."""
+    from tsmc_kernels.sampler import smc
+
+    kw = dict(num_particles=5, max_new_tokens=T + 2, potential=potential, ess_threshold=0.7, cache="static",
+              sync_every=sync_every, seed=fresh_seed())
+    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    want = smc_generate(model, ids, mask, **kw)
+    propose = smc._SMCRun.propose
+
+    def replay_like(self, t=None):
+        if t == 0:
+            return propose(self, 0)
+        self.lm.t = 0
+        return propose(self)
+    monkeypatch.setattr(smc._SMCRun, "propose", replay_like)
+    monkeypatch.setattr(smc._SMCRun, "__init__", _init_without_ids(smc._SMCRun.__init__))
+    got = smc_generate(model, ids, mask, **kw)
+    assert torch.equal(want.completions, got.completions) and torch.equal(want.ancestors, got.ancestors)
+    torch.testing.assert_close(want.log_z, got.log_z, atol=0, rtol=0)
+
+
+def _init_without_ids(init):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "pass_ids": False})
+    return wrapped
+
+
+def test_cuda_graph_needs_a_hidden_state_twist_and_no_intermediate_potential(model):
+    with pytest.raises(ValueError, match="intermediate"):
+        smc_generate(model, replicas(1), max_new_tokens=2, intermediate_potential=potential, sync_every=2)
+    with pytest.raises(ValueError, match="sync_every"):
+        smc_generate(model, replicas(1), max_new_tokens=2, sync_every=0)
+
+
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_cuda_graph_equals_eager(cuda_device, sync_every):
+    from tsmc_kernels.twist import MLPTwistHead
+
+    m = tiny_random_model(V, seed=3).to(cuda_device)
+    head = MLPTwistHead(vocab_size=V, hidden_size=m.config.hidden_size).to(cuda_device)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]], device=cuda_device)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], device=cuda_device)
+    kw = dict(num_particles=8, max_new_tokens=12, potential=potential, twist=head, ess_threshold=0.7,
+              cache="static", sync_every=sync_every, seed=fresh_seed())
+    eager = smc_generate(m, ids, mask, **kw)
+    graph = smc_generate(m, ids, mask, cuda_graph=True, **kw)
+    assert eager.steps > 3, "the run must outlast the eager warm-up steps"
+    assert torch.equal(eager.completions, graph.completions)
+    assert torch.equal(eager.ancestors, graph.ancestors)
+    torch.testing.assert_close(eager.log_weights, graph.log_weights, atol=1e-5, rtol=0)
+    torch.testing.assert_close(eager.log_z, graph.log_z, atol=1e-5, rtol=0)
+    assert eager.tokens_decoded == graph.tokens_decoded
+
+
 # ---------------------------------------------------------------------------- bad input
 
 def test_potential_returning_nan_is_an_error(model):

@@ -100,6 +100,10 @@ def cmd_run(args) -> int:
     from .sampler import smc_generate
     if args.potential and not args.prompt:
         raise CLIError("--potential is for --prompt (a task brings its own potential)")
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        raise CLIError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
+    if args.sync_every < 1:
+        raise CLIError(f"--sync-every must be >= 1, got {args.sync_every}")
     prompt_potential = _prompt_potential(args.potential, args.beta)  # input errors before the model loads
     task_info = None if args.prompt else _load_task(args)
     model, tok = _load_model(args)
@@ -127,7 +131,8 @@ def cmd_run(args) -> int:
     out = smc_generate(model, enc.input_ids, enc.attention_mask, num_particles=args.particles,
                        max_new_tokens=args.max_new_tokens, potential=potential if args.method != "sample" else None,
                        twist=twist, tokenizer=tok, seed=args.seed, ess_threshold=args.ess_threshold,
-                       temperature=args.temperature, progress=True)
+                       temperature=args.temperature, cuda_graph=args.cuda_graph, sync_every=args.sync_every,
+                       progress=True)
     for b in range(len(prompts)):
         print(f"=== prompt {b}: log Zhat {float(out.log_z[b]):.3f}, final ESS {float(out.ess[b, -1]):.2f}, "
               f"resampled {int(out.resampled[b].sum())}/{out.steps} steps")
@@ -234,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ess-threshold", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cuda-graph", action="store_true", help="SMC: replay the step from CUDA graphs (CUDA only)")
+    p.add_argument("--sync-every", type=int, default=1,
+                   help="SMC: the host looks at the particles every K steps (potentials applied up to K late)")
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--cut", choices=["entropy", "uniform"], default="entropy")
     p.set_defaults(fn=cmd_run)

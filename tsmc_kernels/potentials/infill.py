@@ -244,7 +244,8 @@ class InfillPotential(Potential):
             prompt_index: ``[R]`` (``rows // N``).
         Returns:
             float32 ``[R]``, equal to :meth:`log_phi` up to floating-point error. Falls back to the
-            full forward for ``cache="none"``. Full-attention models only (no sliding-window layers).
+            full forward for ``cache="none"``, when the sampler drives another model than the
+            potential's, and for models with sliding-window layers.
         """
         from transformers import DynamicCache
 
@@ -253,8 +254,9 @@ class InfillPotential(Potential):
         if R == 0:
             return torch.zeros(0, dtype=torch.float32, device=completion_ids.device)
         t = T1 - 1
-        if lm.cache_mode == "none":
-            return self.log_phi(completion_ids, None, prompt_index)
+        layer_types = getattr(self.model.config, "layer_types", None) or []
+        if lm.cache_mode == "none" or lm.model is not self.model or any(k != "full_attention" for k in layer_types):
+            return self.log_phi(completion_ids, None, prompt_index)  # no usable cache: the full forward
         if lm.t != t:
             raise ValueError(f"potential {self.name!r}: the cache holds {lm.t} completion tokens but the completions "
                              f"have {T1} (call it after sampling token t and before lm.step)")

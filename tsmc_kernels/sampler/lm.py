@@ -49,6 +49,8 @@ class ParticleLM:
         self.mask = torch.cat([mask.repeat_interleave(N, 0), torch.ones(B * N, T, dtype=torch.long, device=device)], 1)
         self.prompt_len = mask.sum(1).repeat_interleave(N, 0)  # [M] real prompt tokens per row
         self.t = 0  # tokens appended so far
+        self.positions = self.prompt_len.unsqueeze(1).clone()  # [M, 1] position of the next token (static)
+        self.cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # its cache slot (static)
         self.cache = None
         self.all_ids = None  # [M, P + T] for cache="none"
         params = inspect.signature(model.forward).parameters
@@ -101,17 +103,26 @@ class ParticleLM:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor):
-        """Append ``tokens`` (int64 ``[M]``) and return ``(logits [M, V], hidden [M, H] or None)`` after them."""
+        """Append ``tokens`` (int64 ``[M]``) and return ``(logits [M, V], hidden [M, H] or None)`` after them.
+
+        With ``cache="static"`` it launches device work only (CUDA-graph capturable).
+        """
         P, t = self.P, self.t
         L = P + t + 1
-        mask = self.mask[:, :L]
-        if self.cache_mode == "none":
+        if self.cache_mode == "static":
+            # Device-side positions and the full-length mask (causal masking hides the future
+            # slots): nothing depends on the Python counter, so a CUDA graph can replay this.
+            out = self._forward(tokens.unsqueeze(1), self.mask, self.positions, self.cache_position, False)
+            self.positions += 1
+            self.cache_position += 1
+        elif self.cache_mode == "none":
             self.all_ids[:, P + t] = tokens
+            mask = self.mask[:, :L]
             out = self._forward(self.all_ids[:, :L], mask, self._positions(mask), None, True)
         else:
             position_ids = (self.prompt_len + t).unsqueeze(1)
             cache_position = torch.tensor([P + t], device=tokens.device)
-            out = self._forward(tokens.unsqueeze(1), mask, position_ids, cache_position, False)
+            out = self._forward(tokens.unsqueeze(1), self.mask[:, :L], position_ids, cache_position, False)
         self.t += 1
         return out
 

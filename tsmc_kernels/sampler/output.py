@@ -17,9 +17,10 @@ class SMCOutput:
         log_weights: fp32 ``[B, N]`` normalised log weights (``logsumexp == 0`` per prompt;
             all ``-inf`` for a prompt whose particles all have zero weight).
         log_z: fp64 ``[B]`` the running ``log Zhat`` (``Zhat`` is unbiased for ``Z``).
-        ess: fp32 ``[B, steps]`` effective sample size after each step's reweighting.
-        resampled: bool ``[B, steps]`` whether the prompt resampled at that step.
-        ancestors: int64 ``[B, steps, N]`` ancestor indices applied after each step.
+        ess: fp32 ``[B, S]`` effective sample size after each reweighting; ``S = steps``, or
+            ``steps + 1`` when ``sync_every > 1`` applied potentials after the last token.
+        resampled: bool ``[B, S]`` whether the prompt resampled at that reweighting.
+        ancestors: int64 ``[B, S, N]`` ancestor indices applied after each reweighting.
         log_phi: fp32 ``[B, N]`` final log potential of every particle.
         log_p0: fp32 ``[B, N]`` ``log p0(completion | prompt)``.
         log_q: fp32 ``[B, N]`` ``log`` of the proposal probability of each particle's tokens.

@@ -1,22 +1,30 @@
 """Twisted Sequential Monte Carlo over a Hugging Face causal LM (SPEC §1-2): :func:`smc_generate`.
 
-One step for all ``M = B * N`` particle rows::
+One step for all ``M = B * N`` particle rows, in two device-only halves::
 
-    logits, hidden = model(last tokens)                 (ParticleLM, KV cache)
-    log_twist      = twist(hidden, completion so far)   ([M, V], optional)
-    token, logp, logq, log_zpi, log_psi = ops.twist_sample(logits, log_twist)
-    log w          = logp + log psi_t - log psi_{t-1} - logq      (log phi replaces log psi_t at EOS / length limit)
-    log_w, ancestors = ops.reweight(log_w, log w)       (normalise, ESS, log Zhat, resample)
-    ops.kv_gather_(cache + per-particle buffers, ancestors)
+    propose:  logits, hidden = model(last tokens)              (ParticleLM, KV cache)
+              log_twist      = twist(hidden, completion so far) ([M, V], optional)
+              token, logp, logq, log_psi = ops.twist_sample(logits, log_twist)
+    (host)    potentials of the particles that finished (EOS / length limit), NaN check
+    weigh:    log w = logp + log psi_t - log psi_{t-1} - logq    (log phi replaces log psi_t once known)
+              log_w, ancestors = ops.reweight(log_w, log w)     (normalise, ESS, log Zhat, resample)
+              ops.kv_gather_(cache + per-particle buffers, ancestors)
 
-Finished particles (EOS seen) stop proposing and keep their weight; they are still resampled.
+Neither half synchronises with the host, so with ``cuda_graph=True`` each is captured once in a
+CUDA graph and replayed. The host looks at the particles every ``sync_every`` steps: with 1 (the
+default) between the halves, so a finished particle's potential enters the weight of the step it
+finished in; with ``K > 1`` after every ``K`` whole steps, so it enters up to ``K`` steps later
+(until then the particle carries its last twist value, which is just another choice of SMC
+intermediate target: the final target and ``Zhat`` stay exact).
+Finished particles stop proposing and keep their weight; they are still resampled.
 The sampler orchestrates; every numeric kernel lives in :mod:`tsmc_kernels.ops`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -27,15 +35,18 @@ from .lm import CACHE_MODES, ParticleLM
 from .output import SMCOutput
 
 TwistFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+GRAPH_WARMUP_STEPS = 2  # eager steps before capture (compiles kernels, allocates library workspaces)
 
 
 def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, ess_threshold, temperature, top_k,
-              cache, cuda_graph, reference_completions):
+              cache, cuda_graph, sync_every, reference_completions):
     input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
     if not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
     if ess_threshold < 0:
         raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
     if not temperature > 0:
@@ -46,6 +57,8 @@ def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, e
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if cuda_graph and input_ids.device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
+    if cuda_graph and cache == "none":
+        raise ValueError("cuda_graph=True needs a KV cache (cache='static'), not cache='none'")
     if reference_completions is not None:
         if reference_completions.dim() != 2 or reference_completions.shape[0] != input_ids.shape[0]:
             raise ValueError(f"reference_completions must be [B, T] with B = {input_ids.shape[0]}, "
@@ -53,13 +66,21 @@ def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, e
     return input_ids, attention_mask
 
 
+def _check_graph_twist(twist) -> None:
+    from ..twist.heads import TwistHead
+
+    if twist is not None and not (isinstance(twist, TwistHead) and not twist.needs_ids):
+        raise ValueError("cuda_graph=True needs a twist that reads only the hidden states (an MLP or embedding "
+                         f"TwistHead); {type(twist).__name__} reads token ids on the host: use cuda_graph=False")
+
+
 @torch.no_grad()
 def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  num_particles: int = 16, max_new_tokens: int = 128, potential=None, twist: TwistFn | None = None,
                  ess_threshold: float = 0.5, resampling: str = "systematic", temperature: float = 1.0, top_k: int = 0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
-                 cache: str = "dynamic", cuda_graph: bool = False, progress: bool = False, tokenizer=None,
-                 intermediate_potential=None, intermediate_every: int | None = None,
+                 cache: str = "dynamic", cuda_graph: bool = False, sync_every: int = 1, progress: bool = False,
+                 tokenizer=None, intermediate_potential=None, intermediate_every: int | None = None,
                  intermediate_delimiters: Sequence[int] | None = None,
                  reference_completions: torch.Tensor | None = None) -> SMCOutput:
     """Sample ``num_particles`` completions per prompt from ``sigma ∝ p0 * phi`` by (twisted) SMC.
@@ -68,7 +89,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
     Args:
         potential: final ``log phi`` (see :mod:`tsmc_kernels.potentials`): called on the completions
-            of the particles that finish at each step, ``potential(ids [R, t], texts=..., prompt_index=[R])``
+            of the particles that finished, ``potential(ids [R, t], texts=..., prompt_index=[R])``
             -> ``[R]``; None means ``phi = 1`` (plain sampling from ``p0``).
         twist: ``twist(hidden [M, H], completion_ids [M, t]) -> log psi [M, V]`` (a twist head) or None
             (bootstrap SMC).
@@ -78,7 +99,15 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         eos_token_id, pad_token_id: default from the model's generation config.
         seed: all randomness is a function of ``(seed, step, row)``.
         cache: ``dynamic`` | ``static`` | ``none`` (recompute; the oracle).
-        cuda_graph: capture the decode step in a CUDA graph (CUDA only; see README for status).
+        cuda_graph: capture the two halves of the SMC step (forward + twist + sample; weights +
+            resample + KV gather) in CUDA graphs after two eager steps and replay them. CUDA only;
+            implies ``cache="static"``; the twist must be a hidden-state :class:`TwistHead`; no
+            intermediate potentials. Same result as ``cuda_graph=False`` with the same ``sync_every``.
+        sync_every: the host looks at the particles (potentials, NaN check, all finished?) every
+            ``sync_every`` steps. 1: a finished particle's potential is applied in the step it
+            finished. ``K > 1``: up to ``K`` steps later (still exact; ``ess``/``resampled``/``ancestors``
+            get one extra column when potentials are applied after the last token), ``K`` times
+            fewer host round trips; not with intermediate potentials.
         progress: show a tqdm bar. tokenizer: needed when a potential reads text.
         intermediate_potential: non-learned twist on partial completions (same protocol as
             ``potential``), evaluated every ``intermediate_every`` tokens and/or after a token in
@@ -89,7 +118,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         :class:`SMCOutput`.
     """
     input_ids, attention_mask = _validate(model, input_ids, attention_mask, num_particles, max_new_tokens,
-                                          ess_threshold, temperature, top_k, cache, cuda_graph, reference_completions)
+                                          ess_threshold, temperature, top_k, cache, cuda_graph, sync_every,
+                                          reference_completions)
     ops._check_scheme(resampling)
     phi_fn = as_potential(potential) if potential is not None else None
     inter_fn = as_potential(intermediate_potential) if intermediate_potential is not None else None
@@ -98,136 +128,268 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     for fn in (phi_fn, inter_fn):
         if fn is not None and fn.needs_text and tokenizer is None:
             raise ValueError(f"potential {fn.name!r} reads text: pass tokenizer=")
+    if inter_fn is not None and (sync_every > 1 or cuda_graph):
+        raise ValueError("intermediate potentials are evaluated on the host every step: "
+                         "use sync_every=1 and cuda_graph=False")
     if cuda_graph:
-        warnings.warn("cuda_graph=True: graph capture of the SMC step is not implemented yet; running eagerly")
+        _check_graph_twist(twist)
+        cache = "static"
 
     eos = eos_ids(model, eos_token_id)
-    pad = pad_id(model, pad_token_id, eos)
-    B, N, T = input_ids.shape[0], num_particles, max_new_tokens
-    M = B * N
-    device = input_ids.device
-    lm = ParticleLM(model, input_ids, attention_mask, num_particles=N, max_new_tokens=T, cache=cache,
-                    need_hidden=twist is not None)
-    eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
-    delim_t = torch.tensor(list(intermediate_delimiters or []), dtype=torch.int64, device=device)
-    conditional = reference_completions is not None
-    if conditional:
-        ref = torch.full((B, T), pad, dtype=torch.int64, device=device)
-        n = min(T, reference_completions.shape[1])
-        ref[:, :n] = reference_completions[:, :n].to(device)
-        forced_rows = torch.arange(B, device=device) * N
-
-    # Per-particle state; every tensor here has M rows and is gathered on resampling.
-    tokens = torch.full((M, T), pad, dtype=torch.int64, device=device)
-    finished = torch.zeros(M, dtype=torch.bool, device=device)
-    lengths = torch.zeros(M, dtype=torch.int64, device=device)
-    log_psi_prev = torch.zeros(M, dtype=torch.float32, device=device)  # log psi_{t-1}(s_<t), total twist
-    log_inter = torch.zeros(M, dtype=torch.float32, device=device)  # intermediate-potential part of it
-    sum_logp = torch.zeros(M, dtype=torch.float32, device=device)
-    sum_logq = torch.zeros(M, dtype=torch.float32, device=device)
-    log_phi_final = torch.zeros(M, dtype=torch.float32, device=device)
-    state = [tokens, finished, lengths, log_psi_prev, log_inter, sum_logp, sum_logq, log_phi_final]
-
-    log_w = torch.full((B, N), -math.log(N), dtype=torch.float32, device=device)
-    log_z = torch.zeros(B, dtype=torch.float64, device=device)
-    ess_trace, resampled_trace, ancestor_trace = [], [], []
-    decoded = torch.zeros((), dtype=torch.int64, device=device)
-
-    logits, hidden = lm.prefill()
+    run = _SMCRun(model, input_ids, attention_mask, num_particles=num_particles, max_new_tokens=max_new_tokens,
+                  cache=cache, twist=twist, phi_fn=phi_fn, inter_fn=inter_fn, intermediate_every=intermediate_every,
+                  intermediate_delimiters=intermediate_delimiters, ess_threshold=ess_threshold, resampling=resampling,
+                  temperature=temperature, top_k=top_k, seed=seed, eos=eos, pad=pad_id(model, pad_token_id, eos),
+                  reference_completions=reference_completions, tokenizer=tokenizer, sync_every=sync_every,
+                  pass_ids=not cuda_graph)
+    T = max_new_tokens
     steps = range(T)
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="smc", unit="tok")
-    t = 0
+    graphs, warmup = None, None
+    if cuda_graph:  # eager warm-up steps run on a side stream, as graph capture requires
+        warmup = torch.cuda.Stream(device=input_ids.device)
+        warmup.wait_stream(torch.cuda.current_stream(input_ids.device))
+    steps_run, flushed = 0, False
     for t in steps:
-        log_twist = twist(hidden, tokens[:, :t]) if twist is not None else None
-        out = ops.twist_sample(logits, log_twist, temperature=temperature, top_k=top_k, seed=seed, step=t,
-                               validate=t == 0)
-        tok, logp, logq, log_psi_tok = out.token, out.logp, out.logq, out.log_psi
-        if conditional:
-            forced = ops.twist_score(logits[forced_rows], log_twist[forced_rows] if log_twist is not None else None,
-                                     ref[:, t], temperature=temperature, top_k=top_k)
-            tok, logp, logq, log_psi_tok = (x.index_copy(0, forced_rows, y) for x, y in
-                                            ((tok, forced.token), (logp, forced.logp), (logq, forced.logq),
-                                             (log_psi_tok, forced.log_psi)))
-        active = ~finished
-        tok = torch.where(active, tok, torch.full_like(tok, pad))
-        is_eos = torch.isin(tok, eos_t) & active if eos else torch.zeros_like(active)
-        terminal = active & (is_eos | (t == T - 1))
-        tokens[:, t] = tok
-        lengths += active
-        sum_logp += torch.where(active, logp, 0.0)
-        sum_logq += torch.where(active, logq, 0.0)
+        if cuda_graph and t == GRAPH_WARMUP_STEPS:
+            torch.cuda.current_stream(input_ids.device).wait_stream(warmup)
+            graphs = run.capture()
+        with torch.cuda.stream(warmup) if cuda_graph and graphs is None else contextlib.nullcontext():
+            if graphs is not None:
+                graphs.propose.replay()
+            else:
+                run.propose(t)
+            run.lm.t = t  # completion tokens in the cache (a replay does not advance the Python counter)
+            done = run.host_sync(t, before_weigh=True) if sync_every == 1 else False
+            if graphs is not None:
+                graphs.weigh.replay()
+            else:
+                run.weigh()
+            steps_run = t + 1
+            if sync_every > 1 and ((t + 1) % sync_every == 0 or t == T - 1):
+                done = run.host_sync(t, before_weigh=False)
+                if done and bool(run.phi_due.any()):
+                    run.flush()
+                    flushed = True
+        if done:
+            break
+    if cuda_graph and graphs is None:
+        torch.cuda.current_stream(input_ids.device).wait_stream(warmup)
+    return run.output(steps_run, steps_run + flushed)
 
-        inter_due = torch.zeros_like(active)
-        if inter_fn is not None:
-            if intermediate_every and (t + 1) % intermediate_every == 0:
-                inter_due = active & ~terminal
-            if delim_t.numel():
-                inter_due = inter_due | (torch.isin(tok, delim_t) & active & ~terminal)
-        flags = torch.stack([terminal.any(), inter_due.any(), torch.isnan(out.log_zpi[active]).any()]).tolist()
+
+class _Graphs(NamedTuple):
+    propose: "torch.cuda.CUDAGraph"
+    weigh: "torch.cuda.CUDAGraph"
+
+
+class _SMCRun:
+    """Device state of one :func:`smc_generate` call.
+
+    :meth:`propose` and :meth:`weigh` only launch device work and index with the device step
+    counter ``self.t`` (never a Python int, except for the twist's ids when ``pass_ids``), so
+    both can be captured in CUDA graphs; :meth:`host_sync` is the only place that reads values.
+    """
+
+    def __init__(self, model, input_ids, attention_mask, *, num_particles, max_new_tokens, cache, twist, phi_fn,
+                 inter_fn, intermediate_every, intermediate_delimiters, ess_threshold, resampling, temperature, top_k,
+                 seed, eos, pad, reference_completions, tokenizer, sync_every, pass_ids):
+        B, N, T = input_ids.shape[0], num_particles, max_new_tokens
+        M = B * N
+        device = input_ids.device
+        self.B, self.N, self.M, self.T = B, N, M, T
+        self.input_ids, self.twist, self.phi_fn, self.inter_fn = input_ids, twist, phi_fn, inter_fn
+        self.intermediate_every, self.tokenizer, self.pad, self.eos = intermediate_every, tokenizer, pad, eos
+        self.sample_kw = dict(temperature=temperature, top_k=top_k)
+        self.seed, self.ess_threshold, self.resampling = seed, ess_threshold, resampling
+        self.sync_every, self.pass_ids = sync_every, pass_ids
+        self.lm = ParticleLM(model, input_ids, attention_mask, num_particles=N, max_new_tokens=T, cache=cache,
+                             need_hidden=twist is not None)
+        self.eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
+        self.delim_t = torch.tensor(list(intermediate_delimiters or []), dtype=torch.int64, device=device)
+        self.conditional = reference_completions is not None
+        if self.conditional:
+            self.ref = torch.full((B, T), pad, dtype=torch.int64, device=device)
+            n = min(T, reference_completions.shape[1])
+            self.ref[:, :n] = reference_completions[:, :n].to(device)
+            self.forced_rows = torch.arange(B, device=device) * N
+
+        def zeros(dtype, *shape):
+            return torch.zeros(*(shape or (M,)), dtype=dtype, device=device)
+
+        f32, i64, boolean = torch.float32, torch.int64, torch.bool
+        self.t = zeros(i64, 1)  # device step counter
+        # Per particle; gathered on resampling.
+        self.tokens = torch.full((M, T), pad, dtype=i64, device=device)
+        self.finished, self.lengths = zeros(boolean), zeros(i64)
+        self.log_psi_prev = zeros(f32)  # log psi_{t-1}(s_<t): the twist part of the current target
+        self.log_inter = zeros(f32)  # the intermediate-potential part of it
+        self.sum_logp, self.sum_logq, self.log_phi = zeros(f32), zeros(f32), zeros(f32)
+        self.awaiting = zeros(boolean)  # finished, potential not evaluated yet
+        self.state = [self.tokens, self.finished, self.lengths, self.log_psi_prev, self.log_inter, self.sum_logp,
+                      self.sum_logq, self.log_phi, self.awaiting]
+        # Written by propose, read by the host and weigh.
+        self.active, self.terminal, self.delim_hit, self.nan = zeros(boolean), zeros(boolean), zeros(boolean), zeros(boolean)
+        self.logp, self.logq, self.log_psi_tok = zeros(f32), zeros(f32), zeros(f32)
+        # Potentials known for these rows (set by the host or by propose), consumed by weigh.
+        self.phi_due, self.phi_value = zeros(boolean), zeros(f32)
+        # Per prompt.
+        self.log_w = torch.full((B, N), -math.log(N), dtype=f32, device=device)
+        self.log_z = zeros(torch.float64, B)
+        self.decoded = zeros(i64, 1)
+        # Traces; one spare column for the potential-only step that sync_every > 1 may need.
+        self.ess = zeros(f32, B, T + 1)
+        self.resampled = zeros(boolean, B, T + 1)
+        self.ancestors = zeros(i64, B, T + 1, N)
+        self.first_logits, self.first_hidden = self.lm.prefill()
+
+    # ------------------------------------------------------------------ device halves of a step
+    def propose(self, t: int | None = None) -> None:
+        """Forward the last tokens (not at step 0), sample every active row's next token."""
+        first = t == 0
+        if first:
+            logits, hidden = self.first_logits, self.first_hidden
+        else:
+            logits, hidden = self.lm.step(self.tokens.index_select(1, self.t - 1).squeeze(1))
+        log_twist = None
+        if self.twist is not None:
+            log_twist = self.twist(hidden, self.tokens[:, :t] if self.pass_ids else None)
+        out = ops.twist_sample(logits, log_twist, seed=self.seed, step=self.t, validate=first, **self.sample_kw)
+        tok, logp, logq, log_psi = out.token, out.logp, out.logq, out.log_psi
+        if self.conditional:
+            rows = self.forced_rows
+            forced = ops.twist_score(logits[rows], log_twist[rows] if log_twist is not None else None,
+                                     self.ref.index_select(1, self.t).squeeze(1), **self.sample_kw)
+            tok, logp, logq, log_psi = (x.index_copy(0, rows, y) for x, y in
+                                        ((tok, forced.token), (logp, forced.logp), (logq, forced.logq),
+                                         (log_psi, forced.log_psi)))
+        active = ~self.finished
+        tok = torch.where(active, tok, torch.full_like(tok, self.pad))
+        is_eos = torch.isin(tok, self.eos_t) & active if self.eos else torch.zeros_like(active)
+        terminal = active & (is_eos | (self.t == self.T - 1))
+        self.tokens.index_copy_(1, self.t, tok.unsqueeze(1))
+        self.lengths += active
+        self.sum_logp += torch.where(active, logp, 0.0)
+        self.sum_logq += torch.where(active, logq, 0.0)
+        self.decoded += active.sum()
+        self.nan |= torch.isnan(out.log_zpi) & active
+        if self.delim_t.numel():
+            self.delim_hit.copy_(torch.isin(tok, self.delim_t) & active & ~terminal)
+        self.finished |= terminal
+        if self.phi_fn is None:
+            self.phi_due |= terminal  # phi = 1: known on the device (phi_value is 0)
+        else:
+            self.awaiting |= terminal
+        for buf, val in ((self.active, active), (self.terminal, terminal), (self.logp, logp), (self.logq, logq),
+                         (self.log_psi_tok, log_psi)):
+            buf.copy_(val)
+
+    def weigh(self) -> None:
+        """Incremental weights, normalise + resample (``ops.reweight``), gather the particles."""
+        active, due, prev = self.active, self.phi_due, self.log_psi_prev
+        psi_next = torch.where(due, self.phi_value, torch.where(active, self.log_psi_tok + self.log_inter, prev))
+        inc = torch.where(active, self.logp + psi_next - prev - self.logq, psi_next - prev)
+        # A particle whose target is already -inf has zero weight and stays dead (avoids -inf - -inf = NaN).
+        dead = torch.isneginf(prev) | (active & torch.isneginf(self.logq)) | (due & torch.isneginf(self.phi_value))
+        inc = torch.where(dead, torch.full_like(inc, -math.inf), inc)
+        inc = torch.where(active | due, inc, torch.zeros_like(inc))
+        self.log_phi.copy_(torch.where(due, self.phi_value, self.log_phi))
+        prev.copy_(psi_next)
+        due.zero_()
+        self.phi_value.zero_()
+        rw = ops.reweight(self.log_w, inc.view(self.B, self.N), ess_threshold=self.ess_threshold,
+                          scheme=self.resampling, seed=self.seed, step=self.t, keep_first=self.conditional,
+                          validate=False)
+        self.log_z += rw.log_z_inc.double()
+        self.log_w.copy_(rw.log_w)
+        self.ess.index_copy_(1, self.t, rw.ess.unsqueeze(1))
+        self.resampled.index_copy_(1, self.t, rw.resampled.unsqueeze(1))
+        self.ancestors.index_copy_(1, self.t, rw.ancestors.unsqueeze(1))
+        self.lm.gather_(rw.ancestors, self.state)
+        self.t += 1
+
+    def flush(self) -> None:
+        """A weigh step without a proposal: applies the potentials the host set after the last token."""
+        self.active.zero_()
+        self.weigh()
+
+    def capture(self):
+        """Capture :meth:`propose` and :meth:`weigh` in two CUDA graphs sharing one memory pool."""
+        propose, weigh = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(propose):
+            self.propose()
+        with torch.cuda.graph(weigh, pool=propose.pool()):
+            self.weigh()
+
+        return _Graphs(propose, weigh)
+
+    # ------------------------------------------------------------------ host
+    def host_sync(self, t: int, before_weigh: bool) -> bool:
+        """Read the step's flags; evaluate due potentials; True when every particle has finished.
+
+        ``before_weigh``: called between propose and weigh of step ``t`` (``sync_every == 1``), so
+        potentials enter this step's weights; else after weigh (they enter the next weigh).
+        """
+        N, device = self.N, self.tokens.device
+        inter_due = torch.zeros_like(self.active)
+        if self.inter_fn is not None:
+            live = self.active & ~self.terminal
+            if self.intermediate_every and (t + 1) % self.intermediate_every == 0:
+                inter_due = live
+            inter_due = inter_due | self.delim_hit
+        flags = torch.stack([self.awaiting.any(), inter_due.any(), self.nan.any(), self.finished.all()]).tolist()
         if flags[2]:
-            raise FloatingPointError(f"NaN in the model logits or twist at step {t} (rows "
-                                     f"{torch.nonzero(torch.isnan(out.log_zpi) & active).flatten().tolist()[:8]})")
+            rows = torch.nonzero(self.nan).flatten().tolist()[:8]
+            when = f"step {t}" if before_weigh else f"steps {t + 1 - self.sync_every}..{t}"
+            raise FloatingPointError(f"NaN in the model logits or twist at {when} (rows {rows})")
         if flags[1]:
             idx = torch.nonzero(inter_due).flatten()
-            new = _call_potential(inter_fn, tokens[idx, : t + 1], idx // N, tokenizer, pad, eos)
-            log_inter.index_copy_(0, idx, new.to(device))
-        log_phi = torch.zeros(M, dtype=torch.float32, device=device)
-        if flags[0] and phi_fn is not None:
-            idx = torch.nonzero(terminal).flatten()
-            log_phi = log_phi.index_copy(0, idx, _call_potential(phi_fn, tokens[idx, : t + 1], idx // N, tokenizer,
-                                                                 pad, eos).to(device))
-        log_psi_new = log_psi_tok + log_inter
-        inc = torch.where(terminal, logp + log_phi - log_psi_prev - logq, logp + log_psi_new - log_psi_prev - logq)
-        # A particle whose twist is already -inf has zero weight and stays dead (avoids -inf - -inf = NaN).
-        dead_now = torch.isneginf(logq) | torch.isneginf(log_phi) | torch.isneginf(log_psi_prev)
-        inc = torch.where(dead_now, torch.full_like(inc, -math.inf), inc)
-        inc = torch.where(active, inc, torch.zeros_like(inc))
-        log_psi_prev.copy_(torch.where(active & ~terminal, log_psi_new, log_psi_prev))
-        log_phi_final.copy_(torch.where(terminal, log_phi, log_phi_final))
-        finished |= terminal
-        decoded += active.sum()
+            new = _call_potential(self.inter_fn, self.tokens[idx, : t + 1], idx // N, self.tokenizer)
+            self.log_inter.index_copy_(0, idx, new.to(device))
+        if flags[0]:
+            idx = torch.nonzero(self.awaiting).flatten()
+            ids = self.tokens[idx, : t + 1]
+            if before_weigh and getattr(self.phi_fn, "uses_cache", False) and hasattr(self.phi_fn, "log_phi_cached"):
+                new = check_log_phi(self.phi_fn.log_phi_cached(self.lm, idx, ids, idx // N), idx.numel(),
+                                    self.phi_fn.name)
+            else:
+                new = _call_potential(self.phi_fn, ids, idx // N, self.tokenizer)
+            self.phi_value.index_copy_(0, idx, new.to(device))
+            self.phi_due[idx] = True
+            self.awaiting[idx] = False
+        return bool(flags[3])
 
-        rw = ops.reweight(log_w, inc.view(B, N), ess_threshold=ess_threshold, scheme=resampling, seed=seed, step=t,
-                          keep_first=conditional, validate=False)
-        log_z += rw.log_z_inc.double()
-        log_w = rw.log_w
-        ess_trace.append(rw.ess)
-        resampled_trace.append(rw.resampled)
-        ancestor_trace.append(rw.ancestors)
-        lm.gather_(rw.ancestors, state)
-        if bool(finished.all()):
-            break
-        logits, hidden = lm.step(tokens[:, t])
-    steps_run = t + 1
-
-    dead = torch.isneginf(log_z)
-    if bool(dead.any()):
-        ids = torch.nonzero(dead).flatten().tolist()
-        shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} prompts)" if len(ids) > 8 else "")
-        warnings.warn(f"all particles of prompt(s) [{shown}] have zero weight "
-                      "(the potential is -inf on every particle): their log_z is -inf and weights are -inf")
-    completions = tokens[:, :steps_run].reshape(B, N, steps_run)
-    prompts = input_ids.unsqueeze(1).expand(B, N, input_ids.shape[1])
-    return SMCOutput(
-        sequences=torch.cat([prompts, completions], dim=2),
-        completions=completions,
-        lengths=lengths.view(B, N),
-        log_weights=log_w,
-        log_z=log_z,
-        ess=torch.stack(ess_trace, 1),
-        resampled=torch.stack(resampled_trace, 1),
-        ancestors=torch.stack(ancestor_trace, 1),
-        log_phi=log_phi_final.view(B, N),
-        log_p0=sum_logp.view(B, N),
-        log_q=sum_logq.view(B, N),
-        tokens_decoded=int(decoded),
-        steps=steps_run,
-    )
+    def output(self, steps: int, columns: int) -> SMCOutput:
+        """Assemble :class:`SMCOutput` after ``steps`` decoding steps and ``columns`` reweightings."""
+        B, N = self.B, self.N
+        dead = torch.isneginf(self.log_z)
+        if bool(dead.any()):
+            ids = torch.nonzero(dead).flatten().tolist()
+            shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} prompts)" if len(ids) > 8 else "")
+            warnings.warn(f"all particles of prompt(s) [{shown}] have zero weight "
+                          "(the potential is -inf on every particle): their log_z is -inf and weights are -inf")
+        completions = self.tokens[:, :steps].reshape(B, N, steps)
+        prompts = self.input_ids.unsqueeze(1).expand(B, N, self.input_ids.shape[1])
+        return SMCOutput(
+            sequences=torch.cat([prompts, completions], dim=2),
+            completions=completions,
+            lengths=self.lengths.view(B, N),
+            log_weights=self.log_w,
+            log_z=self.log_z,
+            ess=self.ess[:, :columns].clone(),
+            resampled=self.resampled[:, :columns].clone(),
+            ancestors=self.ancestors[:, :columns].clone(),
+            log_phi=self.log_phi.view(B, N),
+            log_p0=self.sum_logp.view(B, N),
+            log_q=self.sum_logq.view(B, N),
+            tokens_decoded=int(self.decoded),
+            steps=steps,
+        )
 
 
-def _call_potential(fn, ids: torch.Tensor, prompt_index: torch.Tensor, tokenizer, pad: int, eos: list[int]):
+def _call_potential(fn, ids: torch.Tensor, prompt_index: torch.Tensor, tokenizer):
     """Evaluate a potential on ``ids [R, t]`` (rows that just finished / are due), with text if it asks."""
     texts = None
     if fn.needs_text:
