@@ -36,6 +36,43 @@ def row_bytes(t):
     return t.reshape(t.shape[0], -1).view(torch.uint8) if t.dim() > 1 else t.reshape(-1, 1).view(torch.uint8)
 
 
+def random_ancestors(gen, B, N, scheme=None, p_dead=0.4, p_resample=0.8):
+    """int64 ``[B, N]`` ancestors of a real resampling step (so they have the permutation property):
+    random weights, ``-inf`` with probability ``p_dead``; each prompt resamples with probability
+    ``p_resample`` (the others keep the identity); ``scheme=None`` draws one of the schemes."""
+    from tsmc_kernels import reference
+
+    lw = torch.randn(B, N, generator=gen, dtype=torch.float64) * 3
+    lw[torch.rand(B, N, generator=gen) < p_dead] = -math.inf
+    lw[:, 0] = 0.0
+    mask = torch.rand(B, generator=gen) < p_resample
+    scheme = scheme or reference.SCHEMES[int(torch.randint(0, len(reference.SCHEMES), (1,), generator=gen))]
+    return reference.resample(lw, mask, scheme=scheme, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+def assert_gathered(out, src, flat):
+    """Bytes of ``out`` equal ``src.index_select(0, flat)``; unmoved rows keep their exact bytes (any device)."""
+    out, src, flat = out.cpu(), src.cpu(), flat.cpu()
+    got, want = row_bytes(out), row_bytes(src.index_select(0, flat))
+    assert torch.equal(got, want), "gathered rows differ from index_select"
+    keep = flat == torch.arange(flat.numel())
+    assert torch.equal(got[keep], row_bytes(src)[keep]), "a row with a[i] == i changed"
+
+
+def check_cuda_gather(gather_, gen, device, dtype, row_shapes):
+    """``gather_(tensors, ancestors)`` on CUDA tensors of ``[M, *row_shape]`` == the reference, bitwise."""
+    from tsmc_kernels import reference
+
+    B, N = 4, 16
+    anc = random_ancestors(gen, B, N)
+    ts = [random_data(gen, (B * N, *shape), dtype) for shape in row_shapes]
+    dev = [t.to(device) for t in ts]
+    gather_(dev, anc.to(device))
+    torch.cuda.synchronize()
+    for d, src in zip(dev, ts):
+        assert_gathered(d, src, reference.flat_ancestors(anc))
+
+
 @pytest.fixture
 def cuda_device():
     if not HAS_CUDA:

@@ -5,14 +5,12 @@ compares exact bytes against a separate, untouched source copy. Ancestors are re
 outputs (reference.resample on random weights), so they have the permutation property. Fresh
 random inputs every run (the seed is printed; set TSMC_TEST_SEED to replay one).
 """
-import math
-
 import pytest
 import torch
 
 from tsmc_kernels import ops, reference
 
-from conftest import random_data, row_bytes
+from conftest import assert_gathered, check_cuda_gather, random_ancestors, random_data, row_bytes
 
 BACKENDS = ["reference"] + (["native"] if ops.native_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
@@ -23,24 +21,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int
 def backend(request, monkeypatch):
     monkeypatch.setenv("TSMC_BACKEND", request.param)
     return request.param
-
-
-def random_ancestors(gen, B, N, scheme=None):
-    """[B, N] ancestors of a real resampling step (some prompts keep the identity)."""
-    lw = torch.randn(B, N, generator=gen, dtype=torch.float64) * 3
-    lw[torch.rand(B, N, generator=gen) < 0.3] = -math.inf
-    lw[:, 0] = 0.0
-    mask = torch.rand(B, generator=gen) < 0.8
-    scheme = scheme or reference.SCHEMES[int(torch.randint(0, 4, (1,), generator=gen))]
-    return reference.resample(lw, mask, scheme=scheme, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
-
-
-def assert_gathered(out, src, flat):
-    """Bytes of ``out`` equal src.index_select(0, flat); unmoved rows keep their exact bytes."""
-    got, want = row_bytes(out), row_bytes(src.index_select(0, flat))
-    assert torch.equal(got, want), "gathered rows differ from index_select"
-    keep = flat == torch.arange(flat.numel())
-    assert torch.equal(got[keep], row_bytes(src)[keep]), "a row with a[i] == i changed"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -188,16 +168,5 @@ def test_bad_input_raises_naming_the_argument():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8, torch.bool])
 def test_cuda_equals_reference(gen, cuda_device, dtype):
     """ops.kv_gather_ on CUDA (native CUDA kernel or Triton) == the reference, bitwise."""
-    B, N = 4, 16
-    M = B * N
-    anc = random_ancestors(gen, B, N)
-    flat = reference.flat_ancestors(anc)
-    shapes = [(M, 2, 33, 64), (M, 3, 1, 5), (M, 77), (M,), (M, 2, 40, 128)]  # aligned, odd, > 16 KiB rows
-    ts = [random_data(gen, s, dtype) for s in shapes]
-    expect = [t.clone() for t in ts]
-    reference.kv_gather_(expect, anc)
-    dev = [t.to(cuda_device) for t in ts]
-    ops.kv_gather_(dev, anc.to(cuda_device))
-    torch.cuda.synchronize()
-    for d, e in zip(dev, expect):
-        assert torch.equal(row_bytes(d.cpu()), row_bytes(e))
+    # rows: 16-byte aligned, odd sizes, over 16 KiB
+    check_cuda_gather(ops.kv_gather_, gen, cuda_device, dtype, [(2, 33, 64), (3, 1, 5), (77,), (), (2, 40, 128)])

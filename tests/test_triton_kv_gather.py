@@ -5,7 +5,6 @@ with the untouched source; ancestors come from real resampling steps (permutatio
 Runs under the Triton interpreter on CPU and compiled on CUDA when present. Fresh random inputs
 every run (the seed is printed; set TSMC_TEST_SEED to replay one).
 """
-import math
 import os
 
 import pytest
@@ -15,26 +14,12 @@ from tsmc_kernels import ops, reference
 from tsmc_kernels.triton import kv_gather as kvg
 from tsmc_kernels.triton.kv_gather import kv_gather_triton_
 
-from conftest import random_data, requires_cuda, row_bytes
+from conftest import (assert_gathered, check_cuda_gather, random_ancestors, random_data, requires_cuda,
+                      row_bytes)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
           torch.bool]
-
-
-def random_ancestors(gen, B, N, scheme="systematic", p_dead=0.4):
-    lw = torch.randn(B, N, generator=gen, dtype=torch.float64) * 3
-    lw[torch.rand(B, N, generator=gen) < p_dead] = -math.inf
-    lw[:, 0] = 0.0
-    return reference.resample(lw, torch.ones(B, dtype=torch.bool), scheme=scheme,
-                              seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
-
-
-def assert_gathered(out, src, flat):
-    got, want = row_bytes(out.cpu()), row_bytes(src.cpu().index_select(0, flat.cpu()))
-    assert torch.equal(got, want), "gathered rows differ from index_select"
-    keep = flat.cpu() == torch.arange(flat.numel())
-    assert torch.equal(got[keep], row_bytes(src.cpu())[keep]), "a row with a[i] == i changed"
 
 
 def test_all_dtypes_and_shapes_in_one_call(gen):
@@ -182,19 +167,8 @@ def test_ops_triton_backend(gen, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8, torch.bool])
 def test_cuda_equals_reference(gen, cuda_device, dtype):
-    B, N = 4, 16
-    M = B * N
-    anc = random_ancestors(gen, B, N)
-    flat = reference.flat_ancestors(anc)
-    shapes = [(M, 2, 33, 64), (M, 3, 1, 5), (M, 77), (M,), (M, 2, 40, 128), (M, 2, 1000, 128)]
-    ts = [random_data(gen, s, dtype) for s in shapes]
-    expect = [t.clone() for t in ts]
-    reference.kv_gather_(expect, anc)
-    dev = [t.to(cuda_device) for t in ts]
-    kv_gather_triton_(dev, anc.to(cuda_device))
-    torch.cuda.synchronize()
-    for d, e in zip(dev, expect):
-        assert torch.equal(row_bytes(d.cpu()), row_bytes(e))
+    check_cuda_gather(kv_gather_triton_, gen, cuda_device, dtype,
+                      [(2, 33, 64), (3, 1, 5), (77,), (), (2, 40, 128), (2, 1000, 128)])
 
 
 @requires_cuda

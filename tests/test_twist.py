@@ -176,7 +176,7 @@ def test_ctl_gradient_is_positive_minus_negative_expectation():
 
 def test_dpg_gradient_is_minus_grad_log_q():
     c = _case(1)
-    B, N, L, M = c["B"], c["N"], c["L"], c["M"]
+    B, L, M = c["B"], c["L"], c["M"]
     logits = torch.randn(M, L, V, generator=c["g"], dtype=torch.float64)
     tokens = torch.randint(0, V, (M, L), generator=c["g"])
     rows = torch.randn(M, L, V, generator=c["g"], dtype=torch.float64, requires_grad=True)
