@@ -246,6 +246,7 @@ def test_cuda_graph_needs_a_hidden_state_twist_and_no_intermediate_potential(mod
         smc_generate(model, replicas(1), max_new_tokens=2, sync_every=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("sync_every", [1, 4])
 def test_cuda_graph_equals_eager(cuda_device, sync_every):
     from tsmc_kernels.twist import MLPTwistHead
