@@ -56,7 +56,7 @@ import torch
 
 from .exact import Enumeration
 from .potentials.base import Potential, as_potential
-from .sampler.inputs import check_prompts, eos_ids, pad_id
+from .sampler.inputs import check_int, check_prompts, eos_ids, pad_id
 from .sampler.smc import smc_generate
 
 __all__ = ["LogZBounds", "RejectionStats", "log_z_bounds", "iwae_bounds", "rejection_samples",
@@ -316,8 +316,7 @@ def enumeration_samples(enumeration: Enumeration, num: int, generator: torch.Gen
     """
     if not isinstance(enumeration, Enumeration):
         raise TypeError(f"enumeration must be an Enumeration, got {type(enumeration).__name__}")
-    if not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be an int >= 1, got {num!r}")
+    check_int("num", num, 1)
     if not bool(torch.isfinite(torch.logsumexp(enumeration.log_p0 + enumeration.log_phi, 0))):
         raise ValueError("the enumeration's target has zero mass (phi = 0 on every completion)")
     idx = torch.multinomial(enumeration.target().double(), num, replacement=True, generator=generator)
@@ -351,12 +350,10 @@ def rejection_samples(model, input_ids: torch.Tensor, potential, num: int,
         RuntimeError: the acceptance is too rare for ``max_proposals``.
     """
     input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
-    if not isinstance(num, int) or num < 1:
-        raise ValueError(f"num must be an int >= 1, got {num!r}")
+    check_int("num", num, 1)
     if max_proposals is None:
         max_proposals = max(10_000, 100 * num)
-    if not isinstance(max_proposals, int) or max_proposals < 1:
-        raise ValueError(f"max_proposals must be an int >= 1, got {max_proposals!r}")
+    check_int("max_proposals", max_proposals, 1)
     fn = as_potential(potential)
     eos = eos_ids(model, eos_token_id)
     pad = pad_id(model, pad_token_id, eos)
@@ -497,12 +494,9 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         ess_threshold, resampling = 0.0, "multinomial"
     elif resampling is True:
         resampling = "multinomial"
-    if not isinstance(num_runs, int) or num_runs < 2:
-        raise ValueError(f"num_runs must be an int >= 2 (standard errors need two runs), got {num_runs!r}")
-    if not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_int("num_runs", num_runs, 2, " (standard errors need two runs)")
+    check_int("num_particles", num_particles, 1)
+    check_int("max_new_tokens", max_new_tokens, 1)
     if potential is None:
         raise ValueError("log_z_bounds needs a potential (with phi = 1, log Z = 0 trivially)")
     fn = as_potential(potential)

@@ -50,7 +50,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import ops, rng
-from .sampler.inputs import check_prompts, eos_ids, pad_id
+from .sampler.inputs import check_int, check_prompts, eos_ids, pad_id
 
 __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 
@@ -117,8 +117,7 @@ def _validate(model, input_ids, attention_mask, *, alpha, cut, cut_power, num_ch
         raise ValueError(f"cut_power must be a finite number > 0, got {cut_power!r}")
     for name, value, low in (("num_chains", num_chains, 1), ("max_new_tokens", max_new_tokens, 1),
                              ("block_size", block_size, 1), ("n_mcmc", n_mcmc, 0), ("top_k", top_k, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(name, value, low)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return input_ids, attention_mask

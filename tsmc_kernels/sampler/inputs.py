@@ -4,6 +4,12 @@ from __future__ import annotations
 import torch
 
 
+def check_int(name: str, value, low: int, why: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) ``>= low``; ``why`` follows the bound."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}{why}, got {value!r}")
+
+
 def eos_ids(model, eos_token_id=None) -> list[int]:
     """EOS ids: ``eos_token_id`` (int or list), else the model's generation config, else its config."""
     if eos_token_id is None:

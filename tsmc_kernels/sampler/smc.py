@@ -30,7 +30,7 @@ import torch
 
 from .. import ops
 from ..potentials.base import as_potential, check_log_phi
-from .inputs import check_prompts, eos_ids, pad_id
+from .inputs import check_int, check_prompts, eos_ids, pad_id
 from .lm import CACHE_MODES, ParticleLM
 from .output import SMCOutput
 
@@ -41,12 +41,9 @@ GRAPH_WARMUP_STEPS = 2  # eager steps before capture (compiles kernels, allocate
 def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, ess_threshold, temperature, top_k,
               cache, cuda_graph, sync_every, reference_completions):
     input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
-    if not isinstance(num_particles, int) or num_particles < 1:
-        raise ValueError(f"num_particles must be an int >= 1, got {num_particles!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not isinstance(sync_every, int) or sync_every < 1:
-        raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+    for name, value in (("num_particles", num_particles), ("max_new_tokens", max_new_tokens),
+                        ("sync_every", sync_every)):
+        check_int(name, value, 1)
     if ess_threshold < 0:
         raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
     if not temperature > 0:
