@@ -10,7 +10,8 @@ import torch
 
 from tsmc_kernels import ops, reference
 
-from conftest import assert_gathered, check_cuda_gather, random_ancestors, random_data, row_bytes
+from conftest import (assert_gathered, check_cuda_gather, check_gather_aliasing_views, check_gather_on_views,
+                      random_ancestors, random_data, row_bytes)
 
 BACKENDS = ["reference"] + (["native"] if ops.native_available() else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
@@ -94,42 +95,12 @@ def test_whole_cache_in_one_call(gen, backend):
 
 
 def test_non_contiguous_and_views(gen, backend):
-    """Strided dim 0, rows that are not contiguous, permuted layouts, aliasing views; nothing outside the view."""
-    B, N = 2, 6
-    M = B * N
-    anc = random_ancestors(gen, B, N)
-    flat = reference.flat_ancestors(anc)
-    cases = []
-    big = random_data(gen, (2 * M, 3, 4), torch.float32)
-    cases.append((big, big[::2]))                               # dim-0 stride 2 (rows contiguous)
-    big = random_data(gen, (M, 2, 9, 4), torch.float16)
-    cases.append((big, big[:, :, :5]))                          # sliced along L: rows not contiguous
-    big = random_data(gen, (M, 7, 2, 4), torch.bfloat16)
-    cases.append((big, big.permute(0, 2, 1, 3)))               # [M, L, H, D] seen as [M, H, L, D]
-    big = random_data(gen, (M + 2, 5), torch.int64)
-    cases.append((big, big[1:M + 1]))                           # guard rows before and after
-    big = random_data(gen, (5, M), torch.float64)
-    cases.append((big, big.t()))                                # column-major rows
-    for base, view in cases:
-        before = base.clone()
-        src = view.clone()
-        ops.kv_gather_([view], anc)
-        assert_gathered(view, src, flat)
-        # Only the view's elements changed: compare the whole base with the expected image.
-        expect = before.clone()
-        expect_view = expect.as_strided(view.shape, view.stride(), view.storage_offset() - base.storage_offset())
-        expect_view.copy_(src.index_select(0, flat))
-        assert torch.equal(row_bytes(base), row_bytes(expect)), "bytes outside the view were written"
+    """Strided dim 0, rows that are not contiguous, permuted layouts; nothing outside the view."""
+    check_gather_on_views(ops.kv_gather_, gen, 2, 6)
 
 
 def test_aliasing_k_and_v_views(gen, backend):
-    """K and V as two views of one [M, 2, ...] buffer (a common fused-KV layout)."""
-    B, N = 3, 4
-    anc = random_ancestors(gen, B, N)
-    buf = random_data(gen, (B * N, 2, 3, 8), torch.float32)
-    src = buf.clone()
-    ops.kv_gather_([buf[:, 0], buf[:, 1]], anc)
-    assert_gathered(buf, src, reference.flat_ancestors(anc))
+    check_gather_aliasing_views(ops.kv_gather_, gen, 3, 4)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -14,8 +14,8 @@ from tsmc_kernels import ops, reference
 from tsmc_kernels.triton import kv_gather as kvg
 from tsmc_kernels.triton.kv_gather import kv_gather_triton_
 
-from conftest import (assert_gathered, check_cuda_gather, random_ancestors, random_data, requires_cuda,
-                      row_bytes)
+from conftest import (assert_gathered, check_cuda_gather, check_gather_aliasing_views, check_gather_on_views,
+                      random_ancestors, random_data, requires_cuda, row_bytes)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
@@ -94,39 +94,11 @@ def test_identity_changes_nothing_and_table_is_cached(gen):
 
 
 def test_strided_permuted_and_non_contiguous_views(gen):
-    B, N = 2, 4
-    M = B * N
-    anc = random_ancestors(gen, B, N)
-    flat = reference.flat_ancestors(anc)
-    cases = []
-    big = random_data(gen, (2 * M, 3, 4), torch.float32)
-    cases.append((big, big[::2]))  # dim-0 stride 2, rows contiguous
-    big = random_data(gen, (M, 7, 2, 4), torch.bfloat16)
-    cases.append((big, big.permute(0, 2, 1, 3)))  # dense rows in permuted order: kernel path
-    big = random_data(gen, (M, 2, 9, 4), torch.float16)
-    cases.append((big, big[:, :, :5]))  # rows with gaps: index_select fallback
-    big = random_data(gen, (5, M), torch.float64)
-    cases.append((big, big.t()))  # column-major rows: fallback
-    big = random_data(gen, (M + 2, 5), torch.int64)
-    cases.append((big, big[1:M + 1]))  # guard rows before and after
-    for base, view in cases:
-        before = base.clone()
-        src = view.clone()
-        kv_gather_triton_([view], anc)
-        assert_gathered(view, src, flat)
-        expect = before.clone()
-        expect.as_strided(view.shape, view.stride(), view.storage_offset() - base.storage_offset()).copy_(
-            src.index_select(0, flat))
-        assert torch.equal(row_bytes(base), row_bytes(expect)), "bytes outside the view were written"
+    check_gather_on_views(kv_gather_triton_, gen, 2, 4)
 
 
 def test_aliasing_k_and_v_views(gen):
-    B, N = 2, 4
-    anc = random_ancestors(gen, B, N)
-    buf = random_data(gen, (B * N, 2, 3, 8), torch.float32)
-    src = buf.clone()
-    kv_gather_triton_([buf[:, 0], buf[:, 1]], anc)
-    assert_gathered(buf, src, reference.flat_ancestors(anc))
+    check_gather_aliasing_views(kv_gather_triton_, gen, 2, 4)
 
 
 def test_cache_eviction_keeps_limit(gen, monkeypatch):
