@@ -25,7 +25,8 @@ class SMCOutput:
         log_p0: fp32 ``[B, N]`` ``log p0(completion | prompt)``.
         log_q: fp32 ``[B, N]`` ``log`` of the proposal probability of each particle's tokens.
         tokens_decoded: number of (particle, step) tokens decoded for unfinished particles.
-        steps: number of decoding steps run (``T'``).
+        steps: number of decoding steps run: ``T'`` (the longest completion), or up to
+            ``sync_every - 1`` more when ``sync_every > 1`` noticed late that every particle had finished.
     """
 
     sequences: torch.Tensor

@@ -367,7 +367,9 @@ class _SMCRun:
             shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} prompts)" if len(ids) > 8 else "")
             warnings.warn(f"all particles of prompt(s) [{shown}] have zero weight "
                           "(the potential is -inf on every particle): their log_z is -inf and weights are -inf")
-        completions = self.tokens[:, :steps].reshape(B, N, steps)
+        # With sync_every > 1 the loop may run idle steps after the last token: not part of T'.
+        width = min(steps, int(self.lengths.max()))
+        completions = self.tokens[:, :width].reshape(B, N, width)
         prompts = self.input_ids.unsqueeze(1).expand(B, N, self.input_ids.shape[1])
         return SMCOutput(
             sequences=torch.cat([prompts, completions], dim=2),
