@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every GPU microbenchmark in bench/ and write bench/results/<device>.json
 # (pytest-benchmark's JSON plus a "tsmc" block: device name, capability, torch / triton / CUDA
-# versions, git commit). Extra arguments go to pytest, e.g. `bench/run_all.sh -k twist_sample`.
+# versions, git commit). Extra arguments go to pytest, e.g. `bench/run_all.sh -k twist_sample`;
+# BENCH_PATHS=bench/test_bench_kernels.py runs one file.
 # On a machine without CUDA every benchmark is skipped and no result file is written.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ OUT="bench/results/${SAFE}.json"
 TMP="bench/results/.${SAFE}.partial.json"
 
 set +e
-"$PY" -m pytest -q -p no:cacheprovider bench --benchmark-json="$TMP" --benchmark-columns=min,median,max,rounds "$@"
+"$PY" -m pytest -q -p no:cacheprovider ${BENCH_PATHS:-bench} --benchmark-json="$TMP" --benchmark-columns=min,median,max,rounds "$@"
 STATUS=$?
 set -e
 
