@@ -49,7 +49,7 @@ case "$PHASE" in
     ;;
   power)
     log "power benchmark"
-    timeout 560 "$PY" bench/test_bench_power.py ${POWER_ARGS:---blocks 4 --block-size 64 --n-mcmc 4 --chains 1 8 --problems 8 --reference-blocks 1} \
+    timeout 560 "$PY" bench/test_bench_power.py ${POWER_ARGS:---blocks 4 --block-size 64 --n-mcmc 4 --chains 1 8 --problems 8 --reference-blocks 1 --cuda-graph} \
       --json bench/results/power-h100.json 2>&1 | tee "$OUT/power.log" | tail -40
     cp bench/results/power-h100.json "$OUT/" 2>/dev/null
     ;;

@@ -13,7 +13,7 @@ the worst case for both methods). Reported per configuration: wall time per prob
 decoded (proposals included) and tokens/s.
 
     python bench/test_bench_power.py                             # paper sizes: 16 blocks x 192, 10 MH steps
-    python bench/test_bench_power.py --blocks 4 --block-size 32 --n-mcmc 2 --chains 1 8 --problems 2
+    python bench/test_bench_power.py --blocks 4 --block-size 32 --n-mcmc 2 --chains 1 8 --problems 2 --cuda-graph
     python bench/test_bench_power.py --device cpu --model tiny --threads 1   # smoke test of the script on CPU
     pytest bench/test_bench_power.py                              # a small configuration; skips without CUDA
 
@@ -125,17 +125,18 @@ def generate_reference(model, prompt: torch.Tensor, *, alpha: float, cut: str, c
 
 # ----------------------------------------------------------------------------- runs
 
-def run_power(model, prompts, *, chains, **kw):
+def run_power(model, prompts, *, chains, cuda_graph=False, **kw):
     from tsmc_kernels.power import power_sample
 
     device = prompts.device
     _sync(device)
     t = time.perf_counter()
-    out = power_sample(model, prompts, num_chains=chains, **kw)
+    out = power_sample(model, prompts, num_chains=chains, cuda_graph=cuda_graph, **kw)
     _sync(device)
     wall = time.perf_counter() - t
     B = prompts.shape[0]
-    return {"method": "power_sample", "problems": B, "chains": chains, "wall_s": round(wall, 3),
+    return {"method": "power_sample_graph" if cuda_graph else "power_sample", "problems": B, "chains": chains,
+            "wall_s": round(wall, 3),
             "wall_s_per_problem": round(wall / B, 3), "tokens_decoded": out.tokens_decoded,
             "tokens_per_s": round(out.tokens_decoded / wall, 1), "forward_passes": out.forward_passes,
             "ms_per_forward": round(1e3 * wall / max(out.forward_passes, 1), 2),
@@ -176,10 +177,12 @@ def run(args) -> list[dict]:
     # warm-up (kernels, allocator)
     run_power(model, prompts[:1], chains=1, max_new_tokens=min(8, args.block_size), seed=0,
               **{**kw, "n_mcmc": 1, "block_size": min(8, args.block_size)})
-    for chains in args.chains:
-        r = run_power(model, prompts, chains=chains, max_new_tokens=args.blocks * args.block_size, seed=0, **kw)
-        results.append(r)
-        print(json.dumps(r), flush=True)
+    for graph in (False, True) if args.cuda_graph else (False,):
+        for chains in args.chains:
+            r = run_power(model, prompts, chains=chains, cuda_graph=graph, max_new_tokens=args.blocks * args.block_size,
+                          seed=0, **kw)
+            results.append(r)
+            print(json.dumps(r), flush=True)
     if not args.skip_reference:
         r = run_reference(model, prompts, blocks=args.blocks, reference_blocks=args.reference_blocks, **kw)
         results.append(r)
@@ -205,6 +208,7 @@ def _parser():
     ap.add_argument("--cut-power", type=float, default=4.0)
     ap.add_argument("--reference-blocks", type=int, default=0, help="run the generate() reference on K blocks only")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--cuda-graph", action="store_true", help="also run power_sample(cuda_graph=True) (CUDA)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", help="also write the results to this file")
     return ap
@@ -234,7 +238,8 @@ def test_power_vs_generate():
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    res = main(["--blocks", "2", "--block-size", "32", "--n-mcmc", "2", "--chains", "1", "8", "--prompt-len", "128"])
+    res = main(["--blocks", "2", "--block-size", "32", "--n-mcmc", "2", "--chains", "1", "8", "--prompt-len", "128",
+                "--cuda-graph"])
     assert res and all(r["tokens_decoded"] > 0 for r in res)
 
 

@@ -209,14 +209,55 @@ def test_cached_chain_equals_redecoding_chain(arch, cut, monkeypatch):
     assert 0 < a.acceptance.mean() < 1, "the test should see both accepts and rejects"
 
 
-def test_arena_growth_path_equals_redecoding(monkeypatch):
-    monkeypatch.setattr(power, "ARENA_EXTRA", 0.0)  # one spare column: compact and grow all the time
+def test_worst_case_cuts_fit_the_fixed_arena(monkeypatch):
+    """Every cut at 0: each proposal re-decodes the whole completion, so the arena (a StaticCache of
+    P - 1 + 2T columns that never grows) compacts again and again; the chain stays exact."""
+    monkeypatch.setattr(power, "_choose_cut", lambda log_w, u: torch.zeros(log_w.shape[0], dtype=torch.int64))
+    compactions = []
+    orig = power._Arena.compact
+    monkeypatch.setattr(power._Arena, "compact", lambda self, *a: compactions.append(1) or orig(self, *a))
     model = tiny_random_model(V, seed=2)
-    kw = dict(num_chains=3, max_new_tokens=6, block_size=2, n_mcmc=2, seed=fresh_seed())
+    kw = dict(num_chains=3, max_new_tokens=6, block_size=2, n_mcmc=2, cut="uniform", seed=fresh_seed())
     ids = torch.tensor([[1, 2], [3, 3]])
     monkeypatch.setattr(power._Chains, "commit", checked_commit(power._Chains.commit, torch.ones_like(ids)))
     a, b = power_sample(model, ids, **kw), power_sample_reference(model, ids, **kw)
+    assert len(compactions) >= 2
     assert torch.equal(a.completions, b.completions) and torch.equal(a.acceptance, b.acceptance)
+
+
+def test_decode_step_reads_no_python_counter(monkeypatch):
+    """What CUDA graph replay needs: the decode step takes every index from device tensors. With the
+    host's column counter poisoned while each step runs, the chain is unchanged."""
+    model = tiny_random_model(V, seed=1)
+    ids, mask = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]]), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kw = dict(num_chains=3, max_new_tokens=7, block_size=3, n_mcmc=3, cut="entropy", seed=fresh_seed())
+    want = power_sample(model, ids, mask, **kw)
+    step = power._Chains.decode_step
+
+    def poisoned(self):
+        saved, self.arena.length = self.arena.length, -10**6
+        try:
+            step(self)
+        finally:
+            self.arena.length = saved
+    monkeypatch.setattr(power._Chains, "decode_step", poisoned)
+    got = power_sample(model, ids, mask, **kw)
+    assert torch.equal(want.completions, got.completions) and torch.equal(want.acceptance, got.acceptance)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cut", ["entropy", "uniform"])
+def test_cuda_graph_equals_eager(cuda_device, cut):
+    model = tiny_random_model(V, seed=1).to(cuda_device)
+    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]], device=cuda_device)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], device=cuda_device)
+    kw = dict(num_chains=4, max_new_tokens=12, block_size=4, n_mcmc=3, cut=cut, seed=fresh_seed())
+    eager = power_sample(model, ids, mask, **kw)
+    graph = power_sample(model, ids, mask, cuda_graph=True, **kw)
+    assert torch.equal(eager.completions, graph.completions)
+    assert torch.equal(eager.acceptance, graph.acceptance)
+    assert eager.tokens_decoded == graph.tokens_decoded and eager.forward_passes == graph.forward_passes
+    torch.testing.assert_close(eager.log_p0, graph.log_p0, atol=1e-5, rtol=0)
 
 
 def test_left_padding_does_not_change_the_chain():
@@ -283,6 +324,7 @@ def test_same_seed_same_chain_and_progress_bar():
     (dict(cut="middle"), "cut rule"), (dict(cut_power=0.0), "cut_power"),
     (dict(block_size=0), "block_size"), (dict(n_mcmc=-1), "n_mcmc"), (dict(num_chains=0), "num_chains"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_k=-1), "top_k"), (dict(seed=-1), "seed"),
+    (dict(cuda_graph=True), "CUDA device"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     model = tiny_random_model(V, seed=0)

@@ -119,7 +119,8 @@ def cmd_run(args) -> int:
     if args.method == "power":
         from .power import power_sample
         out = power_sample(model, enc.input_ids, enc.attention_mask, alpha=args.alpha, cut=args.cut,
-                           num_chains=args.particles, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True)
+                           num_chains=args.particles, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True,
+                           cuda_graph=args.cuda_graph)
         for b, prompt in enumerate(prompts):
             print(f"=== prompt {b}")
             for c in range(args.particles):
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ess-threshold", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cuda-graph", action="store_true", help="SMC: replay the step from CUDA graphs (CUDA only)")
+    p.add_argument("--cuda-graph", action="store_true", help="replay the decode step from CUDA graphs (SMC and power; CUDA only)")
     p.add_argument("--sync-every", type=int, default=1,
                    help="SMC: the host looks at the particles every K steps (potentials applied up to K late)")
     p.add_argument("--alpha", type=float, default=4.0)

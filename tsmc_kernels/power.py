@@ -30,9 +30,11 @@ columns shared by all ``M = B * num_chains`` rows, with a per-row attention mask
 explicit position ids. A proposal cut at ``c`` masks out the row's old suffix columns and decodes
 the new suffix on top (one token per row per forward pass, whatever the cuts); on accept the old
 columns stay masked, on reject the new ones are masked and the old ones unmasked again: nothing is
-recomputed and the prompt is never re-prefilled. When the arena is full it is compacted (each row's
-valid columns gathered to the front). Rows whose proposal has finished feed masked-out pad tokens
-until every row is done. :func:`power_sample_reference` runs the same chain (same random numbers:
+recomputed and the prompt is never re-prefilled. The arena is an HF ``StaticCache`` of
+``P - 1 + 2T`` columns; when a proposal might not fit it is compacted (each row's valid columns
+gathered to the front), so it never grows and a CUDA graph of the decode step stays valid
+(``cuda_graph=True``). Rows whose proposal has finished feed masked-out pad tokens until every
+row is done. :func:`power_sample_reference` runs the same chain (same random numbers:
 they are keyed by ``(seed, move, offset, row)``, never by batch layout or global state) by
 re-decoding every sequence from scratch; the tests check both give identical chains.
 
@@ -57,7 +59,7 @@ __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 CUT_RULES = ("entropy", "uniform")
 STREAM_ACCEPT = 3  # MH accept uniforms: step = move index, row = chain row
 STREAM_CUT = 4  # cut-position uniforms: step = move index, row = chain row
-ARENA_EXTRA = 1.0  # arena columns beyond prompt + max_new_tokens, in units of max_new_tokens
+GRAPH_WARMUP_STEPS = 2  # eager decode steps before capture (compiles kernels, allocates workspaces)
 
 
 # ----------------------------------------------------------------------------- output
@@ -205,94 +207,6 @@ def _uniform(seed: int, move: int, stream: int, M: int, device) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the KV arena
 
-def _arena_classes():
-    """The cache classes, created on first use so that importing this module does not import transformers."""
-    global _ArenaLayer, _ArenaCache
-    if _ArenaLayer is not None:
-        return _ArenaLayer, _ArenaCache
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    class ArenaLayer(DynamicLayer):
-        """A full-attention layer cache with preallocated columns ``[M, H, capacity, D]`` written in place."""
-
-        def __init__(self, capacity: int):
-            super().__init__()
-            self.capacity, self.length = capacity, 0
-            self.kbuf = self.vbuf = None
-
-        def lazy_initialization(self, key_states, value_states):
-            self.dtype, self.device = key_states.dtype, key_states.device
-            M, H, _, D = key_states.shape
-            self.kbuf = key_states.new_zeros(M, H, self.capacity, D)
-            self.vbuf = value_states.new_zeros(M, value_states.shape[1], self.capacity, value_states.shape[3])
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, q = self.length, key_states.shape[-2]
-            if n + q > self.capacity:
-                self.resize(max(n + q, 2 * self.capacity))
-            self.kbuf[:, :, n:n + q] = key_states
-            self.vbuf[:, :, n:n + q] = value_states
-            self.length = n + q
-            self._views()
-            return self.keys, self.values
-
-        def _views(self):
-            self.keys = self.kbuf[:, :, :self.length]
-            self.values = self.vbuf[:, :, :self.length]
-
-        def resize(self, capacity: int):
-            if self.kbuf is not None and capacity > self.capacity:
-                pad = lambda b: torch.cat([b, b.new_zeros(*b.shape[:2], capacity - b.shape[2], b.shape[3])], 2)  # noqa
-                self.kbuf, self.vbuf = pad(self.kbuf), pad(self.vbuf)
-            self.capacity = max(capacity, self.capacity)
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-        def get_max_length(self) -> int:
-            return -1
-
-        def repeat_rows(self, n: int):
-            if self.kbuf is not None:
-                self.kbuf = self.kbuf.repeat_interleave(n, 0)
-                self.vbuf = self.vbuf.repeat_interleave(n, 0)
-                self._views()
-
-        def zero_columns(self, keep: torch.Tensor):
-            """Zero K/V where ``keep`` (bool ``[M, length]``) is False (masked prompt padding: no NaN leaks)."""
-            if self.kbuf is not None:
-                k = keep[:, None, :, None]
-                self.kbuf[:, :, :self.length] = torch.where(k, self.kbuf[:, :, :self.length], 0)
-                self.vbuf[:, :, :self.length] = torch.where(k, self.vbuf[:, :, :self.length], 0)
-
-        def move_columns(self, start: int, src: torch.Tensor):
-            """Columns ``start .. start + W`` of row ``m`` become the old columns ``src[m]`` (int64 ``[M, W]``)."""
-            if self.kbuf is None:
-                return
-            rows = torch.arange(src.shape[0], device=src.device)[:, None]
-            W = src.shape[1]
-            for buf in (self.kbuf, self.vbuf):
-                buf[:, :, start:start + W] = buf[rows, :, src].permute(0, 2, 1, 3)
-            self.length = start + W
-            self._views()
-
-    class ArenaCache(DynamicCache):
-        """A ``DynamicCache`` whose layers are :class:`ArenaLayer` (full attention only)."""
-
-        def __init__(self, num_layers: int, capacity: int):
-            layers = [ArenaLayer(capacity) for _ in range(num_layers)]
-            super(DynamicCache, self).__init__(layers=layers)
-
-    _ArenaLayer, _ArenaCache = ArenaLayer, ArenaCache
-    return ArenaLayer, ArenaCache
-
-
-_ArenaLayer = _ArenaCache = None
-
-
 def _num_cache_layers(model) -> int:
     """Number of decoder layers; raises for models whose cache is not plain full attention."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -309,77 +223,91 @@ def _num_cache_layers(model) -> int:
 
 
 class _Arena:
-    """The shared KV arena of ``M`` chain rows (see the module docstring).
+    """The shared KV arena of ``M`` chain rows (see the module docstring): an HF ``StaticCache``
+    of ``capacity`` columns, a per-row column mask, and a device column counter.
 
     Columns ``0 .. Pp-1`` (``Pp = P - 1``) hold the prompt without its last token, prefilled once
-    per prompt. A chain of length ``L`` has its *fed tokens* ``s_0 .. s_{L-1}`` in the arena
+    per prompt and copied to its chains' rows. A chain of length ``L`` has its *fed tokens* ``s_0 .. s_{L-1}`` in the arena
     (``s_0`` = the last prompt token, ``s_k`` = completion token ``k - 1``): ``col[m, k]`` is the
     column of ``s_k`` (-1 past ``L``). Feeding ``s_k`` gives the logits of completion token ``k``.
-    ``mask`` is the committed per-row column mask and ``prop`` the mask of the running proposal.
+    ``mask`` is the committed per-row column mask and ``prop`` the mask of the running proposal
+    (mask column ``capacity`` is a trash slot, never read).
+
+    ``capacity = Pp + 2T``: after a compaction the rows need at most ``T`` columns and a proposal
+    at most ``T`` more, so the arena never grows and its tensors never move. :meth:`step` reads
+    only device tensors (the column to write is ``self.column``), so it can be CUDA-graph captured;
+    ``self.length`` is the host's copy of that counter, advanced by the caller after each step.
     """
 
     def __init__(self, model, prompt_ids, prompt_mask, num_chains: int, T: int):
+        from transformers import StaticCache
+
         self.model = model
         B, P = prompt_ids.shape
         self.M, self.T, self.Pp = B * num_chains, T, P - 1
         device = prompt_ids.device
-        # Room for the prompt, a full completion and ARENA_EXTRA * T more columns (compaction frees them);
-        # mask column `capacity` is a trash slot that is never read.
-        self.capacity = self.Pp + T + max(1, int(ARENA_EXTRA * T))
-        _, cache_cls = _arena_classes()
-        self.cache = cache_cls(_num_cache_layers(model), self.capacity)
+        self.capacity = self.Pp + 2 * T
+        _num_cache_layers(model)
+        self.cache = StaticCache(config=model.config, max_cache_len=self.capacity)
         self.mask = torch.zeros(self.M, self.capacity + 1, dtype=torch.long, device=device)
         self.prop = torch.zeros_like(self.mask)
         self.forward_passes = 0
         self.logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         if self.Pp > 0:
-            pm = prompt_mask[:, :self.Pp]
-            self._forward(prompt_ids[:, :self.Pp], pm, (pm.cumsum(1) - 1).clamp_min(0),
-                          torch.arange(self.Pp, device=device))
-            for layer in self.cache.layers:
-                layer.zero_columns(pm.bool())
-                layer.repeat_rows(num_chains)
-            self.mask[:, :self.Pp] = pm.repeat_interleave(num_chains, 0)
+            self._prefill(prompt_ids[:, :self.Pp], prompt_mask[:, :self.Pp], num_chains)
+            self.forward_passes += 1
         self.length = self.Pp
+        self.column = torch.full((1,), self.Pp, dtype=torch.int64, device=device)
 
-    def _forward(self, ids, mask, position_ids, cache_position):
+    def buffers(self) -> list[torch.Tensor]:
+        """Every layer's K and V ``[M, H, capacity, D]`` (empty before the first forward pass)."""
+        return [t for layer in self.cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if isinstance(t, torch.Tensor) and t.dim() == 4]
+
+    def _forward(self, ids, mask, position_ids, cache_position, cache):
         kw = {"logits_to_keep": 1} if self.logits_to_keep else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                          cache_position=cache_position, use_cache=True, return_dict=True, **kw)
-        self.forward_passes += 1
         return out.logits[:, -1]
 
-    def _grow(self, need: int):
-        cap = max(need, self.capacity + self.T)
-        for layer in self.cache.layers:
-            layer.resize(cap)
-        grow = lambda m: torch.cat([m[:, :self.capacity], m.new_zeros(self.M, cap - self.capacity + 1)], 1)  # noqa
-        self.mask, self.prop = grow(self.mask), grow(self.prop)
-        self.capacity = cap
+    def _prefill(self, ids, mask, num_chains: int) -> None:
+        """Prefill the ``B`` prompts once and copy each into its ``num_chains`` rows of the arena."""
+        from transformers import DynamicCache
 
-    def reserve(self, tokens: int, col: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """Make room for ``tokens`` more columns (compact, then grow if needed); returns the renumbered ``col``."""
-        if self.length + tokens <= self.capacity:
-            return col
-        col = self.compact(col, length)
+        pre = DynamicCache(config=self.model.config)
+        self._forward(ids, mask, (mask.cumsum(1) - 1).clamp_min(0), torch.arange(ids.shape[1], device=ids.device), pre)
+        kv = [(layer.keys, layer.values) for layer in pre.layers]
+        self.cache.early_initialization(self.M, [k.shape[1] for k, _ in kv], [k.shape[3] for k, _ in kv], kv[0][0].dtype,
+                                        ids.device)
+        keep = mask.bool()[:, None, :, None]  # masked prompt padding: zero K/V so that no NaN can leak
+        for layer, (k, v) in zip(self.cache.layers, kv):
+            for dst, src in ((layer.keys, k), (layer.values, v)):
+                dst[:, :, :self.Pp] = torch.where(keep, src, 0).repeat_interleave(num_chains, 0)
+        self.mask[:, :self.Pp] = mask.repeat_interleave(num_chains, 0)
+
+    def reserve(self, tokens: int, col: torch.Tensor, length: torch.Tensor) -> None:
+        """Make room for ``tokens`` more columns, compacting if needed (renumbers ``col`` in place)."""
         if self.length + tokens > self.capacity:
-            self._grow(self.length + tokens)
-        return col
+            self.compact(col, length)
+        if self.length + tokens > self.capacity:  # cannot happen: capacity covers the worst case
+            raise RuntimeError(f"power arena overflow: {self.length} + {tokens} > {self.capacity} columns")
 
-    def compact(self, col: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    def compact(self, col: torch.Tensor, length: torch.Tensor) -> None:
         """Gather each row's fed columns to ``Pp .. Pp + W`` (right-aligned; ``W`` = the longest row)."""
         W = int(length.max())
         k = torch.arange(W, device=col.device)[None, :]
         src_k = k - (W - length)[:, None]  # fed-token index held by new column Pp + k
         valid = src_k >= 0
         src = torch.where(valid, col.gather(1, src_k.clamp_min(0)), 0)
-        for layer in self.cache.layers:
-            layer.move_columns(self.Pp, src)
+        rows = torch.arange(self.M, device=col.device)[:, None]
+        for buf in self.buffers():
+            buf[:, :, self.Pp:self.Pp + W] = buf[rows, :, src].permute(0, 2, 1, 3)
         self.length = self.Pp + W
+        self.column.fill_(self.length)
         self.mask[:, self.Pp:] = 0
         self.mask[:, self.Pp:self.length] = valid.long()
         kk = torch.arange(col.shape[1], device=col.device)[None, :]
-        return torch.where(kk < length[:, None], self.Pp + (W - length)[:, None] + kk, -1)
+        col.copy_(torch.where(kk < length[:, None], self.Pp + (W - length)[:, None] + kk, -1))
 
     def begin(self, cut: torch.Tensor, active: torch.Tensor, col: torch.Tensor, length: torch.Tensor) -> None:
         """Start a proposal: the proposal mask drops the columns of ``s_k``, ``k >= cut`` of active rows."""
@@ -388,18 +316,20 @@ class _Arena:
         drop = active[:, None] & (k >= cut[:, None]) & (k < length[:, None])
         self.prop.scatter_(1, torch.where(drop, col, self.capacity), 0)
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Feed one token per row (``[M]``) at ``positions`` (``[M]``); returns ``(logits [M, V], column)``."""
-        if self.length + 1 > self.capacity:  # only if reserve() under-estimated: grow
-            self._grow(self.length + 1)
-        n = self.length
-        self.prop[:, n] = live.long()
-        self.mask[:, n] = 0
-        dev = tokens.device
-        logits = self._forward(tokens[:, None], self.prop[:, :n + 1], positions[:, None],
-                               torch.arange(n, n + 1, device=dev))
-        self.length = n + 1
-        return logits, n
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``[M]``) at ``positions`` (``[M]``) into column ``self.column``; returns
+        the logits ``[M, V]`` and advances ``self.column`` (device work only: capturable)."""
+        self.prop.index_copy_(1, self.column, live.long()[:, None])
+        self.mask.index_fill_(1, self.column, 0)
+        for layer in self.cache.layers:  # newer transformers: the layer's own write position and query offset
+            n = getattr(layer, "cumulative_length", None)
+            if isinstance(n, torch.Tensor):
+                n.copy_(self.column.reshape(n.shape))
+        # The full-width mask: causal masking hides the columns after self.column.
+        logits = self._forward(tokens[:, None], self.prop[:, :self.capacity], positions[:, None], self.column,
+                               self.cache)
+        self.column += 1
+        return logits
 
     def commit(self, accept: torch.Tensor) -> None:
         """Accepted rows take the proposal mask; rejected rows keep their old columns."""
@@ -409,9 +339,14 @@ class _Arena:
 # ----------------------------------------------------------------------------- the cached sampler
 
 class _Chains:
-    """State of the ``M`` chains and their proposals (cached path)."""
+    """State of the ``M`` chains and their proposals (cached path).
 
-    def __init__(self, model, prompt_ids, prompt_mask, num_chains, T, eos, pad, alpha, top_k, seed):
+    A proposal runs :meth:`decode_step` once per token for all rows; it reads and writes only the
+    preallocated ``p_*`` buffers, the arena and device counters, so with ``cuda_graph`` it is
+    captured once (after :data:`GRAPH_WARMUP_STEPS` eager steps) and replayed.
+    """
+
+    def __init__(self, model, prompt_ids, prompt_mask, num_chains, T, eos, pad, alpha, top_k, seed, cuda_graph=False):
         device = prompt_ids.device
         self.M, self.T, self.pad, self.alpha, self.top_k, self.seed = prompt_ids.shape[0] * num_chains, T, pad, \
             alpha, top_k, seed
@@ -420,61 +355,93 @@ class _Chains:
         self.last_prompt = prompt_ids[:, -1].repeat_interleave(num_chains, 0)
         self.prompt_len = prompt_mask.sum(1).repeat_interleave(num_chains, 0)
         self.arena = _Arena(model, prompt_ids, prompt_mask, num_chains, T)
-        self.tokens = torch.full((M, T), pad, dtype=torch.int64, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
         f = lambda: torch.zeros(M, T, dtype=torch.float32, device=device)  # noqa: E731
-        self.scores = _Scores(f(), f(), f(), torch.zeros(M, dtype=torch.int64, device=device))
-        self.col = torch.full((M, T), -1, dtype=torch.int64, device=device)
-        self.decoded = torch.zeros((), dtype=torch.int64, device=device)
+        # Committed chains.
+        self.tokens = torch.full((M, T), pad, **i64)
+        self.scores = _Scores(f(), f(), f(), torch.zeros(M, **i64))
+        self.col = torch.full((M, T), -1, **i64)
+        # The running proposal (static buffers: a captured decode step reads and writes these).
+        self.p_tok, self.p_col = torch.full((M, T), pad, **i64), torch.full((M, T), -1, **i64)
+        self.p_logp, self.p_logq, self.p_ent = f(), f(), f()
+        self.p_pos, self.p_live = torch.zeros(M, **i64), torch.zeros(M, dtype=torch.bool, device=device)
+        self.p_nan = torch.zeros_like(self.p_live)
+        self.limit = torch.zeros((), **i64)
+        self.rng_step = torch.zeros(1, **i64)  # move * T + token offset: keys the proposal's noise
+        self.decoded = torch.zeros((), **i64)
+        self.cuda_graph, self.graph, self.eager_steps = cuda_graph, None, 0
 
     def ended(self) -> torch.Tensor:
         L = self.scores.length
         last = self.tokens.gather(1, (L - 1).clamp_min(0)[:, None])[:, 0]
         return (L > 0) & torch.isin(last, self.eos)
 
+    def decode_step(self) -> None:
+        """One token for every live proposal row (device work only: reads no Python counter)."""
+        T, pos, live = self.T, self.p_pos, self.p_live
+        prev = self.p_tok.gather(1, (pos - 1).clamp(0, T - 1)[:, None])[:, 0]
+        feed = torch.where(live, torch.where(pos == 0, self.last_prompt, prev), self.pad)
+        column = self.arena.column.expand(self.M).clone()
+        logits = self.arena.step(feed, (self.prompt_len - 1 + pos).clamp_min(0), live)
+        out = ops.twist_sample(logits, None, temperature=1.0 / self.alpha, top_k=self.top_k, seed=self.seed,
+                               step=self.rng_step, validate=False)
+        idx = pos.clamp_max(T - 1)[:, None]
+        for buf, val in ((self.p_tok, out.token), (self.p_logp, out.logp), (self.p_logq, out.logq),
+                         (self.p_ent, out.entropy), (self.p_col, column)):
+            buf.scatter_(1, idx, torch.where(live, val.to(buf.dtype), buf.gather(1, idx)[:, 0])[:, None])
+        self.decoded += live.sum()
+        self.p_nan |= live & torch.isnan(out.log_zpi)
+        done = torch.isin(out.token, self.eos) | (pos + 1 >= self.limit)
+        pos += live.long()
+        live &= ~done
+        self.rng_step += 1
+
+    def _run_step(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.cuda_graph and self.eager_steps >= GRAPH_WARMUP_STEPS:
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.decode_step()
+            self.graph.replay()
+        else:
+            self.decode_step()
+            self.eager_steps += 1
+        self.arena.length += 1
+        self.arena.forward_passes += 1
+
     @torch.no_grad()
     def propose(self, cut: torch.Tensor, active: torch.Tensor, limit: int, move: int):
         """Decode a suffix from ``cut`` for ``active`` rows until EOS or ``limit``; returns the proposal state."""
         T, arena = self.T, self.arena
         min_cut = int(torch.where(active, cut, limit).min())
-        self.col = arena.reserve(limit - min_cut, self.col, self.scores.length)
+        arena.reserve(limit - min_cut, self.col, self.scores.length)
         arena.begin(cut, active, self.col, self.scores.length)
-        tok, col = self.tokens.clone(), self.col.clone()
-        logp, logq, ent = (x.clone() for x in self.scores[:3])
-        pos = torch.where(active, cut, self.scores.length)
-        live = active.clone()
-        nan_rows = torch.zeros_like(live)
-        j = 0
-        while bool(live.any()):
-            prev = tok.gather(1, (pos - 1).clamp(0, T - 1)[:, None])[:, 0]
-            feed = torch.where(live, torch.where(pos == 0, self.last_prompt, prev), self.pad)
-            positions = (self.prompt_len - 1 + pos).clamp_min(0)
-            logits, column = arena.step(feed, positions, live)
-            out = ops.twist_sample(logits, None, temperature=1.0 / self.alpha, top_k=self.top_k, seed=self.seed,
-                                   step=move * T + j, validate=False)
-            idx = pos.clamp_max(T - 1)[:, None]
-            for buf, val in ((tok, out.token), (logp, out.logp), (logq, out.logq), (ent, out.entropy),
-                             (col, torch.full_like(out.token, column))):
-                buf.scatter_(1, idx, torch.where(live, val.to(buf.dtype), buf.gather(1, idx)[:, 0])[:, None])
-            self.decoded += live.sum()
-            nan_rows |= live & torch.isnan(out.log_zpi)
-            done = torch.isin(out.token, self.eos) | (pos + 1 >= limit)
-            pos = pos + live.long()
-            live = live & ~done
-            j += 1
-        _check_no_nan(nan_rows, move)
-        length = torch.where(active, pos, self.scores.length)
-        past = torch.arange(T, device=pos.device)[None, :] >= length[:, None]
-        tok = tok.masked_fill(past, self.pad)
-        logp, logq, ent = (x.masked_fill(past, 0.0) for x in (logp, logq, ent))
-        return tok, _Scores(logp, logq, ent, length), col
+        for buf, val in ((self.p_tok, self.tokens), (self.p_col, self.col), (self.p_logp, self.scores.logp),
+                         (self.p_logq, self.scores.logq), (self.p_ent, self.scores.ent),
+                         (self.p_pos, torch.where(active, cut, self.scores.length)), (self.p_live, active)):
+            buf.copy_(val)
+        self.p_nan.zero_()
+        self.limit.fill_(limit)
+        self.rng_step.fill_(move * T)
+        while bool(self.p_live.any()):
+            self._run_step()
+        _check_no_nan(self.p_nan, move)
+        length = torch.where(active, self.p_pos, self.scores.length)
+        past = torch.arange(T, device=length.device)[None, :] >= length[:, None]
+        tok = self.p_tok.masked_fill(past, self.pad)
+        logp, logq, ent = (x.masked_fill(past, 0.0) for x in (self.p_logp, self.p_logq, self.p_ent))
+        return tok, _Scores(logp, logq, ent, length), self.p_col.clone()
 
     def commit(self, accept: torch.Tensor, proposal) -> None:
         tok, sc, col = proposal
         a = accept[:, None]
-        self.tokens = torch.where(a, tok, self.tokens)
-        self.scores = _Scores(*(torch.where(a, n, o) for n, o in zip(sc[:3], self.scores[:3])),
-                              torch.where(accept, sc.length, self.scores.length))
-        self.col = torch.where(a, col, self.col)
+        self.tokens.copy_(torch.where(a, tok, self.tokens))
+        for old, new in zip(self.scores[:3], sc[:3]):
+            old.copy_(torch.where(a, new, old))
+        self.scores.length.copy_(torch.where(accept, sc.length, self.scores.length))
+        self.col.copy_(torch.where(a, col, self.col))
         self.arena.commit(accept)
 
 
@@ -497,7 +464,7 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  cut: str = "entropy", cut_power: float = 4.0, num_chains: int = 1, max_new_tokens: int = 256,
                  block_size: int | None = None, n_mcmc: int = 10, top_k: int = 0, seed: int = 0,
                  progress: bool = False, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None) -> PowerOutput:
+                 pad_token_id: int | None = None, cuda_graph: bool = False) -> PowerOutput:
     """Sample completions from ``p0^alpha`` by block-wise Metropolis-Hastings with KV reuse (SPEC §5).
 
     Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (or ``[P]``), left padding via
@@ -515,6 +482,10 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         seed: all randomness is a function of ``(seed, move, token offset, row)``.
         progress: show a tqdm bar over moves.
         eos_token_id, pad_token_id: default from the model's generation config.
+        cuda_graph: capture the per-token decode step (model forward on the KV arena, sampling,
+            bookkeeping) in a CUDA graph after two eager steps and replay it (CUDA only). The chain
+            is the same as with ``cuda_graph=False``; the host still checks once per token whether
+            every proposal has finished.
     Returns:
         :class:`PowerOutput` (completions ``[B, num_chains, T']``, ``log_p0``, per-block ``acceptance``,
         ``tokens_decoded``).
@@ -524,7 +495,10 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                                                        eos_token_id, pad_token_id)
     T, M = max_new_tokens, input_ids.shape[0] * num_chains
     device = input_ids.device
-    chains = _Chains(model, input_ids, attention_mask, num_chains, T, eos, pad, float(alpha), top_k, seed)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
+    chains = _Chains(model, input_ids, attention_mask, num_chains, T, eos, pad, float(alpha), top_k, seed,
+                     cuda_graph=bool(cuda_graph))
     accepted = torch.zeros(M, len(ends), dtype=torch.float32, device=device)
     all_rows = torch.ones(M, dtype=torch.bool, device=device)
     bar = _progress(len(ends) * (1 + n_mcmc), progress, "power-mh")
