@@ -130,3 +130,34 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_HOST_SYNC_METHODS = {"item", "tolist", "cpu", "numpy", "nonzero"}
+_HOST_SYNC_FUNCTIONS = {torch.nonzero, torch.masked_select, torch.unique, torch.Tensor.item, torch.Tensor.tolist}
+
+
+def _no_host_sync_backend(gm, example_inputs):
+    """A torch.compile backend that refuses graphs reading device values on the host."""
+    for node in gm.graph.nodes:
+        if (node.op == "call_method" and node.target in _HOST_SYNC_METHODS) or \
+                (node.op == "call_function" and node.target in _HOST_SYNC_FUNCTIONS):
+            raise AssertionError(f"host synchronisation in a step that must be capturable: {node.format_node()}")
+    return gm.forward
+
+
+def fullgraph(method):
+    """Wrap a no-argument method so that it runs under ``torch.compile(fullgraph=True)``.
+
+    A data-dependent Python branch inside it (``if tensor:``), ours or the model's, is then an
+    error (a graph break), and so is any ``.item()`` / ``.tolist()`` / ``nonzero`` left in the
+    traced graph: the CPU stand-in for "this can be captured in a CUDA graph". Compiled once per
+    instance; a method that keeps recompiling (a guard on a changing Python value) is an error
+    too, not a silent eager fallback.
+    """
+    def wrapped(self):
+        name = f"_fullgraph_{method.__name__}"
+        if name not in self.__dict__:
+            setattr(self, name, torch.compile(lambda: method(self), fullgraph=True, backend=_no_host_sync_backend))
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            getattr(self, name)()
+    return wrapped

@@ -27,6 +27,8 @@ from tsmc_kernels.exact import enumerate_completions
 from tsmc_kernels.models import tiny_random_model
 from tsmc_kernels.power import PowerOutput, power_sample, power_sample_reference
 
+from conftest import fullgraph
+
 V, EOS, T = 5, 4, 3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -241,6 +243,19 @@ def test_decode_step_reads_no_python_counter(monkeypatch):
         finally:
             self.arena.length = saved
     monkeypatch.setattr(power._Chains, "decode_step", poisoned)
+    got = power_sample(model, ids, mask, **kw)
+    assert torch.equal(want.completions, got.completions) and torch.equal(want.acceptance, got.acceptance)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_step_compiles_without_graph_breaks(monkeypatch, arch):
+    """The decode step (HF forward on the arena included) traces as one graph: nothing in it
+    synchronises with the host, as CUDA graph capture requires; and the traced step gives the same chain."""
+    model = tiny_random_model(V, arch=arch, seed=1)
+    ids, mask = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]]), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kw = dict(num_chains=3, max_new_tokens=7, block_size=3, n_mcmc=2, cut="entropy", seed=fresh_seed())
+    want = power_sample(model, ids, mask, **kw)
+    monkeypatch.setattr(power._Chains, "decode_step", fullgraph(power._Chains.decode_step))
     got = power_sample(model, ids, mask, **kw)
     assert torch.equal(want.completions, got.completions) and torch.equal(want.acceptance, got.acceptance)
 

@@ -15,6 +15,8 @@ from tsmc_kernels import smc_generate
 from tsmc_kernels.exact import TableTwist, enumerate_completions
 from tsmc_kernels.models import tiny_random_model
 
+from conftest import fullgraph
+
 V, T, EOS = 5, 3, 4
 PROMPT = torch.tensor([0, 1, 2])
 # With 512 replicas x 8 particles the TV noise of a correct sampler is ~0.03-0.05 (85 completions);
@@ -263,6 +265,39 @@ def test_step_never_reads_the_python_step(model, monkeypatch, sync_every):
     got = smc_generate(model, ids, mask, **kw)
     assert torch.equal(want.completions, got.completions) and torch.equal(want.ancestors, got.ancestors)
     torch.testing.assert_close(want.log_z, got.log_z, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_step_halves_compile_without_graph_breaks(monkeypatch, arch):
+    """propose() (HF forward on the static cache, MLP twist, sampling) and weigh() (weights,
+    resampling, KV gather) each trace as one graph: nothing in them synchronises with the host, as
+    CUDA graph capture requires; and the traced halves give the same run."""
+    from tsmc_kernels.sampler import smc
+    from tsmc_kernels.twist import MLPTwistHead
+
+    model = tiny_random_model(V, arch=arch, seed=3)
+    head = MLPTwistHead(vocab_size=V, hidden_size=model.config.hidden_size)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kw = dict(num_particles=6, max_new_tokens=8, potential=potential, twist=head, ess_threshold=0.7, cache="static",
+              sync_every=2, seed=fresh_seed())
+    want = smc_generate(model, ids, mask, **kw)
+    propose = smc._SMCRun.propose
+    traced = fullgraph(lambda self: propose(self))
+
+    def propose_traced(self, t=None):
+        if t == 0:
+            return propose(self, 0)
+        self.lm.t = 0  # frozen, as in a replay (smc_generate sets the true count after the step)
+        return traced(self)
+    monkeypatch.setattr(smc._SMCRun, "propose", propose_traced)
+    monkeypatch.setattr(smc._SMCRun, "weigh", fullgraph(smc._SMCRun.weigh))
+    got = smc_generate(model, ids, mask, **kw)
+    assert torch.equal(want.completions, got.completions) and torch.equal(want.ancestors, got.ancestors)
+    torch.testing.assert_close(want.log_z, got.log_z, atol=1e-6, rtol=0)
 
 
 def _init_without_ids(init):
