@@ -227,9 +227,10 @@ class _Arena:
     of ``capacity`` columns, a per-row column mask, and a device column counter.
 
     Columns ``0 .. Pp-1`` (``Pp = P - 1``) hold the prompt without its last token, prefilled once
-    per prompt and copied to its chains' rows. A chain of length ``L`` has its *fed tokens* ``s_0 .. s_{L-1}`` in the arena
-    (``s_0`` = the last prompt token, ``s_k`` = completion token ``k - 1``): ``col[m, k]`` is the
-    column of ``s_k`` (-1 past ``L``). Feeding ``s_k`` gives the logits of completion token ``k``.
+    per prompt and copied to its chains' rows. A chain of length ``L`` has its *fed tokens*
+    ``s_0 .. s_{L-1}`` in the arena (``s_0`` = the last prompt token, ``s_k`` = completion token
+    ``k - 1``): ``col[m, k]`` is the column of ``s_k`` (-1 past ``L``). Feeding ``s_k`` gives the
+    logits of completion token ``k``.
     ``mask`` is the committed per-row column mask and ``prop`` the mask of the running proposal
     (mask column ``capacity`` is a trash slot, never read).
 
@@ -247,7 +248,7 @@ class _Arena:
         self.M, self.T, self.Pp = B * num_chains, T, P - 1
         device = prompt_ids.device
         self.capacity = self.Pp + 2 * T
-        _num_cache_layers(model)
+        _num_cache_layers(model)  # refuses sliding-window / linear-attention models
         self.cache = StaticCache(config=model.config, max_cache_len=self.capacity)
         self.mask = torch.zeros(self.M, self.capacity + 1, dtype=torch.long, device=device)
         self.prop = torch.zeros_like(self.mask)
@@ -277,8 +278,8 @@ class _Arena:
         pre = DynamicCache(config=self.model.config)
         self._forward(ids, mask, (mask.cumsum(1) - 1).clamp_min(0), torch.arange(ids.shape[1], device=ids.device), pre)
         kv = [(layer.keys, layer.values) for layer in pre.layers]
-        self.cache.early_initialization(self.M, [k.shape[1] for k, _ in kv], [k.shape[3] for k, _ in kv], kv[0][0].dtype,
-                                        ids.device)
+        heads, dims = [k.shape[1] for k, _ in kv], [k.shape[3] for k, _ in kv]
+        self.cache.early_initialization(self.M, heads, dims, kv[0][0].dtype, ids.device)
         keep = mask.bool()[:, None, :, None]  # masked prompt padding: zero K/V so that no NaN can leak
         for layer, (k, v) in zip(self.cache.layers, kv):
             for dst, src in ((layer.keys, k), (layer.values, v)):
