@@ -53,30 +53,19 @@ def _lse(x):
 
 
 @helper
-def _lower_bound(base_ptr, value, n, LOG: tl.constexpr):
-    """Per lane: ``#{k < n : base[k] < value}`` for a sorted fp64 array (binary search)."""
-    lo = tl.full(value.shape, 0, tl.int32)
-    hi = tl.full(value.shape, 0, tl.int32) + n
-    for _ in tl.static_range(LOG):
-        active = lo < hi
-        mid = (lo + hi) // 2
-        p = tl.load(base_ptr + mid, mask=active, other=0.0, volatile=True)
-        right = p < value
-        lo = tl.where(active & right, mid + 1, lo)
-        hi = tl.where(active & (~right), mid, hi)
-    return lo
-
-
-@helper
-def _upper_bound_i(base_ptr, value, n, LOG: tl.constexpr):
-    """Per lane: ``#{k < n : base[k] <= value}`` for a sorted int32 array (binary search)."""
+def _bisect(base_ptr, value, n, LOG: tl.constexpr, RIGHT: tl.constexpr):
+    """Per lane: ``#{k < n : base[k] < value}`` (``RIGHT=False``) or ``<= value`` (``RIGHT=True``)
+    for a sorted array (binary search, ``LOG >= log2(n + 1)`` rounds)."""
     lo = tl.full(value.shape, 0, tl.int32)
     hi = tl.full(value.shape, 0, tl.int32) + n
     for _ in tl.static_range(LOG):
         active = lo < hi
         mid = (lo + hi) // 2
         p = tl.load(base_ptr + mid, mask=active, other=0, volatile=True)
-        right = p <= value
+        if RIGHT:
+            right = p <= value
+        else:
+            right = p < value
         lo = tl.where(active & right, mid + 1, lo)
         hi = tl.where(active & (~right), mid, hi)
     return lo
@@ -106,10 +95,10 @@ def _ancestors(lw, idx, N, key, pos_ptr, cw_ptr, ext_ptr, SCHEME: tl.constexpr, 
     tl.store(pos_ptr + idx, pos, mask=valid)
     tl.store(cw_ptr + idx, cw, mask=valid)
     tl.debug_barrier()
-    g_i = _lower_bound(pos_ptr, cw, N, LOG)
+    g_i = _bisect(pos_ptr, cw, N, LOG, False)
     g_i = tl.where(idx >= N - 1, N, g_i)
     cw_prev = tl.load(cw_ptr + idx - 1, mask=valid & (idx > 0), other=0.0, volatile=True)
-    g_prev = _lower_bound(pos_ptr, cw_prev, N, LOG)
+    g_prev = _bisect(pos_ptr, cw_prev, N, LOG, False)
     g_prev = tl.where(idx == 0, 0, g_prev)
     count = tl.where(valid, g_i - g_prev, 0)
     extra = tl.maximum(count - 1, 0)
@@ -118,7 +107,7 @@ def _ancestors(lw, idx, N, key, pos_ptr, cw_ptr, ext_ptr, SCHEME: tl.constexpr, 
     dead_rank = cumsum(dead.to(tl.int32), axis=0) - 1
     tl.store(ext_ptr + idx, extra_end, mask=valid)
     tl.debug_barrier()
-    src = _upper_bound_i(ext_ptr, tl.maximum(dead_rank, 0), N, LOG)
+    src = _bisect(ext_ptr, tl.maximum(dead_rank, 0), N, LOG, True)
     src = tl.minimum(src, N - 1)
     return tl.where(dead, src, idx)
 
