@@ -367,6 +367,15 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("sampler", ["power_sample", "power_sample_reference"])
+def test_prompt_too_long_for_the_model(sampler):
+    # GPT-2's learned positions would fail with an IndexError deep inside the model.
+    model = tiny_random_model(V, arch="gpt2", max_positions=8)
+    with pytest.raises(ValueError, match="exceeds the model's 8 positions"):
+        getattr(power, sampler)(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), max_new_tokens=3, n_mcmc=1)
+    getattr(power, sampler)(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), max_new_tokens=2, n_mcmc=1)  # fits
+
+
+@pytest.mark.parametrize("sampler", ["power_sample", "power_sample_reference"])
 def test_nan_logits_are_an_error(sampler):
     model = tiny_random_model(8, seed=0)
     with torch.no_grad():

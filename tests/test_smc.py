@@ -380,10 +380,13 @@ def test_bad_inputs(model):
         smc_generate(model, [[0, 1]], max_new_tokens=2)
 
 
-def test_prompt_too_long_for_static_cache():
-    m = tiny_random_model(V, max_positions=8)
-    with pytest.raises(ValueError, match="static cache"):
-        smc_generate(m, torch.zeros(1, 6, dtype=torch.long), max_new_tokens=4, cache="static")
+@pytest.mark.parametrize("cache,match", [("static", "static cache"), ("dynamic", "run past"), ("none", "run past")])
+def test_prompt_too_long_for_the_model(cache, match):
+    # GPT-2's learned positions would fail with an IndexError deep inside the model.
+    m = tiny_random_model(V, arch="gpt2", max_positions=8)
+    with pytest.raises(ValueError, match=f"exceeds the model's 8 positions .*{match}"):
+        smc_generate(m, torch.zeros(1, 6, dtype=torch.long), max_new_tokens=4, cache=cache)
+    smc_generate(m, torch.zeros(1, 6, dtype=torch.long), max_new_tokens=2, cache=cache)  # exactly fits
 
 
 def test_twist_vocab_mismatch_is_an_error(model):

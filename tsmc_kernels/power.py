@@ -52,7 +52,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import ops, rng
-from .sampler.inputs import check_int, check_prompts, eos_ids, pad_id
+from .sampler.inputs import check_int, check_positions, check_prompts, eos_ids, pad_id
 
 __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 
@@ -120,6 +120,7 @@ def _validate(model, input_ids, attention_mask, *, alpha, cut, cut_power, num_ch
     for name, value, low in (("num_chains", num_chains, 1), ("max_new_tokens", max_new_tokens, 1),
                              ("block_size", block_size, 1), ("n_mcmc", n_mcmc, 0), ("top_k", top_k, 0)):
         check_int(name, value, low)
+    check_positions(model, input_ids.shape[1], max_new_tokens, "a completion would run past them")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return input_ids, attention_mask

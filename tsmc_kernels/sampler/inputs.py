@@ -10,6 +10,16 @@ def check_int(name: str, value, low: int, why: str = "") -> None:
         raise ValueError(f"{name} must be an int >= {low}{why}, got {value!r}")
 
 
+def check_positions(model, prompt_len: int, max_new_tokens: int, why: str) -> None:
+    """Raise ``ValueError`` when ``prompt_len + max_new_tokens`` exceeds the model's position limit
+    (``max_position_embeddings`` or ``n_positions``, when the config has one)."""
+    cfg = model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and prompt_len + max_new_tokens > limit:
+        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's {limit} "
+                         f"positions ({why})")
+
+
 def eos_ids(model, eos_token_id=None) -> list[int]:
     """EOS ids: ``eos_token_id`` (int or list), else the model's generation config, else its config."""
     if eos_token_id is None:

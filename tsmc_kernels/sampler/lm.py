@@ -17,6 +17,7 @@ import inspect
 import torch
 
 from .. import ops
+from .inputs import check_positions
 
 CACHE_MODES = ("dynamic", "static", "none")
 
@@ -55,10 +56,8 @@ class ParticleLM:
         self.all_ids = None  # [M, P + T] for cache="none"
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if cache == "static" and limit is not None and P + T > limit:
-            raise ValueError(f"prompt length {P} + max_new_tokens {T} exceeds the model's {limit} positions "
-                             "(too long for a static cache)")
+        check_positions(model, P, T, "too long for a static cache" if cache == "static" else
+                        "a completion would run past them")
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, ids, mask, position_ids, cache_position, keep_last: bool):
