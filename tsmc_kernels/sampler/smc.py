@@ -15,7 +15,8 @@ CUDA graph and replayed. The host looks at the particles every ``sync_every`` st
 default) between the halves, so a finished particle's potential enters the weight of the step it
 finished in; with ``K > 1`` after every ``K`` whole steps, so it enters up to ``K`` steps later
 (until then the particle carries its last twist value, which is just another choice of SMC
-intermediate target: the final target and ``Zhat`` stay exact).
+intermediate target: the final target and ``Zhat`` stay exact). Without potentials (``phi = 1``,
+set on the device) the host never needs to look between the halves and checks after the step.
 Finished particles stop proposing and keep their weight; they are still resampled.
 The sampler orchestrates; every numeric kernel lives in :mod:`tsmc_kernels.ops`.
 """
@@ -148,6 +149,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if cuda_graph:  # eager warm-up steps run on a side stream, as graph capture requires
         warmup = torch.cuda.Stream(device=input_ids.device)
         warmup.wait_stream(torch.cuda.current_stream(input_ids.device))
+    # The host needs to look between the halves only to evaluate potentials (phi = 1 is set on the device).
+    mid_sync = sync_every == 1 and (phi_fn is not None or inter_fn is not None)
     steps_run, flushed = 0, False
     for t in steps:
         if cuda_graph and t == GRAPH_WARMUP_STEPS:
@@ -159,13 +162,13 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             else:
                 run.propose(t)
             run.lm.t = t  # completion tokens in the cache (a replay does not advance the Python counter)
-            done = run.host_sync(t, before_weigh=True) if sync_every == 1 else False
+            done = run.host_sync(t, before_weigh=True) if mid_sync else False
             if graphs is not None:
                 graphs.weigh.replay()
             else:
                 run.weigh()
             steps_run = t + 1
-            if sync_every > 1 and ((t + 1) % sync_every == 0 or t == T - 1):
+            if not mid_sync and ((t + 1) % sync_every == 0 or t == T - 1):
                 done = run.host_sync(t, before_weigh=False)
                 if done and bool(run.phi_due.any()):
                     run.flush()
