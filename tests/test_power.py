@@ -213,17 +213,22 @@ def test_cached_chain_equals_redecoding_chain(arch, cut, monkeypatch):
 
 def test_worst_case_cuts_fit_the_fixed_arena(monkeypatch):
     """Every cut at 0: each proposal re-decodes the whole completion, so the arena (a StaticCache of
-    P - 1 + 2T columns that never grows) compacts again and again; the chain stays exact."""
+    P - 1 + 2T columns that never grows, of which block b attends to P - 1 + 2 * limit_b) compacts
+    again and again; the chain stays exact."""
     monkeypatch.setattr(power, "_choose_cut", lambda log_w, u: torch.zeros(log_w.shape[0], dtype=torch.int64))
     compactions = []
     orig = power._Arena.compact
     monkeypatch.setattr(power._Arena, "compact", lambda self, *a: compactions.append(1) or orig(self, *a))
+    widths = []
+    widen = power._Arena.widen
+    monkeypatch.setattr(power._Arena, "widen", lambda self, limit: widen(self, limit) or widths.append(self.capacity))
     model = tiny_random_model(V, seed=2)
     kw = dict(num_chains=3, max_new_tokens=6, block_size=2, n_mcmc=2, cut="uniform", seed=fresh_seed())
     ids = torch.tensor([[1, 2], [3, 3]])
     monkeypatch.setattr(power._Chains, "commit", checked_commit(power._Chains.commit, torch.ones_like(ids)))
     a, b = power_sample(model, ids, **kw), power_sample_reference(model, ids, **kw)
     assert len(compactions) >= 2
+    assert sorted(set(widths)) == [1 + 2 * 2, 1 + 2 * 4, 1 + 2 * 6], "attention width Pp + 2 * block limit"
     assert torch.equal(a.completions, b.completions) and torch.equal(a.acceptance, b.acceptance)
 
 

@@ -233,12 +233,14 @@ class _Arena:
     ``k - 1``): ``col[m, k]`` is the column of ``s_k`` (-1 past ``L``). Feeding ``s_k`` gives the
     logits of completion token ``k``.
     ``mask`` is the committed per-row column mask and ``prop`` the mask of the running proposal
-    (mask column ``capacity`` is a trash slot, never read).
+    (mask column ``max_capacity`` is a trash slot, never read).
 
-    ``capacity = Pp + 2T``: after a compaction the rows need at most ``T`` columns and a proposal
-    at most ``T`` more, so the arena never grows and its tensors never move. :meth:`step` reads
-    only device tensors (the column to write is ``self.column``), so it can be CUDA-graph captured;
-    ``self.length`` is the host's copy of that counter, advanced by the caller after each step.
+    ``max_capacity = Pp + 2T`` columns are allocated once: after a compaction the rows need at most
+    ``T`` columns and a proposal at most ``T`` more, so the arena never grows and its tensors never
+    move. Attention reads only the first ``capacity = Pp + 2 * limit`` columns, what the current
+    block (length limit ``limit``) can need (:meth:`widen`). :meth:`step` reads only device tensors
+    (the column to write is ``self.column``), so it can be CUDA-graph captured; ``self.length`` is
+    the host's copy of that counter, advanced by the caller after each step.
     """
 
     def __init__(self, model, prompt_ids, prompt_mask, num_chains: int, T: int):
@@ -248,10 +250,11 @@ class _Arena:
         B, P = prompt_ids.shape
         self.M, self.T, self.Pp = B * num_chains, T, P - 1
         device = prompt_ids.device
-        self.capacity = self.Pp + 2 * T
+        self.max_capacity = self.capacity = self.Pp + 2 * T
         _num_cache_layers(model)  # refuses sliding-window / linear-attention models
-        self.cache = StaticCache(config=model.config, max_cache_len=self.capacity)
-        self.mask = torch.zeros(self.M, self.capacity + 1, dtype=torch.long, device=device)
+        self.cache = StaticCache(config=model.config, max_cache_len=self.max_capacity)
+        self._full = None  # (layer, full keys, full values) once allocated and narrowed by widen()
+        self.mask = torch.zeros(self.M, self.max_capacity + 1, dtype=torch.long, device=device)
         self.prop = torch.zeros_like(self.mask)
         self.forward_passes = 0
         self.logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -260,6 +263,23 @@ class _Arena:
             self.forward_passes += 1
         self.length = self.Pp
         self.column = torch.full((1,), self.Pp, dtype=torch.int64, device=device)
+
+    def widen(self, limit: int) -> None:
+        """Attend to the first ``Pp + 2 * limit`` columns from now on (never fewer than before).
+
+        The layers' K/V become views of that width (written in place as before); a CUDA graph is
+        captured per width. A 1-token prompt allocates the cache in its first step: full width.
+        """
+        W = min(self.Pp + 2 * limit, self.max_capacity)
+        if self._full is None:
+            if not self.buffers() or self.length > self.Pp:
+                return
+            self._full = [(layer, layer.keys, layer.values) for layer in self.cache.layers]
+        elif W <= self.capacity:
+            return
+        for layer, k, v in self._full:
+            layer.keys, layer.values, layer.max_cache_len = k[:, :, :W], v[:, :, :W], W
+        self.capacity = W
 
     def buffers(self) -> list[torch.Tensor]:
         """Every layer's K and V ``[M, H, capacity, D]`` (empty before the first forward pass)."""
@@ -316,7 +336,7 @@ class _Arena:
         self.prop.copy_(self.mask)
         k = torch.arange(col.shape[1], device=col.device)[None, :]
         drop = active[:, None] & (k >= cut[:, None]) & (k < length[:, None])
-        self.prop.scatter_(1, torch.where(drop, col, self.capacity), 0)
+        self.prop.scatter_(1, torch.where(drop, col, self.max_capacity), 0)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (``[M]``) at ``positions`` (``[M]``) into column ``self.column``; returns
@@ -371,7 +391,7 @@ class _Chains:
         self.limit = torch.zeros((), **i64)
         self.rng_step = torch.zeros(1, **i64)  # move * T + token offset: keys the proposal's noise
         self.decoded = torch.zeros((), **i64)
-        self.cuda_graph, self.graph, self.eager_steps = cuda_graph, None, 0
+        self.cuda_graph, self.graphs, self.pool, self.eager_steps, self.width_steps = cuda_graph, {}, None, 0, 0
 
     def ended(self) -> torch.Tensor:
         L = self.scores.length
@@ -399,17 +419,21 @@ class _Chains:
         self.rng_step += 1
 
     def _run_step(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
-        elif self.cuda_graph and self.eager_steps >= GRAPH_WARMUP_STEPS:
+        graph = self.graphs.get(self.arena.capacity)
+        if graph is not None:
+            graph.replay()
+        elif self.cuda_graph and self.eager_steps >= GRAPH_WARMUP_STEPS and self.width_steps >= 1:
+            # One graph per attention width (one eager step at each new width first), one memory pool.
             torch.cuda.synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            graph = self.graphs[self.arena.capacity] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
                 self.decode_step()
-            self.graph.replay()
+            self.pool = self.pool or graph.pool()
+            graph.replay()
         else:
             self.decode_step()
             self.eager_steps += 1
+            self.width_steps += 1
         self.arena.length += 1
         self.arena.forward_passes += 1
 
@@ -418,6 +442,10 @@ class _Chains:
         """Decode a suffix from ``cut`` for ``active`` rows until EOS or ``limit``; returns the proposal state."""
         T, arena = self.T, self.arena
         min_cut = int(torch.where(active, cut, limit).min())
+        width = arena.capacity
+        arena.widen(limit)
+        if arena.capacity != width:
+            self.width_steps = 0
         arena.reserve(limit - min_cut, self.col, self.scores.length)
         arena.begin(cut, active, self.col, self.scores.length)
         for buf, val in ((self.p_tok, self.tokens), (self.p_col, self.col), (self.p_logp, self.scores.logp),
