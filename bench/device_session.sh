@@ -6,6 +6,10 @@
 #   bench/device_session.sh smc       # smc_generate throughput, N = 64, 64 new tokens (graph vs eager)
 #   bench/device_session.sh power     # power_sample vs model.generate, batched problems
 #
+# Worth one extra call when time allows: TRANSFORMERS_SDPA_FORCE_GQA=1 bench/device_session.sh smc
+# (HF repeats K/V per query head whenever an attention mask is passed, as in every decode step here;
+# that flag asks SDPA for grouped-query attention with the mask instead).
+#
 # Logs and result files are copied to $OUT (the tool brings them back); commit the JSON files
 # under bench/results/. Phases after `tests` reuse the installed package while the machine is warm
 # (they reinstall it otherwise). Never changes GPU settings.
