@@ -175,6 +175,14 @@ def test_same_seed_same_result(model):
     assert torch.equal(a.completions, b.completions) and torch.equal(a.log_z, b.log_z)
 
 
+def test_progress_bar_ends_where_the_run_ends(model, capsys):
+    kw = dict(num_particles=4, max_new_tokens=30, eos_token_id=[1, 2, 3, 4], seed=fresh_seed())
+    out = smc_generate(model, replicas(2), progress=True, **kw)
+    assert out.steps < 30
+    assert f"{out.steps}/{out.steps} " in capsys.readouterr().err.split("\r")[-1]
+    assert torch.equal(out.completions, smc_generate(model, replicas(2), **kw).completions)
+
+
 # ---------------------------------------------------------------------------- sync_every, CUDA graphs
 
 @pytest.mark.parametrize("sync_every", [2, 3, 8])

@@ -141,10 +141,10 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                   reference_completions=reference_completions, tokenizer=tokenizer, sync_every=sync_every,
                   pass_ids=not cuda_graph)
     T = max_new_tokens
-    steps = range(T)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="smc", unit="tok")
+        bar = tqdm(total=T, desc="smc", unit="tok")
     graphs, warmup = None, None
     if cuda_graph:  # eager warm-up steps run on a side stream, as graph capture requires
         warmup = torch.cuda.Stream(device=input_ids.device)
@@ -152,7 +152,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     # The host needs to look between the halves only to evaluate potentials (phi = 1 is set on the device).
     mid_sync = sync_every == 1 and (phi_fn is not None or inter_fn is not None)
     steps_run, flushed = 0, False
-    for t in steps:
+    for t in range(T):
         if cuda_graph and t == GRAPH_WARMUP_STEPS:
             torch.cuda.current_stream(input_ids.device).wait_stream(warmup)
             graphs = run.capture()
@@ -173,8 +173,13 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 if done and bool(run.phi_due.any()):
                     run.flush()
                     flushed = True
+        if bar is not None:
+            bar.update(1)
         if done:
             break
+    if bar is not None:  # every particle may finish before max_new_tokens: end the bar where the run ended
+        bar.total = steps_run
+        bar.close()
     if cuda_graph and graphs is None:
         torch.cuda.current_stream(input_ids.device).wait_stream(warmup)
     return run.output(steps_run, steps_run + flushed)
