@@ -322,7 +322,10 @@ class _Arena:
         valid = src_k >= 0
         src = torch.where(valid, col.gather(1, src_k.clamp_min(0)), 0)
         rows = torch.arange(self.M, device=col.device)[:, None]
-        for buf in self.buffers():
+        buffers = self.buffers()
+        if len(buffers) != 2 * len(self.cache.layers):  # a transformers release with another StaticCache layout
+            raise NotImplementedError("power_sample: cannot find the key/value tensors of this StaticCache")
+        for buf in buffers:
             buf[:, :, self.Pp:self.Pp + W] = buf[rows, :, src].permute(0, 2, 1, 3)
         self.length = self.Pp + W
         self.column.fill_(self.length)
