@@ -350,7 +350,7 @@ class _Arena:
             n = getattr(layer, "cumulative_length", None)
             if isinstance(n, torch.Tensor):
                 n.copy_(self.column.reshape(n.shape))
-        # The full-width mask: causal masking hides the columns after self.column.
+        # The mask over every attended column: causal masking hides those after self.column.
         logits = self._forward(tokens[:, None], self.prop[:, :self.capacity], positions[:, None], self.column,
                                self.cache)
         self.column += 1
@@ -368,7 +368,7 @@ class _Chains:
 
     A proposal runs :meth:`decode_step` once per token for all rows; it reads and writes only the
     preallocated ``p_*`` buffers, the arena and device counters, so with ``cuda_graph`` it is
-    captured once (after :data:`GRAPH_WARMUP_STEPS` eager steps) and replayed.
+    captured once per attention width (after :data:`GRAPH_WARMUP_STEPS` eager steps) and replayed.
     """
 
     def __init__(self, model, prompt_ids, prompt_mask, num_chains, T, eos, pad, alpha, top_k, seed, cuda_graph=False):
