@@ -3,7 +3,8 @@
 #
 #   bench/device_session.sh tests     # install (builds the CUDA gather), GPU tests, all tests on CUDA
 #   bench/device_session.sh kernels   # kernel microbenchmarks -> bench/results/<device>.json
-#   bench/device_session.sh smc       # smc_generate throughput, N = 64, 64 new tokens (graph vs eager)
+#   bench/device_session.sh smc       # smc_generate throughput, N = 64, 256 new tokens (graph vs eager);
+#                                     # SMC_FILTER="16] or 256]" for the other N in a second call
 #   bench/device_session.sh power     # power_sample vs model.generate, batched problems
 #
 # Worth one extra call when time allows: TRANSFORMERS_SDPA_FORCE_GQA=1 bench/device_session.sh smc
@@ -47,7 +48,7 @@ case "$PHASE" in
     ;;
   smc)
     log "smc benchmarks"
-    BENCH_PATHS=bench/test_bench_smc.py BENCH_SMC_NEW_TOKENS=${BENCH_SMC_NEW_TOKENS:-64} timeout 560 bench/run_all.sh \
+    BENCH_PATHS=bench/test_bench_smc.py BENCH_SMC_NEW_TOKENS=${BENCH_SMC_NEW_TOKENS:-256} timeout 560 bench/run_all.sh \
       -k "${SMC_FILTER:-64]}" 2>&1 | tee "$OUT/smc.log" | tail -40
     for f in bench/results/*.json; do cp "$f" "$OUT/smc-$(basename "$f")"; done
     ;;
