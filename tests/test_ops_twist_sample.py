@@ -144,6 +144,11 @@ def test_ops_matches_reference(gen, backend, dtype):
     out = ops.twist_sample(x, None, seed=seed, step=torch.tensor(3))
     _assert_matches(out, reference.twist_sample(x, None, seed=seed, step=3))
     assert bool((out.log_psi == 0).all())
+    steps = torch.randint(0, 2**40, (M,), generator=gen)  # one step per row
+    out = ops.twist_sample(x, t, seed=seed, step=steps)
+    _assert_matches(out, reference.twist_sample(x, t, seed=seed, step=steps))
+    for m in (0, M - 1):
+        assert out.token[m] == ops.twist_sample(x, t, seed=seed, step=int(steps[m])).token[m]
 
 
 def test_ops_backends_agree(gen, monkeypatch):
@@ -168,6 +173,8 @@ def test_ops_validates_arguments():
         ops.twist_sample(x, top_k=-1)
     with pytest.raises(ValueError, match="step"):
         ops.twist_sample(x, step=-1)
+    with pytest.raises(ValueError, match=r"integer tensor \[2\]"):
+        ops.twist_sample(x, step=torch.tensor([1, 2, 3]))
 
 
 def test_ops_under_torch_compile_fullgraph(gen, monkeypatch):

@@ -34,7 +34,8 @@ SCRIPT = textwrap.dedent('''
            "ent_ptr": "*fp32"}
     for dt, tw, temp, topk, split in [("*bf16", True, True, True, True), ("*fp32", False, False, False, False)]:
         sig = {"logits_ptr": dt, "stride_l": "i32", "twist_ptr": dt, "stride_t": "i32", "thr_ptr": "*fp32",
-               "step_ptr": "*i64", "key_base": "i32", "inv_temp": "fp32", "V": "i32", "tiles_per_split": "i32",
+               "step_ptr": "*i64", "step_stride": "i32", "key_base": "i32", "inv_temp": "fp32", "V": "i32",
+               "tiles_per_split": "i32",
                "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **out}
         compile_(ts._twist_sample_kernel, sig, dict(HAS_TWIST=tw, TEMPERED=temp, TOPK=topk,
                  SAME_R=not (temp or topk), SPLIT=split, BLOCK=1024), 8)

@@ -153,6 +153,18 @@ def test_step_is_read_from_device_tensor(gen):
     assert torch.equal(tokens[1], tokens[2])  # same step mod 2**32
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_per_row_steps(gen, splits):
+    # One step per row (power_sample's chains are at different moves): row m's noise is keyed by
+    # (seed, step[m], m), exactly as in a call with the scalar step[m].
+    M, V = 5, 70
+    x, t = make_inputs(gen, M, V)
+    steps = [int(s) for s in torch.randint(0, 2**31, (M,), generator=gen)]
+    out, _ = check_against_reference(x, t, seed=11, step=steps, num_splits=splits)
+    for m in range(M):
+        assert out[0][m] == run_kernel(x, t, seed=11, step=steps[m], num_splits=splits)[0][m]
+
+
 def test_deterministic_and_batch_layout_invariant(gen):
     # Row m's noise depends on (seed, step, m) only: a row gives the same token in any batch.
     x, t = make_inputs(gen, 6, 80)

@@ -102,13 +102,16 @@ def _check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
 
 
-def _step_tensor(step, device: torch.device) -> torch.Tensor:
+def _step_tensor(step, device: torch.device, rows: int | None = None) -> torch.Tensor:
+    """``step`` as an int64 0-dim tensor, or ``[rows]`` (one step per row) when ``rows`` allows it."""
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"step must be an int or a one-element integer tensor, got {step.dtype} {tuple(step.shape)}")
+        per_row = rows is not None and step.dim() == 1 and step.numel() == rows
+        if not (step.numel() == 1 or per_row) or step.dtype not in (torch.int64, torch.int32):
+            want = "a one-element integer tensor" + (f" or an integer tensor [{rows}]" if rows is not None else "")
+            raise ValueError(f"step must be an int or {want}, got {step.dtype} {tuple(step.shape)}")
         if step.device != device:
             raise ValueError(f"step is on {step.device} but the data is on {device}")
-        return step.reshape(()).to(torch.int64)
+        return step.to(torch.int64) if per_row else step.reshape(()).to(torch.int64)
     if int(step) < 0:
         raise ValueError(f"step must be non-negative, got {step}")
     return torch.tensor(int(step), dtype=torch.int64, device=device)
@@ -155,8 +158,8 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
         temperature: proposal temperature ``> 0``; the proposal is
             ``q ∝ exp((log p0 + log psi) / temperature)``.
         top_k: restrict the proposal to entries ``>=`` its k-th largest (0 = off).
-        seed: non-negative int; with ``step`` (int or int64 0-dim device tensor) keys the noise of
-            row ``m`` and token ``v`` (see :mod:`tsmc_kernels.rng`).
+        seed: non-negative int; with ``step`` (int, int64 0-dim device tensor, or int64 ``[M]``: one
+            step per row) keys the noise of row ``m`` and token ``v`` (see :mod:`tsmc_kernels.rng`).
         validate: check shapes, devices and dtypes (never synchronises).
     Returns:
         :class:`TwistSampleOutput`: ``token`` int64 ``[M]``; ``logp``, ``logq``, ``log_zpi``,
@@ -176,7 +179,7 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
-    step_t = _step_tensor(step, logits.device)
+    step_t = _step_tensor(step, logits.device, rows=logits.shape[0])
     return TwistSampleOutput(*_twist_sample_op(logits, log_twist, float(temperature), int(top_k), _seed32(seed), step_t))
 
 

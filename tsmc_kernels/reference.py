@@ -88,7 +88,8 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
         log_twist: log-twists ``log psi_t(s_<t, v)`` ``[M, V]`` or ``None`` (``psi = 1``).
         temperature: proposal temperature (> 0), applied to ``log p0 + log psi``.
         top_k: keep only proposal entries ``>=`` the k-th largest (0 = all).
-        seed, step: RNG key; row ``m`` draws noise ``gumbel(seed, step, STREAM_TOKEN, m, v)``.
+        seed, step: RNG key; row ``m`` draws noise ``gumbel(seed, step, STREAM_TOKEN, m, v)`` (``step``:
+            an int, a 0-dim tensor, or ``[M]``: one step per row).
     Returns:
         :class:`TwistSampleOutput` of ``[M]`` tensors.
     """

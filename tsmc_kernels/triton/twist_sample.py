@@ -141,15 +141,15 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
 
 
 @triton.jit(do_not_specialize=["key_base", "inv_temp", "tiles_per_split"])
-def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, step_ptr, key_base, inv_temp,
-                         V, tiles_per_split, part_f_ptr, part_i_ptr,
+def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, step_ptr, step_stride, key_base,
+                         inv_temp, V, tiles_per_split, part_f_ptr, part_i_ptr,
                          token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
                          HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr,
                          SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     row64 = row.to(tl.int64)
-    key = row_key(key_base, step_ptr, row)
+    key = row_key(key_base, step_ptr + row * step_stride, row)
     lanes = tl.arange(0, BLOCK)
     l_base = logits_ptr + row64 * stride_l
     t_base = twist_ptr + row64 * stride_t
@@ -324,7 +324,8 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
         temperature, top_k: as in the reference. ``top_k`` in ``(0, V)`` costs one extra read of
             the inputs (``torch.topk`` for the per-row threshold).
         seed: the seed already folded to 32 bits (``rng.fold_seed``; ops does it).
-        step: int64 0-dim / 1-element tensor on the device (read inside the kernel), or an int.
+        step: int64 0-dim / 1-element tensor on the device (read inside the kernel), an int, or an
+            int64 ``[M]`` tensor (one step per row).
         num_splits: programs per row along V (default: automatic, >1 only when ``M`` is small).
         block_v, num_warps: vocabulary tile and warps per program (default 1024 and 8 on GPU:
             4 elements per thread, ~80 registers, 3 programs per H100 SM; up to 4096 under the
@@ -349,7 +350,8 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     twist = _row_major(log_twist) if has_twist else logits
     topk = 0 < top_k < V
     thr = _topk_threshold(logits, log_twist, top_k) if topk else outs[0]
-    step_t = step_tensor(step, dev)
+    per_row_step = isinstance(step, torch.Tensor) and step.dim() == 1 and step.numel() == M and M > 1
+    step_t = step.to(device=dev, dtype=torch.int64).contiguous() if per_row_step else step_tensor(step, dev)
     tempered = float(temperature) != 1.0
     inv_temp = 1.0 / float(temperature)
     key_base = host_key_base(int(seed), rng.STREAM_TOKEN)
@@ -369,7 +371,7 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     else:
         part_f, part_i = outs[0], token  # unused
     _twist_sample_kernel[(M, splits)](
-        logits, logits.stride(0), twist, twist.stride(0), thr, step_t, key_base, inv_temp,
+        logits, logits.stride(0), twist, twist.stride(0), thr, step_t, int(per_row_step), key_base, inv_temp,
         V, tiles_per_split, part_f, part_i, token, *outs,
         HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, SAME_R=not (tempered or topk), SPLIT=splits > 1,
         BLOCK=block_v,
