@@ -172,19 +172,20 @@ def test_chains_converge_to_power_target(name):
 
 # ----------------------------------------------------------------------------- cached chain == re-decoding chain
 
-def checked_commit(commit, prompt_mask):
-    """Wrap ``_Chains.commit``: after every move, each row's unmasked arena columns must be exactly its
-    prompt columns plus the columns of its fed tokens ``s_0 .. s_{L-1}`` (no stale or missing column)."""
-    def wrapped(self, accept, proposal):
-        commit(self, accept, proposal)
+def checked_settle(settle, prompt_mask):
+    """Wrap ``_Chains.settle``: after it, each row's unmasked committed arena columns must be exactly
+    its prompt columns plus the columns of its fed tokens ``s_0 .. s_{L-1}`` (no stale or missing column)."""
+    def wrapped(self):
+        settle(self)
         arena, L = self.arena, self.scores.length
+        n = int(arena.column)  # columns written so far (the host's counter moves after the step)
         chains = self.M // prompt_mask.shape[0]
-        want = torch.zeros(self.M, arena.length, dtype=torch.long)
+        want = torch.zeros(self.M, n, dtype=torch.long)
         want[:, :arena.Pp] = prompt_mask[:, :arena.Pp].repeat_interleave(chains, 0)
         for m in range(self.M):
             want[m, self.col[m, :L[m]]] = 1
-        assert torch.equal(arena.mask[:, :arena.length], want)
-        assert (arena.mask[:, arena.length:] == 0).all()
+        assert torch.equal(arena.mask[:, :n], want)
+        assert (arena.mask[:, n:] == 0).all()
     return wrapped
 
 
@@ -199,7 +200,7 @@ def test_cached_chain_equals_redecoding_chain(arch, cut, monkeypatch):
     compactions = []
     orig = power._Arena.compact
     monkeypatch.setattr(power._Arena, "compact", lambda self, *a: compactions.append(1) or orig(self, *a))
-    monkeypatch.setattr(power._Chains, "commit", checked_commit(power._Chains.commit, mask))
+    monkeypatch.setattr(power._Chains, "settle", checked_settle(power._Chains.settle, mask))
     a = power_sample(model, ids, mask, **kw)
     b = power_sample_reference(model, ids, mask, **kw)
     assert compactions, "the arena was never compacted: the test does not cover compaction"
@@ -213,8 +214,8 @@ def test_cached_chain_equals_redecoding_chain(arch, cut, monkeypatch):
 
 def test_worst_case_cuts_fit_the_fixed_arena(monkeypatch):
     """Every cut at 0: each proposal re-decodes the whole completion, so the arena (a StaticCache of
-    P - 1 + 2T columns that never grows, of which block b attends to P - 1 + 2 * limit_b) compacts
-    again and again; the chain stays exact."""
+    P - 1 + 3T columns that never grows, of which P - 1 + 3 * (widest running block's limit) are
+    attended) compacts again and again, also in the middle of proposals; the chains stay exact."""
     monkeypatch.setattr(power, "_choose_cut", lambda log_w, u: torch.zeros(log_w.shape[0], dtype=torch.int64))
     compactions = []
     orig = power._Arena.compact
@@ -223,23 +224,24 @@ def test_worst_case_cuts_fit_the_fixed_arena(monkeypatch):
     widen = power._Arena.widen
     monkeypatch.setattr(power._Arena, "widen", lambda self, limit: widen(self, limit) or widths.append(self.capacity))
     model = tiny_random_model(V, seed=2)
-    kw = dict(num_chains=3, max_new_tokens=6, block_size=2, n_mcmc=2, cut="uniform", seed=fresh_seed())
+    kw = dict(num_chains=3, max_new_tokens=6, block_size=2, n_mcmc=5, cut="uniform", seed=fresh_seed())
     ids = torch.tensor([[1, 2], [3, 3]])
-    monkeypatch.setattr(power._Chains, "commit", checked_commit(power._Chains.commit, torch.ones_like(ids)))
+    monkeypatch.setattr(power._Chains, "settle", checked_settle(power._Chains.settle, torch.ones_like(ids)))
     a, b = power_sample(model, ids, **kw), power_sample_reference(model, ids, **kw)
-    assert len(compactions) >= 2
-    assert sorted(set(widths)) == [1 + 2 * 2, 1 + 2 * 4, 1 + 2 * 6], "attention width Pp + 2 * block limit"
+    assert len(compactions) >= 3
+    assert sorted(set(widths)) == [1 + 3 * 2, 1 + 3 * 4, 1 + 3 * 6], "attention width Pp + 3 * widest limit"
     assert torch.equal(a.completions, b.completions) and torch.equal(a.acceptance, b.acceptance)
 
 
-def test_decode_step_reads_no_python_counter(monkeypatch):
-    """What CUDA graph replay needs: the decode step takes every index from device tensors. With the
-    host's column counter poisoned while each step runs, the chain is unchanged."""
+def test_step_reads_no_python_counter(monkeypatch):
+    """What CUDA graph replay needs: the step (decode, then settle the finished moves and start the
+    next ones) takes every index from device tensors. With the host's column counter poisoned while
+    each step runs, the chains are unchanged."""
     model = tiny_random_model(V, seed=1)
     ids, mask = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]]), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     kw = dict(num_chains=3, max_new_tokens=7, block_size=3, n_mcmc=3, cut="entropy", seed=fresh_seed())
     want = power_sample(model, ids, mask, **kw)
-    step = power._Chains.decode_step
+    step = power._Chains.step
 
     def poisoned(self):
         saved, self.arena.length = self.arena.length, -10**6
@@ -247,20 +249,21 @@ def test_decode_step_reads_no_python_counter(monkeypatch):
             step(self)
         finally:
             self.arena.length = saved
-    monkeypatch.setattr(power._Chains, "decode_step", poisoned)
+    monkeypatch.setattr(power._Chains, "step", poisoned)
     got = power_sample(model, ids, mask, **kw)
     assert torch.equal(want.completions, got.completions) and torch.equal(want.acceptance, got.acceptance)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_decode_step_compiles_without_graph_breaks(monkeypatch, arch):
-    """The decode step (HF forward on the arena included) traces as one graph: nothing in it
-    synchronises with the host, as CUDA graph capture requires; and the traced step gives the same chain."""
+def test_step_compiles_without_graph_breaks(monkeypatch, arch):
+    """The step (HF forward on the arena, sampling, MH decisions, next moves) traces as one graph:
+    nothing in it synchronises with the host, as CUDA graph capture requires; and the traced step
+    gives the same chains."""
     model = tiny_random_model(V, arch=arch, seed=1)
     ids, mask = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]]), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     kw = dict(num_chains=3, max_new_tokens=7, block_size=3, n_mcmc=2, cut="entropy", seed=fresh_seed())
     want = power_sample(model, ids, mask, **kw)
-    monkeypatch.setattr(power._Chains, "decode_step", fullgraph(power._Chains.decode_step))
+    monkeypatch.setattr(power._Chains, "step", fullgraph(power._Chains.step))
     got = power_sample(model, ids, mask, **kw)
     assert torch.equal(want.completions, got.completions) and torch.equal(want.acceptance, got.acceptance)
 

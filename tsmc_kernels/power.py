@@ -31,15 +31,21 @@ explicit position ids. A proposal cut at ``c`` masks out the row's old suffix co
 the new suffix on top (one token per row per forward pass, whatever the cuts); on accept the old
 columns stay masked, on reject the new ones are masked and the old ones unmasked again: nothing is
 recomputed and the prompt is never re-prefilled. The arena is an HF ``StaticCache`` of
-``P - 1 + 2T`` columns; when a proposal might not fit it is compacted (each row's valid columns
-gathered to the front), so it never grows and a CUDA graph of the decode step stays valid
-(``cuda_graph=True``). Rows whose proposal has finished feed masked-out pad tokens until every
-row is done. :func:`power_sample_reference` runs the same chain (same random numbers:
-they are keyed by ``(seed, move, offset, row)``, never by batch layout or global state) by
-re-decoding every sequence from scratch; the tests check both give identical chains.
+``P - 1 + 3T`` columns; when it is full it is compacted (each row's live columns, committed or in
+its running proposal, gathered to the front), so it never grows and a CUDA graph of the step
+stays valid (``cuda_graph=True``).
+
+**Chains do not wait for each other.** A chain whose proposal is complete is decided and starts
+its next move (the next MH move, or the growth of its next block) in the same step, so every
+forward pass serves all chains that have a token to decode, whatever move each is in; a
+synchronous batch would idle each row until the longest suffix of the move ends (about 1.4x more
+forward passes for uniform cuts). :func:`power_sample_reference` runs the same chains move by
+move (same random numbers: they are keyed by ``(seed, chain's move, offset, row)``, never by batch
+layout, timing or global state) by re-decoding every sequence from scratch; the tests check both
+give identical chains.
 
 Random streams (:mod:`tsmc_kernels.rng`): token noise is ``ops.twist_sample(step=move * T + j)``
-for the ``j``-th token of a proposal; cut uniforms use stream :data:`STREAM_CUT` and accept
+(one step per row) for the ``j``-th token of a proposal; cut uniforms use stream :data:`STREAM_CUT` and accept
 uniforms stream :data:`STREAM_ACCEPT`, both with ``step = move`` and ``row = chain row``.
 """
 from __future__ import annotations
@@ -235,12 +241,13 @@ class _Arena:
     ``mask`` is the committed per-row column mask and ``prop`` the mask of the running proposal
     (mask column ``max_capacity`` is a trash slot, never read).
 
-    ``max_capacity = Pp + 2T`` columns are allocated once: after a compaction the rows need at most
-    ``T`` columns and a proposal at most ``T`` more, so the arena never grows and its tensors never
-    move. Attention reads only the first ``capacity = Pp + 2 * limit`` columns, what the current
-    block (length limit ``limit``) can need (:meth:`widen`). :meth:`step` reads only device tensors
-    (the column to write is ``self.column``), so it can be CUDA-graph captured; ``self.length`` is
-    the host's copy of that counter, advanced by the caller after each step.
+    ``max_capacity = Pp + 3T`` columns are allocated once, and attention reads only the first
+    ``capacity = Pp + 3 * limit`` (:meth:`widen`; ``limit``: the widest block any chain is in).
+    A row's live columns (committed ``<= limit`` plus its running proposal's new ones ``<= limit``)
+    fit in ``2 * limit``, so after a compaction at least ``limit`` columns are free: the arena never
+    grows and its tensors never move. :meth:`step` reads only device tensors (the column to write
+    is ``self.column``), so it can be CUDA-graph captured; ``self.length`` is the host's copy of
+    that counter, advanced by the caller after each step.
     """
 
     def __init__(self, model, prompt_ids, prompt_mask, num_chains: int, T: int):
@@ -250,7 +257,7 @@ class _Arena:
         B, P = prompt_ids.shape
         self.M, self.T, self.Pp = B * num_chains, T, P - 1
         device = prompt_ids.device
-        self.max_capacity = self.capacity = self.Pp + 2 * T
+        self.max_capacity = self.capacity = self.Pp + 3 * T
         _num_cache_layers(model)  # refuses sliding-window / linear-attention models
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_capacity)
         self._full = None  # (layer, full keys, full values) once allocated and narrowed by widen()
@@ -265,12 +272,13 @@ class _Arena:
         self.column = torch.full((1,), self.Pp, dtype=torch.int64, device=device)
 
     def widen(self, limit: int) -> None:
-        """Attend to the first ``Pp + 2 * limit`` columns from now on (never fewer than before).
+        """Attend to the first ``Pp + 3 * limit`` columns from now on (never fewer than before).
 
-        The layers' K/V become views of that width (written in place as before); a CUDA graph is
-        captured per width. A 1-token prompt allocates the cache in its first step: full width.
+        ``limit``: the largest length limit of any running move. The layers' K/V become views of
+        that width (written in place as before); a CUDA graph is captured per width. A 1-token
+        prompt allocates the cache in its first step: full width.
         """
-        W = min(self.Pp + 2 * limit, self.max_capacity)
+        W = min(self.Pp + 3 * limit, self.max_capacity)
         if self._full is None:
             if not self.buffers() or self.length > self.Pp:
                 return
@@ -307,39 +315,39 @@ class _Arena:
                 dst[:, :, :self.Pp] = torch.where(keep, src, 0).repeat_interleave(num_chains, 0)
         self.mask[:, :self.Pp] = mask.repeat_interleave(num_chains, 0)
 
-    def reserve(self, tokens: int, col: torch.Tensor, length: torch.Tensor) -> None:
-        """Make room for ``tokens`` more columns, compacting if needed (renumbers ``col`` in place)."""
-        if self.length + tokens > self.capacity:
-            self.compact(col, length)
-        if self.length + tokens > self.capacity:  # cannot happen: capacity covers the worst case
-            raise RuntimeError(f"power arena overflow: {self.length} + {tokens} > {self.capacity} columns")
-
-    def compact(self, col: torch.Tensor, length: torch.Tensor) -> None:
-        """Gather each row's fed columns to ``Pp .. Pp + W`` (right-aligned; ``W`` = the longest row)."""
-        W = int(length.max())
-        k = torch.arange(W, device=col.device)[None, :]
-        src_k = k - (W - length)[:, None]  # fed-token index held by new column Pp + k
-        valid = src_k >= 0
-        src = torch.where(valid, col.gather(1, src_k.clamp_min(0)), 0)
-        rows = torch.arange(self.M, device=col.device)[:, None]
+    def compact(self, cols: Sequence[torch.Tensor]) -> None:
+        """Gather each row's live columns (committed or in its running proposal) to ``Pp ..``, in
+        order, and renumber the column tables ``cols`` (int64 ``[M, T]``, -1 = none) in place."""
+        n0 = self.length - self.Pp
+        keep = (self.mask[:, self.Pp:self.length] | self.prop[:, self.Pp:self.length]).bool()  # [M, n0]
+        W = int(keep.sum(1).max())
+        order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :W]  # kept columns first, in order
         buffers = self.buffers()
         if len(buffers) != 2 * len(self.cache.layers):  # a transformers release with another StaticCache layout
             raise NotImplementedError("power_sample: cannot find the key/value tensors of this StaticCache")
+        rows = torch.arange(self.M, device=keep.device)[:, None]
         for buf in buffers:
-            buf[:, :, self.Pp:self.Pp + W] = buf[rows, :, src].permute(0, 2, 1, 3)
+            buf[:, :, self.Pp:self.Pp + W] = buf[rows, :, self.Pp + order].permute(0, 2, 1, 3)
+        filled = torch.arange(W, device=keep.device)[None, :] < keep.sum(1, keepdim=True)
+        for m in (self.mask, self.prop):
+            moved = torch.where(filled, m[:, self.Pp:self.length].gather(1, order), 0)
+            m[:, self.Pp:] = 0
+            m[:, self.Pp:self.Pp + W] = moved
+        new_col = torch.where(keep, self.Pp + keep.long().cumsum(1) - 1, -1)  # old column Pp + i -> new column
+        for col in cols if n0 else ():
+            old = (col - self.Pp).clamp(0, n0 - 1)
+            col.copy_(torch.where(col >= self.Pp, new_col.gather(1, old), col))
         self.length = self.Pp + W
         self.column.fill_(self.length)
-        self.mask[:, self.Pp:] = 0
-        self.mask[:, self.Pp:self.length] = valid.long()
-        kk = torch.arange(col.shape[1], device=col.device)[None, :]
-        col.copy_(torch.where(kk < length[:, None], self.Pp + (W - length)[:, None] + kk, -1))
 
-    def begin(self, cut: torch.Tensor, active: torch.Tensor, col: torch.Tensor, length: torch.Tensor) -> None:
-        """Start a proposal: the proposal mask drops the columns of ``s_k``, ``k >= cut`` of active rows."""
-        self.prop.copy_(self.mask)
+    def begin(self, rows: torch.Tensor, cut: torch.Tensor, active: torch.Tensor, col: torch.Tensor,
+              length: torch.Tensor) -> None:
+        """Start proposals on ``rows`` (bool ``[M]``): their proposal mask is the committed one without
+        the columns of ``s_k``, ``k >= cut``, for the ``active`` ones."""
         k = torch.arange(col.shape[1], device=col.device)[None, :]
         drop = active[:, None] & (k >= cut[:, None]) & (k < length[:, None])
-        self.prop.scatter_(1, torch.where(drop, col, self.max_capacity), 0)
+        fresh = self.mask.scatter(1, torch.where(drop, col, self.max_capacity), 0)
+        self.prop.copy_(torch.where(rows[:, None], fresh, self.prop))
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (``[M]``) at ``positions`` (``[M]``) into column ``self.column``; returns
@@ -356,44 +364,61 @@ class _Arena:
         self.column += 1
         return logits
 
-    def commit(self, accept: torch.Tensor) -> None:
-        """Accepted rows take the proposal mask; rejected rows keep their old columns."""
+    def commit(self, accept: torch.Tensor, settled: torch.Tensor) -> None:
+        """Accepted rows take the proposal mask; ``settled`` rows (bool ``[M]``, whose move ended)
+        drop their proposal: it becomes their committed mask again."""
         self.mask.copy_(torch.where(accept[:, None], self.prop, self.mask))
+        self.prop.copy_(torch.where(settled[:, None], self.mask, self.prop))
 
 
 # ----------------------------------------------------------------------------- the cached sampler
 
 class _Chains:
-    """State of the ``M`` chains and their proposals (cached path).
+    """The ``M`` chains (cached path), each running its own sequence of moves.
 
-    A proposal runs :meth:`decode_step` once per token for all rows; it reads and writes only the
-    preallocated ``p_*`` buffers, the arena and device counters, so with ``cuda_graph`` it is
-    captured once per attention width (after :data:`GRAPH_WARMUP_STEPS` eager steps) and replayed.
+    Move ``k`` of a chain is the growth move of block ``k // (1 + n_mcmc)`` when
+    ``k % (1 + n_mcmc) == 0`` (cut at the current length, always kept), else an MH move. Chains do
+    not wait for each other: a chain whose proposal is complete is decided and starts its next move
+    in the same :meth:`step`, so a forward pass serves every chain that has a token to decode,
+    whichever move it is in. Every random number is keyed by ``(seed, chain's move, offset, row)``,
+    so each chain is the one :func:`power_sample_reference` computes move by move.
+
+    :meth:`step` reads and writes only preallocated buffers and device counters: with
+    ``cuda_graph`` it is captured once per attention width (after :data:`GRAPH_WARMUP_STEPS` eager
+    steps) and replayed; the host looks once per step (all done? NaN? widest block? arena full?).
     """
 
-    def __init__(self, model, prompt_ids, prompt_mask, num_chains, T, eos, pad, alpha, top_k, seed, cuda_graph=False):
+    def __init__(self, model, prompt_ids, prompt_mask, num_chains, T, eos, pad, *, alpha, cut, cut_power, top_k, seed,
+                 ends, n_mcmc, cuda_graph=False):
         device = prompt_ids.device
-        self.M, self.T, self.pad, self.alpha, self.top_k, self.seed = prompt_ids.shape[0] * num_chains, T, pad, \
-            alpha, top_k, seed
-        M = self.M
+        M = self.M = prompt_ids.shape[0] * num_chains
+        self.T, self.pad, self.alpha, self.top_k, self.seed = T, pad, alpha, top_k, seed
+        self.cut_rule, self.cut_power, self.per_block = cut, cut_power, 1 + n_mcmc
+        self.total_moves = len(ends) * self.per_block
+        self.ends = torch.tensor(ends, dtype=torch.int64, device=device)
         self.eos = torch.tensor(eos, dtype=torch.int64, device=device)
         self.last_prompt = prompt_ids[:, -1].repeat_interleave(num_chains, 0)
         self.prompt_len = prompt_mask.sum(1).repeat_interleave(num_chains, 0)
         self.arena = _Arena(model, prompt_ids, prompt_mask, num_chains, T)
-        i64 = dict(dtype=torch.int64, device=device)
+        i64, b = dict(dtype=torch.int64, device=device), dict(dtype=torch.bool, device=device)
         f = lambda: torch.zeros(M, T, dtype=torch.float32, device=device)  # noqa: E731
         # Committed chains.
         self.tokens = torch.full((M, T), pad, **i64)
         self.scores = _Scores(f(), f(), f(), torch.zeros(M, **i64))
         self.col = torch.full((M, T), -1, **i64)
-        # The running proposal (static buffers: a captured decode step reads and writes these).
+        # Each chain's running move and its proposal.
+        self.move = torch.full((M,), -1, **i64)  # -1: before the first move
+        self.running = torch.ones(M, **b)  # a move is in progress (its proposal may be complete)
+        self.cut, self.limit = torch.zeros(M, **i64), torch.zeros(M, **i64)
+        self.p_act = torch.zeros(M, **b)  # the running proposal decodes (a growth move at the limit does not)
         self.p_tok, self.p_col = torch.full((M, T), pad, **i64), torch.full((M, T), -1, **i64)
         self.p_logp, self.p_logq, self.p_ent = f(), f(), f()
-        self.p_pos, self.p_live = torch.zeros(M, **i64), torch.zeros(M, dtype=torch.bool, device=device)
-        self.p_nan = torch.zeros_like(self.p_live)
-        self.limit = torch.zeros((), **i64)
-        self.rng_step = torch.zeros(1, **i64)  # move * T + token offset: keys the proposal's noise
+        self.p_pos, self.p_live = torch.zeros(M, **i64), torch.zeros(M, **b)
+        self.rng_step = torch.zeros(M, **i64)  # move * T + token offset: keys each row's proposal noise
+        self.nan = torch.zeros(M, **b)
+        self.accepted = torch.zeros(M, len(ends), dtype=torch.float32, device=device)
         self.decoded = torch.zeros((), **i64)
+        self.blocks = torch.arange(len(ends), device=device)
         self.cuda_graph, self.graphs, self.pool, self.eager_steps, self.width_steps = cuda_graph, {}, None, 0, 0
 
     def ended(self) -> torch.Tensor:
@@ -401,8 +426,9 @@ class _Chains:
         last = self.tokens.gather(1, (L - 1).clamp_min(0)[:, None])[:, 0]
         return (L > 0) & torch.isin(last, self.eos)
 
+    # ------------------------------------------------------------------ device work (capturable)
     def decode_step(self) -> None:
-        """One token for every live proposal row (device work only: reads no Python counter)."""
+        """One token for every live proposal row."""
         T, pos, live = self.T, self.p_pos, self.p_live
         prev = self.p_tok.gather(1, (pos - 1).clamp(0, T - 1)[:, None])[:, 0]
         feed = torch.where(live, torch.where(pos == 0, self.last_prompt, prev), self.pad)
@@ -415,12 +441,62 @@ class _Chains:
                          (self.p_ent, out.entropy), (self.p_col, column)):
             buf.scatter_(1, idx, torch.where(live, val.to(buf.dtype), buf.gather(1, idx)[:, 0])[:, None])
         self.decoded += live.sum()
-        self.p_nan |= live & torch.isnan(out.log_zpi)
+        self.nan |= live & torch.isnan(out.log_zpi)
         done = torch.isin(out.token, self.eos) | (pos + 1 >= self.limit)
         pos += live.long()
         live &= ~done
         self.rng_step += 1
 
+    def settle(self) -> None:
+        """Chains whose proposal is complete: decide (MH ratio, or keep a growth), commit, start the next move."""
+        T, M = self.T, self.M
+        fin = self.running & ~self.p_live
+        L = self.scores.length
+        length = torch.where(self.p_act, self.p_pos, L)
+        past = torch.arange(T, device=L.device)[None, :] >= length[:, None]
+        new = _Scores(*(x.masked_fill(past, 0.0) for x in (self.p_logp, self.p_logq, self.p_ent)), length)
+        mh = (self.move % self.per_block) != 0
+        log_a = _log_accept(self.scores, new, self.cut.clamp_max(T - 1), alpha=self.alpha, cut=self.cut_rule,
+                            cut_power=self.cut_power)  # used for MH moves only (their cut is < T)
+        u = _uniform(self.seed, self.move, STREAM_ACCEPT, M, L.device)
+        accept = fin & (self.move >= 0) & (~mh | (torch.log(u) < log_a))
+        block = torch.div(self.move.clamp_min(0), self.per_block, rounding_mode="floor").clamp_max(len(self.ends) - 1)
+        self.accepted += (self.blocks[None, :] == block[:, None]) * (accept & mh).float()[:, None]
+        a = accept[:, None]
+        self.tokens.copy_(torch.where(a, self.p_tok.masked_fill(past, self.pad), self.tokens))
+        for old, x in zip(self.scores[:3], new[:3]):
+            old.copy_(torch.where(a, x, old))
+        L.copy_(torch.where(accept, length, L))
+        self.col.copy_(torch.where(a, self.p_col.masked_fill(past, -1), self.col))
+        # The next move of every chain that settled.
+        self.move += fin.long()
+        start = fin & (self.move < self.total_moves)
+        self.running.copy_(start | (self.running & ~fin))
+        self.arena.commit(accept, fin & ~start)
+        block = torch.div(self.move, self.per_block, rounding_mode="floor").clamp_max(len(self.ends) - 1)
+        limit = self.ends[block]
+        growth = (self.move % self.per_block) == 0
+        log_w = _log_cut_weights(self.scores.ent, L, self.cut_rule, self.cut_power)
+        c = _choose_cut(log_w, _uniform(self.seed, self.move, STREAM_CUT, M, L.device))
+        cut = torch.where(growth, L, c)
+        active = start & torch.where(growth, ~self.ended() & (L < limit), True)
+        self.arena.begin(start, cut, active, self.col, L)
+        s = start[:, None]
+        for buf, val in ((self.p_tok, self.tokens), (self.p_col, self.col), (self.p_logp, self.scores.logp),
+                         (self.p_logq, self.scores.logq), (self.p_ent, self.scores.ent)):
+            buf.copy_(torch.where(s, val, buf))
+        for buf, val in ((self.cut, cut), (self.limit, limit), (self.p_pos, torch.where(active, cut, L)),
+                         (self.p_act, active), (self.p_live, active), (self.rng_step, self.move * T)):
+            buf.copy_(torch.where(start, val, buf))
+
+    def step(self) -> None:
+        """One forward pass for every chain with a token to decode, then settle (twice: a growth move
+        that has nothing to decode settles at once)."""
+        self.decode_step()
+        self.settle()
+        self.settle()
+
+    # ------------------------------------------------------------------ host
     def _run_step(self) -> None:
         graph = self.graphs.get(self.arena.capacity)
         if graph is not None:
@@ -430,52 +506,42 @@ class _Chains:
             torch.cuda.synchronize()
             graph = self.graphs[self.arena.capacity] = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.decode_step()
+                self.step()
             self.pool = self.pool or graph.pool()
             graph.replay()
         else:
-            self.decode_step()
+            self.step()
             self.eager_steps += 1
             self.width_steps += 1
         self.arena.length += 1
         self.arena.forward_passes += 1
 
     @torch.no_grad()
-    def propose(self, cut: torch.Tensor, active: torch.Tensor, limit: int, move: int):
-        """Decode a suffix from ``cut`` for ``active`` rows until EOS or ``limit``; returns the proposal state."""
-        T, arena = self.T, self.arena
-        min_cut = int(torch.where(active, cut, limit).min())
-        width = arena.capacity
-        arena.widen(limit)
-        if arena.capacity != width:
-            self.width_steps = 0
-        arena.reserve(limit - min_cut, self.col, self.scores.length)
-        arena.begin(cut, active, self.col, self.scores.length)
-        for buf, val in ((self.p_tok, self.tokens), (self.p_col, self.col), (self.p_logp, self.scores.logp),
-                         (self.p_logq, self.scores.logq), (self.p_ent, self.scores.ent),
-                         (self.p_pos, torch.where(active, cut, self.scores.length)), (self.p_live, active)):
-            buf.copy_(val)
-        self.p_nan.zero_()
-        self.limit.fill_(limit)
-        self.rng_step.fill_(move * T)
-        while bool(self.p_live.any()):
+    def run(self, bar=None) -> None:
+        """Run every chain through all its moves."""
+        self.settle()  # start move 0 (growth of block 0) everywhere
+        self.settle()
+        arena = self.arena
+        while True:
+            left, nan, widest, slowest = torch.stack([
+                self.running.sum(), self.nan.sum(), torch.where(self.running, self.limit, 0).max(),
+                torch.where(self.running, self.move, self.total_moves).min()]).tolist()
+            if nan:
+                rows = torch.nonzero(self.nan).flatten().tolist()[:8]
+                raise FloatingPointError(f"NaN in the model logits while decoding proposals (chain rows {rows})")
+            if bar is not None:
+                bar.update(slowest - bar.n)
+            if not left:
+                return
+            width = arena.capacity
+            arena.widen(widest)
+            if arena.capacity != width:
+                self.width_steps = 0
+            if arena.length + 1 > arena.capacity:
+                arena.compact([self.col, self.p_col])
+                if arena.length + 1 > arena.capacity:  # cannot happen: see _Arena
+                    raise RuntimeError(f"power arena overflow: {arena.length} of {arena.capacity} columns live")
             self._run_step()
-        _check_no_nan(self.p_nan, move)
-        length = torch.where(active, self.p_pos, self.scores.length)
-        past = torch.arange(T, device=length.device)[None, :] >= length[:, None]
-        tok = self.p_tok.masked_fill(past, self.pad)
-        logp, logq, ent = (x.masked_fill(past, 0.0) for x in (self.p_logp, self.p_logq, self.p_ent))
-        return tok, _Scores(logp, logq, ent, length), self.p_col.clone()
-
-    def commit(self, accept: torch.Tensor, proposal) -> None:
-        tok, sc, col = proposal
-        a = accept[:, None]
-        self.tokens.copy_(torch.where(a, tok, self.tokens))
-        for old, new in zip(self.scores[:3], sc[:3]):
-            old.copy_(torch.where(a, new, old))
-        self.scores.length.copy_(torch.where(accept, sc.length, self.scores.length))
-        self.col.copy_(torch.where(a, col, self.col))
-        self.arena.commit(accept)
 
 
 def _check_no_nan(nan_rows: torch.Tensor, move: int) -> None:
@@ -515,10 +581,10 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         seed: all randomness is a function of ``(seed, move, token offset, row)``.
         progress: show a tqdm bar over moves.
         eos_token_id, pad_token_id: default from the model's generation config.
-        cuda_graph: capture the per-token decode step (model forward on the KV arena, sampling,
-            bookkeeping) in a CUDA graph after two eager steps and replay it (CUDA only). The chain
-            is the same as with ``cuda_graph=False``; the host still checks once per token whether
-            every proposal has finished.
+        cuda_graph: capture the per-token step (model forward on the KV arena, sampling, the MH
+            decisions of completed proposals, the start of the next moves) in a CUDA graph after
+            two eager steps and replay it (CUDA only). The chains are the same as with
+            ``cuda_graph=False``; the host still looks once per step (all done? arena full?).
     Returns:
         :class:`PowerOutput` (completions ``[B, num_chains, T']``, ``log_p0``, per-block ``acceptance``,
         ``tokens_decoded``).
@@ -526,37 +592,16 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     input_ids, attention_mask, eos, pad, ends = _setup(model, input_ids, attention_mask, alpha, cut, cut_power,
                                                        num_chains, max_new_tokens, block_size, n_mcmc, top_k, seed,
                                                        eos_token_id, pad_token_id)
-    T, M = max_new_tokens, input_ids.shape[0] * num_chains
-    device = input_ids.device
-    if cuda_graph and device.type != "cuda":
+    if cuda_graph and input_ids.device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
-    chains = _Chains(model, input_ids, attention_mask, num_chains, T, eos, pad, float(alpha), top_k, seed,
+    chains = _Chains(model, input_ids, attention_mask, num_chains, max_new_tokens, eos, pad, alpha=float(alpha),
+                     cut=cut, cut_power=cut_power, top_k=top_k, seed=seed, ends=ends, n_mcmc=n_mcmc,
                      cuda_graph=bool(cuda_graph))
-    accepted = torch.zeros(M, len(ends), dtype=torch.float32, device=device)
-    all_rows = torch.ones(M, dtype=torch.bool, device=device)
     bar = _progress(len(ends) * (1 + n_mcmc), progress, "power-mh")
-    move = 0
-    for b, limit in enumerate(ends):
-        grow = ~chains.ended() & (chains.scores.length < limit)
-        chains.commit(grow, chains.propose(chains.scores.length, grow, limit, move))
-        move += 1
-        if bar is not None:
-            bar.update(1)
-        for _ in range(n_mcmc):
-            log_w = _log_cut_weights(chains.scores.ent, chains.scores.length, cut, cut_power)
-            c = _choose_cut(log_w, _uniform(seed, move, STREAM_CUT, M, device))
-            proposal = chains.propose(c, all_rows, limit, move)
-            log_a = _log_accept(chains.scores, proposal[1], c, alpha=float(alpha), cut=cut, cut_power=cut_power)
-            accept = torch.log(_uniform(seed, move, STREAM_ACCEPT, M, device)) < log_a
-            chains.commit(accept, proposal)
-            accepted[:, b] += accept.float()
-            move += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(block=f"{b + 1}/{len(ends)}", acc=f"{float(accept.float().mean()):.2f}")
+    chains.run(bar)
     if bar is not None:
         bar.close()
-    return _output(input_ids, num_chains, chains.tokens, chains.scores, accepted, n_mcmc, chains.decoded,
+    return _output(input_ids, num_chains, chains.tokens, chains.scores, chains.accepted, n_mcmc, chains.decoded,
                    chains.arena.forward_passes, ends)
 
 
