@@ -529,7 +529,7 @@ class _Chains:
             if nan:
                 rows = torch.nonzero(self.nan).flatten().tolist()[:8]
                 raise FloatingPointError(f"NaN in the model logits while decoding proposals (chain rows {rows})")
-            if bar is not None:
+            if bar is not None and slowest > bar.n:  # moves every chain has completed
                 bar.update(slowest - bar.n)
             if not left:
                 return
