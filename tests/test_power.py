@@ -214,8 +214,8 @@ def test_cached_chain_equals_redecoding_chain(arch, cut, monkeypatch):
 
 def test_worst_case_cuts_fit_the_fixed_arena(monkeypatch):
     """Every cut at 0: each proposal re-decodes the whole completion, so the arena (a StaticCache of
-    P - 1 + 3T columns that never grows, of which P - 1 + 3 * (widest running block's limit) are
-    attended) compacts again and again, also in the middle of proposals; the chains stay exact."""
+    P - 1 + 2T + room(T) columns that never grows, of which P - 1 + 2 * limit + room(limit) are
+    attended, limit = the widest running block's) compacts again and again, also in the middle of proposals; the chains stay exact."""
     monkeypatch.setattr(power, "_choose_cut", lambda log_w, u: torch.zeros(log_w.shape[0], dtype=torch.int64))
     compactions = []
     orig = power._Arena.compact
@@ -229,7 +229,7 @@ def test_worst_case_cuts_fit_the_fixed_arena(monkeypatch):
     monkeypatch.setattr(power._Chains, "settle", checked_settle(power._Chains.settle, torch.ones_like(ids)))
     a, b = power_sample(model, ids, **kw), power_sample_reference(model, ids, **kw)
     assert len(compactions) >= 3
-    assert sorted(set(widths)) == [1 + 3 * 2, 1 + 3 * 4, 1 + 3 * 6], "attention width Pp + 3 * widest limit"
+    assert sorted(set(widths)) == [1 + 2 * n + power._room(n) for n in (2, 4, 6)], "Pp + 2 * limit + room"
     assert torch.equal(a.completions, b.completions) and torch.equal(a.acceptance, b.acceptance)
 
 

@@ -31,7 +31,7 @@ explicit position ids. A proposal cut at ``c`` masks out the row's old suffix co
 the new suffix on top (one token per row per forward pass, whatever the cuts); on accept the old
 columns stay masked, on reject the new ones are masked and the old ones unmasked again: nothing is
 recomputed and the prompt is never re-prefilled. The arena is an HF ``StaticCache`` of
-``P - 1 + 3T`` columns; when it is full it is compacted (each row's live columns, committed or in
+``P - 1 + 2T + T/4`` columns; when it is full it is compacted (each row's live columns, committed or in
 its running proposal, gathered to the front), so it never grows and a CUDA graph of the step
 stays valid (``cuda_graph=True``).
 
@@ -66,6 +66,10 @@ CUT_RULES = ("entropy", "uniform")
 STREAM_ACCEPT = 3  # MH accept uniforms: step = move index, row = chain row
 STREAM_CUT = 4  # cut-position uniforms: step = move index, row = chain row
 GRAPH_WARMUP_STEPS = 2  # eager decode steps before capture (compiles kernels, allocates workspaces)
+# Free arena columns after a compaction, as a fraction of the block limit: attention reads every
+# attended column at each step (and HF's masked SDPA path copies K/V per query head), while a
+# compaction is one gather of the live columns, so compact often rather than attend wide.
+ARENA_ROOM = 0.25
 
 
 # ----------------------------------------------------------------------------- output
@@ -229,6 +233,10 @@ def _num_cache_layers(model) -> int:
     return n
 
 
+def _room(limit: int) -> int:
+    return max(1, int(ARENA_ROOM * limit))
+
+
 class _Arena:
     """The shared KV arena of ``M`` chain rows (see the module docstring): an HF ``StaticCache``
     of ``capacity`` columns, a per-row column mask, and a device column counter.
@@ -241,13 +249,14 @@ class _Arena:
     ``mask`` is the committed per-row column mask and ``prop`` the mask of the running proposal
     (mask column ``max_capacity`` is a trash slot, never read).
 
-    ``max_capacity = Pp + 3T`` columns are allocated once, and attention reads only the first
-    ``capacity = Pp + 3 * limit`` (:meth:`widen`; ``limit``: the widest block any chain is in).
-    A row's live columns (committed ``<= limit`` plus its running proposal's new ones ``<= limit``)
-    fit in ``2 * limit``, so after a compaction at least ``limit`` columns are free: the arena never
-    grows and its tensors never move. :meth:`step` reads only device tensors (the column to write
-    is ``self.column``), so it can be CUDA-graph captured; ``self.length`` is the host's copy of
-    that counter, advanced by the caller after each step.
+    ``max_capacity = Pp + 2T + room(T)`` columns are allocated once, and attention reads only the
+    first ``capacity = Pp + 2 * limit + room(limit)`` (:meth:`widen`; ``limit``: the widest block any
+    chain is in; ``room(n) = max(1, n * ARENA_ROOM)``). A row's live columns (committed ``<= limit``
+    plus its running proposal's new ones ``<= limit``) fit in ``2 * limit``, so after a compaction at
+    least ``room(limit)`` columns are free: the arena never grows and its tensors never move.
+    :meth:`step` reads only device tensors (the column to write is ``self.column``), so it can be
+    CUDA-graph captured; ``self.length`` is the host's copy of that counter, advanced by the caller
+    after each step.
     """
 
     def __init__(self, model, prompt_ids, prompt_mask, num_chains: int, T: int):
@@ -257,7 +266,7 @@ class _Arena:
         B, P = prompt_ids.shape
         self.M, self.T, self.Pp = B * num_chains, T, P - 1
         device = prompt_ids.device
-        self.max_capacity = self.capacity = self.Pp + 3 * T
+        self.max_capacity = self.capacity = self.Pp + 2 * T + _room(T)
         _num_cache_layers(model)  # refuses sliding-window / linear-attention models
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_capacity)
         self._full = None  # (layer, full keys, full values) once allocated and narrowed by widen()
@@ -272,13 +281,13 @@ class _Arena:
         self.column = torch.full((1,), self.Pp, dtype=torch.int64, device=device)
 
     def widen(self, limit: int) -> None:
-        """Attend to the first ``Pp + 3 * limit`` columns from now on (never fewer than before).
+        """Attend to the first ``Pp + 2 * limit + room(limit)`` columns from now on (never fewer).
 
         ``limit``: the largest length limit of any running move. The layers' K/V become views of
         that width (written in place as before); a CUDA graph is captured per width. A 1-token
         prompt allocates the cache in its first step: full width.
         """
-        W = min(self.Pp + 3 * limit, self.max_capacity)
+        W = min(self.Pp + 2 * limit + _room(limit), self.max_capacity)
         if self._full is None:
             if not self.buffers() or self.length > self.Pp:
                 return
