@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--ess-threshold", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--cuda-graph", action="store_true", help="replay the decode step from CUDA graphs (SMC and power; CUDA only)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay the per-token step from CUDA graphs (SMC and power; CUDA only)")
     p.add_argument("--sync-every", type=int, default=1,
                    help="SMC: the host looks at the particles every K steps (potentials applied up to K late)")
     p.add_argument("--alpha", type=float, default=4.0)

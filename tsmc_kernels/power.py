@@ -65,7 +65,7 @@ __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 CUT_RULES = ("entropy", "uniform")
 STREAM_ACCEPT = 3  # MH accept uniforms: step = move index, row = chain row
 STREAM_CUT = 4  # cut-position uniforms: step = move index, row = chain row
-GRAPH_WARMUP_STEPS = 2  # eager decode steps before capture (compiles kernels, allocates workspaces)
+GRAPH_WARMUP_STEPS = 2  # eager steps before capture (compiles kernels, allocates workspaces)
 # Free arena columns after a compaction, as a fraction of the block limit: attention reads every
 # attended column at each step (and HF's masked SDPA path copies K/V per query head), while a
 # compaction is one gather of the live columns, so compact often rather than attend wide.
