@@ -137,11 +137,15 @@ _HOST_SYNC_FUNCTIONS = {torch.nonzero, torch.masked_select, torch.unique, torch.
 
 
 def _no_host_sync_backend(gm, example_inputs):
-    """A torch.compile backend that refuses graphs reading device values on the host."""
+    """A torch.compile backend that refuses graphs reading device values on the host, or making a
+    tensor from host data (on CUDA a host-to-device copy, which stream capture refuses too)."""
     for node in gm.graph.nodes:
         if (node.op == "call_method" and node.target in _HOST_SYNC_METHODS) or \
                 (node.op == "call_function" and node.target in _HOST_SYNC_FUNCTIONS):
             raise AssertionError(f"host synchronisation in a step that must be capturable: {node.format_node()}")
+        if node.op == "call_function" and node.target in (torch.tensor, torch.as_tensor, torch.scalar_tensor) and \
+                not isinstance(node.args[0], torch.fx.Node):
+            raise AssertionError(f"tensor from host data in a step that must be capturable: {node.format_node()}")
     return gm.forward
 
 
@@ -149,8 +153,8 @@ def fullgraph(method):
     """Wrap a no-argument method so that it runs under ``torch.compile(fullgraph=True)``.
 
     A data-dependent Python branch inside it (``if tensor:``), ours or the model's, is then an
-    error (a graph break), and so is any ``.item()`` / ``.tolist()`` / ``nonzero`` left in the
-    traced graph: the CPU stand-in for "this can be captured in a CUDA graph". Compiled once per
+    error (a graph break), and so is any ``.item()`` / ``.tolist()`` / ``nonzero`` or
+    ``torch.tensor(host data)`` left in the traced graph: the CPU stand-in for "this can be captured in a CUDA graph". Compiled once per
     instance; a method that keeps recompiling (a guard on a changing Python value) is an error
     too, not a silent eager fallback.
     """

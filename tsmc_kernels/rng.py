@@ -36,8 +36,8 @@ def fold_seed(seed: int) -> int:
     return (seed ^ (seed >> 32)) & MASK32
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on an int64 tensor holding values in [0, 2**32)."""
+def mix32(x):
+    """lowbias32 on an int64 tensor (or a Python int) holding values in [0, 2**32)."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & MASK32
     x = x ^ (x >> 15)
@@ -46,11 +46,18 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def row_key(seed: int, step, stream: int, row: torch.Tensor) -> torch.Tensor:
-    """Per-row key. ``step`` is an int or an int64 tensor broadcastable to ``row``."""
+    """Per-row key. ``step`` is an int or an int64 tensor broadcastable to ``row``.
+
+    The host-known parts are mixed as Python ints (``mix32`` works on both), so no tensor is made
+    from host data: a CUDA graph can capture this (a host-to-device copy cannot be captured).
+    """
     row = row.to(torch.int64) & MASK32
-    step = torch.as_tensor(step, dtype=torch.int64, device=row.device) & MASK32
-    base = torch.tensor(fold_seed(seed) ^ ((stream * _GOLDEN) & MASK32), dtype=torch.int64, device=row.device)
-    return mix32(mix32(mix32(base) ^ step) ^ row)
+    base = mix32(fold_seed(seed) ^ ((stream * _GOLDEN) & MASK32))
+    if isinstance(step, int):
+        k = mix32(base ^ (step & MASK32))
+    else:  # a tensor (used in place when already on row's device) or a sequence of steps
+        k = mix32((torch.as_tensor(step, dtype=torch.int64, device=row.device) & MASK32) ^ base)
+    return mix32(k ^ row)
 
 
 def uniform(key: torch.Tensor, counter: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
