@@ -211,15 +211,16 @@ def _log_accept(old: _Scores, new: _Scores, c: torch.Tensor, *, alpha: float, cu
     return torch.nan_to_num(log_a, nan=-math.inf)
 
 
-def _uniform(seed: int, move: int, stream: int, M: int, device) -> torch.Tensor:
+def _uniform(seed: int, move, stream: int, M: int, device) -> torch.Tensor:
+    """fp64 ``[M]`` uniforms of ``stream`` for row ``m`` at move ``move`` (an int, or int64 ``[M]``: one per row)."""
     key = rng.row_key(seed, move, stream, torch.arange(M, device=device))
     return rng.uniform(key, torch.zeros_like(key))
 
 
 # ----------------------------------------------------------------------------- the KV arena
 
-def _num_cache_layers(model) -> int:
-    """Number of decoder layers; raises for models whose cache is not plain full attention."""
+def _check_full_attention(model) -> None:
+    """Raise for models whose cache is not plain full attention (sliding-window or linear layers)."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     probe = DynamicCache(config=model.config)
@@ -227,10 +228,6 @@ def _num_cache_layers(model) -> int:
     if probe.layers and kinds != {DynamicLayer.__name__}:
         raise NotImplementedError(f"power_sample supports full-attention decoder models; this model's cache has "
                                   f"layers of type {sorted(kinds)} (sliding-window or linear attention)")
-    n = len(probe.layers) or getattr(model.config.get_text_config(decoder=True), "num_hidden_layers", 0)
-    if not n:
-        raise NotImplementedError("could not determine the number of decoder layers of this model")
-    return n
 
 
 def _room(limit: int) -> int:
@@ -264,10 +261,10 @@ class _Arena:
 
         self.model = model
         B, P = prompt_ids.shape
-        self.M, self.T, self.Pp = B * num_chains, T, P - 1
+        self.M, self.Pp = B * num_chains, P - 1
         device = prompt_ids.device
         self.max_capacity = self.capacity = self.Pp + 2 * T + _room(T)
-        _num_cache_layers(model)  # refuses sliding-window / linear-attention models
+        _check_full_attention(model)
         self.cache = StaticCache(config=model.config, max_cache_len=self.max_capacity)
         self._full = None  # (layer, full keys, full values) once allocated and narrowed by widen()
         self.mask = torch.zeros(self.M, self.max_capacity + 1, dtype=torch.long, device=device)
@@ -329,7 +326,8 @@ class _Arena:
         order, and renumber the column tables ``cols`` (int64 ``[M, T]``, -1 = none) in place."""
         n0 = self.length - self.Pp
         keep = (self.mask[:, self.Pp:self.length] | self.prop[:, self.Pp:self.length]).bool()  # [M, n0]
-        W = int(keep.sum(1).max())
+        counts = keep.sum(1, keepdim=True)
+        W = int(counts.max())
         order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :W]  # kept columns first, in order
         buffers = self.buffers()
         if len(buffers) != 2 * len(self.cache.layers):  # a transformers release with another StaticCache layout
@@ -337,7 +335,7 @@ class _Arena:
         rows = torch.arange(self.M, device=keep.device)[:, None]
         for buf in buffers:
             buf[:, :, self.Pp:self.Pp + W] = buf[rows, :, self.Pp + order].permute(0, 2, 1, 3)
-        filled = torch.arange(W, device=keep.device)[None, :] < keep.sum(1, keepdim=True)
+        filled = torch.arange(W, device=keep.device)[None, :] < counts
         for m in (self.mask, self.prop):
             moved = torch.where(filled, m[:, self.Pp:self.length].gather(1, order), 0)
             m[:, self.Pp:] = 0
@@ -469,7 +467,7 @@ class _Chains:
                             cut_power=self.cut_power)  # used for MH moves only (their cut is < T)
         u = _uniform(self.seed, self.move, STREAM_ACCEPT, M, L.device)
         accept = fin & (self.move >= 0) & (~mh | (torch.log(u) < log_a))
-        block = torch.div(self.move.clamp_min(0), self.per_block, rounding_mode="floor").clamp_max(len(self.ends) - 1)
+        block = self._block(self.move)
         self.accepted += (self.blocks[None, :] == block[:, None]) * (accept & mh).float()[:, None]
         a = accept[:, None]
         self.tokens.copy_(torch.where(a, self.p_tok.masked_fill(past, self.pad), self.tokens))
@@ -482,8 +480,7 @@ class _Chains:
         start = fin & (self.move < self.total_moves)
         self.running.copy_(start | (self.running & ~fin))
         self.arena.commit(accept, fin & ~start)
-        block = torch.div(self.move, self.per_block, rounding_mode="floor").clamp_max(len(self.ends) - 1)
-        limit = self.ends[block]
+        limit = self.ends[self._block(self.move)]
         growth = (self.move % self.per_block) == 0
         log_w = _log_cut_weights(self.scores.ent, L, self.cut_rule, self.cut_power)
         c = _choose_cut(log_w, _uniform(self.seed, self.move, STREAM_CUT, M, L.device))
@@ -497,6 +494,10 @@ class _Chains:
         for buf, val in ((self.cut, cut), (self.limit, limit), (self.p_pos, torch.where(active, cut, L)),
                          (self.p_act, active), (self.p_live, active), (self.rng_step, self.move * T)):
             buf.copy_(torch.where(start, val, buf))
+
+    def _block(self, move: torch.Tensor) -> torch.Tensor:
+        """int64 ``[M]``: the block of each move (clamped into range: -1 before the first, the total after the last)."""
+        return torch.div(move.clamp_min(0), self.per_block, rounding_mode="floor").clamp_max(len(self.ends) - 1)
 
     def step(self) -> None:
         """One forward pass for every chain with a token to decode, then settle (twice: a growth move

@@ -236,7 +236,8 @@ class _SMCRun:
         self.state = [self.tokens, self.finished, self.lengths, self.log_psi_prev, self.log_inter, self.sum_logp,
                       self.sum_logq, self.log_phi, self.awaiting]
         # Written by propose, read by the host and weigh.
-        self.active, self.terminal, self.delim_hit, self.nan = zeros(boolean), zeros(boolean), zeros(boolean), zeros(boolean)
+        self.active, self.terminal = zeros(boolean), zeros(boolean)
+        self.delim_hit, self.nan = zeros(boolean), zeros(boolean)
         self.logp, self.logq, self.log_psi_tok = zeros(f32), zeros(f32), zeros(f32)
         # Potentials known for these rows (set by the host or by propose), consumed by weigh.
         self.phi_due, self.phi_value = zeros(boolean), zeros(f32)

@@ -179,14 +179,16 @@ def num_sms(device: torch.device) -> int:
     return 2
 
 
-def step_tensor(step, device: torch.device) -> torch.Tensor:
-    """A 1-element int64 tensor on ``device`` holding ``step`` (a tensor is used as is, no copy)."""
+def step_tensor(step, device: torch.device, rows: int | None = None) -> torch.Tensor:
+    """An int64 tensor on ``device`` holding ``step``: ``[1]``, or ``[rows]`` (one step per row) when
+    ``rows`` is given and ``step`` has that many elements (a tensor is used as is, no copy)."""
     if isinstance(step, torch.Tensor):
         if step.device != device:
             raise ValueError(f"step is on {step.device} but the data is on {device}")
-        if step.numel() != 1:
-            raise ValueError(f"step must have one element, got shape {tuple(step.shape)}")
+        if step.numel() != 1 and not (rows is not None and step.dim() == 1 and step.numel() == rows):
+            raise ValueError(f"step must have one element{f' or {rows}' if rows is not None else ''}, "
+                             f"got shape {tuple(step.shape)}")
         if step.dtype != torch.int64:
             step = step.to(torch.int64)
-        return step.reshape(1)
+        return step.reshape(-1)
     return torch.tensor([int(step)], dtype=torch.int64, device=device)

@@ -350,8 +350,7 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     twist = _row_major(log_twist) if has_twist else logits
     topk = 0 < top_k < V
     thr = _topk_threshold(logits, log_twist, top_k) if topk else outs[0]
-    per_row_step = isinstance(step, torch.Tensor) and step.dim() == 1 and step.numel() == M and M > 1
-    step_t = step.to(device=dev, dtype=torch.int64).contiguous() if per_row_step else step_tensor(step, dev)
+    step_t = step_tensor(step, dev, rows=M).contiguous()
     tempered = float(temperature) != 1.0
     inv_temp = 1.0 / float(temperature)
     key_base = host_key_base(int(seed), rng.STREAM_TOKEN)
@@ -371,7 +370,7 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     else:
         part_f, part_i = outs[0], token  # unused
     _twist_sample_kernel[(M, splits)](
-        logits, logits.stride(0), twist, twist.stride(0), thr, step_t, int(per_row_step), key_base, inv_temp,
+        logits, logits.stride(0), twist, twist.stride(0), thr, step_t, int(step_t.numel() > 1), key_base, inv_temp,
         V, tiles_per_split, part_f, part_i, token, *outs,
         HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, SAME_R=not (tempered or topk), SPLIT=splits > 1,
         BLOCK=block_v,
