@@ -165,3 +165,54 @@ def fullgraph(method):
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             getattr(self, name)()
     return wrapped
+
+
+class _HostSyncGuard(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on every aten op that CUDA stream capture refuses: reading a device value on the host
+    (``.item()``, ``bool(t)``, ``int(t)``: ``_local_scalar_dense``), ops whose output size depends on
+    values (``nonzero``, boolean-mask indexing, ``unique``, ...) and tensors made from host data
+    (``torch.tensor(...)``: a host-to-device copy). Custom ops count as one op (their CUDA
+    implementations are checked by their own tests)."""
+
+    _REFUSED = {"aten::_local_scalar_dense", "aten::lift_fresh", "aten::nonzero", "aten::nonzero_static",
+                "aten::masked_select", "aten::_unique", "aten::_unique2", "aten::unique_dim",
+                "aten::unique_consecutive", "aten::isin"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        why = None
+        if name in self._REFUSED:
+            why = "reads device values on the host" if name != "aten::lift_fresh" else "makes a tensor from host data"
+            if name == "aten::isin":
+                why = "may sort and unique on the device, which synchronises (use a broadcast compare)"
+        elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None and len(args) < 2:
+            why = "sizes its output from device values"
+        elif name in ("aten::index", "aten::index_put", "aten::index_put_"):
+            idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in idx):
+                why = "indexes with a boolean mask (a nonzero on the device)"
+        if why:
+            raise AssertionError(f"{func} {why}: a CUDA graph cannot capture it")
+        return func(*args, **kwargs)
+
+
+def no_host_sync(method):
+    """Wrap a method so that it runs eagerly under :class:`_HostSyncGuard`.
+
+    Unlike :func:`fullgraph` it runs the code paths that a real CUDA-graph capture runs (the
+    library code, HF's included, takes other branches while dynamo traces).
+    """
+    def wrapped(self, *args, **kwargs):
+        with _HostSyncGuard():
+            return method(self, *args, **kwargs)
+    return wrapped
+
+
+def step_test_model(vocab_size: int, arch: str, seed: int):
+    """A tiny model for the capture stand-ins: grouped-query attention (4 query heads sharing 2 K/V
+    heads) where the architecture has it, so the packed decode attention is traced too."""
+    from tsmc_kernels.models import tiny_random_model
+
+    gqa = {} if arch == "gpt2" else dict(num_heads=4, num_kv_heads=2)
+    return tiny_random_model(vocab_size, arch=arch, seed=seed, **gqa)

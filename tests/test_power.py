@@ -27,7 +27,7 @@ from tsmc_kernels.exact import enumerate_completions
 from tsmc_kernels.models import tiny_random_model
 from tsmc_kernels.power import PowerOutput, power_sample, power_sample_reference
 
-from conftest import fullgraph
+from conftest import fullgraph, no_host_sync, step_test_model
 
 V, EOS, T = 5, 4, 3
 
@@ -259,11 +259,27 @@ def test_step_compiles_without_graph_breaks(monkeypatch, arch):
     """The step (HF forward on the arena, sampling, MH decisions, next moves) traces as one graph:
     nothing in it synchronises with the host, as CUDA graph capture requires; and the traced step
     gives the same chains."""
-    model = tiny_random_model(V, arch=arch, seed=1)
+    model = step_test_model(V, arch, seed=1)
     ids, mask = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]]), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
     kw = dict(num_chains=3, max_new_tokens=7, block_size=3, n_mcmc=2, cut="entropy", seed=fresh_seed())
     want = power_sample(model, ids, mask, **kw)
     monkeypatch.setattr(power._Chains, "step", fullgraph(power._Chains.step))
+    got = power_sample(model, ids, mask, **kw)
+    assert torch.equal(want.completions, got.completions) and torch.equal(want.acceptance, got.acceptance)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("cut", ["entropy", "uniform"])
+def test_step_runs_without_host_sync(monkeypatch, arch, cut):
+    """The captured step, run eagerly as a capture runs it (HF's own code takes other branches under
+    dynamo): no op in it reads a device value on the host or makes a tensor from host data
+    (``conftest._HostSyncGuard``). Several EOS ids, so that an EOS test that sorts would show."""
+    model = step_test_model(V, arch, seed=1)
+    ids, mask = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]]), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kw = dict(num_chains=3, max_new_tokens=7, block_size=3, n_mcmc=2, cut=cut, eos_token_id=[V - 1, V - 2, 3],
+              seed=fresh_seed())
+    want = power_sample(model, ids, mask, **kw)
+    monkeypatch.setattr(power._Chains, "step", no_host_sync(power._Chains.step))
     got = power_sample(model, ids, mask, **kw)
     assert torch.equal(want.completions, got.completions) and torch.equal(want.acceptance, got.acceptance)
 

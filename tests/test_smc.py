@@ -15,7 +15,7 @@ from tsmc_kernels import smc_generate
 from tsmc_kernels.exact import TableTwist, enumerate_completions
 from tsmc_kernels.models import tiny_random_model
 
-from conftest import fullgraph
+from conftest import fullgraph, no_host_sync, step_test_model
 
 V, T, EOS = 5, 3, 4
 PROMPT = torch.tensor([0, 1, 2])
@@ -283,7 +283,7 @@ def test_step_halves_compile_without_graph_breaks(monkeypatch, arch):
     from tsmc_kernels.sampler import smc
     from tsmc_kernels.twist import MLPTwistHead
 
-    model = tiny_random_model(V, arch=arch, seed=3)
+    model = step_test_model(V, arch, seed=3)
     head = MLPTwistHead(vocab_size=V, hidden_size=model.config.hidden_size)
     with torch.no_grad():
         for p in head.parameters():
@@ -306,6 +306,33 @@ def test_step_halves_compile_without_graph_breaks(monkeypatch, arch):
     got = smc_generate(model, ids, mask, **kw)
     assert torch.equal(want.completions, got.completions) and torch.equal(want.ancestors, got.ancestors)
     torch.testing.assert_close(want.log_z, got.log_z, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_step_halves_run_without_host_sync(monkeypatch, arch, sync_every):
+    """The captured halves, run eagerly as a capture runs them (HF's own code takes other branches
+    under dynamo): no op in them reads a device value on the host or makes a tensor from host data
+    (``conftest._HostSyncGuard``). Several EOS ids, so that an EOS test that sorts would show."""
+    from tsmc_kernels.sampler import smc
+    from tsmc_kernels.twist import MLPTwistHead
+
+    model = step_test_model(V, arch, seed=3)
+    head = MLPTwistHead(vocab_size=V, hidden_size=model.config.hidden_size)
+    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kw = dict(num_particles=5, max_new_tokens=6, potential=potential, twist=head, ess_threshold=0.7, cache="static",
+              sync_every=sync_every, eos_token_id=list(range(V - 1, 3, -1)), seed=fresh_seed())
+    monkeypatch.setattr(smc._SMCRun, "__init__", _init_without_ids(smc._SMCRun.__init__))
+    want = smc_generate(model, ids, mask, **kw)
+    propose = smc._SMCRun.propose
+
+    def propose_guarded(self, t=None):
+        return propose(self, 0) if t == 0 else no_host_sync(propose)(self)  # step 0 is never captured
+    monkeypatch.setattr(smc._SMCRun, "propose", propose_guarded)
+    monkeypatch.setattr(smc._SMCRun, "weigh", no_host_sync(smc._SMCRun.weigh))
+    got = smc_generate(model, ids, mask, **kw)
+    assert torch.equal(want.completions, got.completions) and torch.equal(want.ancestors, got.ancestors)
 
 
 def _init_without_ids(init):

@@ -58,7 +58,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import ops, rng
-from .sampler.inputs import check_int, check_positions, check_prompts, eos_ids, pad_id
+from .sampler.attention import with_packed_decode_attention
+from .sampler.inputs import check_int, check_positions, check_prompts, eos_ids, is_any_of, pad_id
 
 __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 
@@ -431,7 +432,7 @@ class _Chains:
     def ended(self) -> torch.Tensor:
         L = self.scores.length
         last = self.tokens.gather(1, (L - 1).clamp_min(0)[:, None])[:, 0]
-        return (L > 0) & torch.isin(last, self.eos)
+        return (L > 0) & is_any_of(last, self.eos)
 
     # ------------------------------------------------------------------ device work (capturable)
     def decode_step(self) -> None:
@@ -449,7 +450,7 @@ class _Chains:
             buf.scatter_(1, idx, torch.where(live, val.to(buf.dtype), buf.gather(1, idx)[:, 0])[:, None])
         self.decoded += live.sum()
         self.nan |= live & torch.isnan(out.log_zpi)
-        done = torch.isin(out.token, self.eos) | (pos + 1 >= self.limit)
+        done = is_any_of(out.token, self.eos) | (pos + 1 >= self.limit)
         pos += live.long()
         live &= ~done
         self.rng_step += 1
@@ -569,6 +570,7 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 @torch.no_grad()
+@with_packed_decode_attention
 def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, alpha: float = 4.0,
                  cut: str = "entropy", cut_power: float = 4.0, num_chains: int = 1, max_new_tokens: int = 256,
                  block_size: int | None = None, n_mcmc: int = 10, top_k: int = 0, seed: int = 0,

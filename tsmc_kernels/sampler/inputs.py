@@ -32,6 +32,14 @@ def eos_ids(model, eos_token_id=None) -> list[int]:
     return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
 
 
+def is_any_of(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Bool, shape of ``tokens``: whether each token is one of ``ids`` (int64 ``[K]``, K may be 0).
+
+    A broadcast compare rather than ``torch.isin``, which sorts and calls ``unique`` on CUDA for
+    longer id lists (a host synchronisation that CUDA-graph capture refuses)."""
+    return (tokens.unsqueeze(-1) == ids).any(-1)
+
+
 def pad_id(model, pad_token_id, eos: list[int]) -> int:
     """Padding id after EOS: ``pad_token_id``, else the model's, else the first EOS id, else 0."""
     if pad_token_id is not None:

@@ -31,7 +31,8 @@ import torch
 
 from .. import ops
 from ..potentials.base import as_potential, check_log_phi
-from .inputs import check_int, check_prompts, eos_ids, pad_id
+from .attention import with_packed_decode_attention
+from .inputs import check_int, check_prompts, eos_ids, is_any_of, pad_id
 from .lm import CACHE_MODES, ParticleLM
 from .output import SMCOutput
 
@@ -73,6 +74,7 @@ def _check_graph_twist(twist) -> None:
 
 
 @torch.no_grad()
+@with_packed_decode_attention
 def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  num_particles: int = 16, max_new_tokens: int = 128, potential=None, twist: TwistFn | None = None,
                  ess_threshold: float = 0.5, resampling: str = "systematic", temperature: float = 1.0, top_k: int = 0,
@@ -273,7 +275,7 @@ class _SMCRun:
                                          (log_psi, forced.log_psi)))
         active = ~self.finished
         tok = torch.where(active, tok, torch.full_like(tok, self.pad))
-        is_eos = torch.isin(tok, self.eos_t) & active if self.eos else torch.zeros_like(active)
+        is_eos = is_any_of(tok, self.eos_t) & active if self.eos else torch.zeros_like(active)
         terminal = active & (is_eos | (self.t == self.T - 1))
         self.tokens.index_copy_(1, self.t, tok.unsqueeze(1))
         self.lengths += active
@@ -282,7 +284,7 @@ class _SMCRun:
         self.decoded += active.sum()
         self.nan |= torch.isnan(out.log_zpi) & active
         if self.delim_t.numel():
-            self.delim_hit.copy_(torch.isin(tok, self.delim_t) & active & ~terminal)
+            self.delim_hit.copy_(is_any_of(tok, self.delim_t) & active & ~terminal)
         self.finished |= terminal
         if self.phi_fn is None:
             self.phi_due |= terminal  # phi = 1: known on the device (phi_value is 0)
