@@ -114,7 +114,7 @@ def _step_tensor(step, device: torch.device, rows: int | None = None) -> torch.T
         return step.to(torch.int64) if per_row else step.reshape(()).to(torch.int64)
     if int(step) < 0:
         raise ValueError(f"step must be non-negative, got {step}")
-    return torch.tensor(int(step), dtype=torch.int64, device=device)
+    return torch.full((), int(step), dtype=torch.int64, device=device)  # a fill: capturable, unlike torch.tensor
 
 
 def _seed32(seed: int) -> int:

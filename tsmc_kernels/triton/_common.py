@@ -191,4 +191,5 @@ def step_tensor(step, device: torch.device, rows: int | None = None) -> torch.Te
         if step.dtype != torch.int64:
             step = step.to(torch.int64)
         return step.reshape(-1)
-    return torch.tensor([int(step)], dtype=torch.int64, device=device)
+    # A fill kernel, not torch.tensor (a host-to-device copy, which CUDA-graph capture refuses).
+    return torch.full((1,), int(step), dtype=torch.int64, device=device)
