@@ -7,9 +7,9 @@
 #                                     # SMC_FILTER="16] or 256]" for the other N in a second call
 #   bench/device_session.sh power     # power_sample vs model.generate, batched problems
 #
-# Worth one extra call when time allows: TRANSFORMERS_SDPA_FORCE_GQA=1 bench/device_session.sh smc
-# (HF repeats K/V per query head whenever an attention mask is passed, as in every decode step here;
-# that flag asks SDPA for grouped-query attention with the mask instead).
+# Worth one extra call when time allows: TSMC_PACKED_GQA=0 bench/device_session.sh smc (or power)
+# measures what the packed grouped-query decode attention (tsmc_kernels/sampler/attention.py) saves
+# over HF's sdpa, which repeats K/V per query head whenever a mask is passed (transformers <= 5.17).
 #
 # Logs and result files are copied to $OUT (the tool brings them back); commit the JSON files
 # under bench/results/. Phases after `tests` reuse the installed package while the machine is warm
