@@ -315,6 +315,8 @@ class _Arena:
         self._forward(ids, mask, (mask.cumsum(1) - 1).clamp_min(0), torch.arange(ids.shape[1], device=ids.device), pre)
         kv = [(layer.keys, layer.values) for layer in pre.layers]
         heads, dims = [k.shape[1] for k, _ in kv], [k.shape[3] for k, _ in kv]
+        if len(set(heads)) == 1 and len(set(dims)) == 1:  # ints: early 5.x releases take no per-layer lists
+            heads, dims = heads[0], dims[0]
         self.cache.early_initialization(self.M, heads, dims, kv[0][0].dtype, ids.device)
         keep = mask.bool()[:, None, :, None]  # masked prompt padding: zero K/V so that no NaN can leak
         for layer, (k, v) in zip(self.cache.layers, kv):
