@@ -51,7 +51,7 @@ class ParticleLM:
         self.prompt_len = mask.sum(1).repeat_interleave(N, 0)  # [M] real prompt tokens per row
         self.t = 0  # tokens appended so far
         self.positions = self.prompt_len.unsqueeze(1).clone()  # [M, 1] position of the next token (static)
-        self.cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # its cache slot (static)
+        self.cache_position = torch.full((1,), P, dtype=torch.long, device=device)  # its cache slot
         self.cache = None
         self.all_ids = None  # [M, P + T] for cache="none"
         params = inspect.signature(model.forward).parameters
@@ -118,10 +118,10 @@ class ParticleLM:
             self.all_ids[:, P + t] = tokens
             mask = self.mask[:, :L]
             out = self._forward(self.all_ids[:, :L], mask, self._positions(mask), None, True)
-        else:
+        else:  # dynamic: a device slot counter too (torch.tensor([P + t]) would be a blocking copy)
             position_ids = (self.prompt_len + t).unsqueeze(1)
-            cache_position = torch.tensor([P + t], device=tokens.device)
-            out = self._forward(tokens.unsqueeze(1), self.mask[:, :L], position_ids, cache_position, False)
+            out = self._forward(tokens.unsqueeze(1), self.mask[:, :L], position_ids, self.cache_position, False)
+            self.cache_position += 1
         self.t += 1
         return out
 
