@@ -287,7 +287,7 @@ def test_step_runs_without_host_sync(monkeypatch, arch, cut):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cut", ["entropy", "uniform"])
 def test_cuda_graph_equals_eager(cuda_device, cut):
-    model = tiny_random_model(V, seed=1).to(cuda_device)
+    model = step_test_model(V, "qwen2", seed=1).to(cuda_device)  # grouped-query: packed attention
     ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]], device=cuda_device)
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], device=cuda_device)
     kw = dict(num_chains=4, max_new_tokens=12, block_size=4, n_mcmc=3, cut=cut, seed=fresh_seed())

@@ -353,7 +353,7 @@ def test_cuda_graph_needs_a_hidden_state_twist_and_no_intermediate_potential(mod
 def test_cuda_graph_equals_eager(cuda_device, sync_every):
     from tsmc_kernels.twist import MLPTwistHead
 
-    m = tiny_random_model(V, seed=3).to(cuda_device)
+    m = step_test_model(V, "qwen2", seed=3).to(cuda_device)  # grouped-query: packed attention
     head = MLPTwistHead(vocab_size=V, hidden_size=m.config.hidden_size).to(cuda_device)
     with torch.no_grad():
         for p in head.parameters():
