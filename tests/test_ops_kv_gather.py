@@ -141,3 +141,53 @@ def test_cuda_equals_reference(gen, cuda_device, dtype):
     """ops.kv_gather_ on CUDA (native CUDA kernel or Triton) == the reference, bitwise."""
     # rows: 16-byte aligned, odd sizes, over 16 KiB
     check_cuda_gather(ops.kv_gather_, gen, cuda_device, dtype, [(2, 33, 64), (3, 1, 5), (77,), (), (2, 40, 128)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["native", "triton"])
+def test_cuda_completion_columns_only(gen, cuda_device, monkeypatch, backend_name):
+    """The sampler's gather: every layer's K and V from column P on (rows with gaps), on CUDA."""
+    monkeypatch.setenv("TSMC_BACKEND", backend_name)
+    B, N, P = 2, 8, 5
+    anc = random_ancestors(gen, B, N)
+    kv = [random_data(gen, (B * N, 2, 19, 64), torch.bfloat16, cuda_device) for _ in range(2 * 28)]
+    src = [t.clone() for t in kv]
+    ops.kv_gather_([t[:, :, P:] for t in kv], anc.to(cuda_device))
+    flat = reference.flat_ancestors(anc)
+    for t, s in zip(kv, src):
+        want = s.cpu().clone()
+        want[:, :, P:] = want[:, :, P:].index_select(0, flat)
+        assert torch.equal(row_bytes(t.cpu()), row_bytes(want))
+
+
+@pytest.mark.parametrize("make", [
+    lambda b: b[:, :, 3:],                 # a KV cache from column P = 3 on: H pieces
+    lambda b: b[:, :, 3:, :5],             # and part of the head dim: H * L' pieces
+    lambda b: b.permute(0, 2, 1, 3),       # dense rows in another order: kept whole
+    lambda b: b[:, :, 2:].transpose(2, 3),  # gaps and a transpose
+    lambda b: b[:, 1],                     # dense already
+])
+def test_dense_row_pieces_cover_the_view_once(gen, make):
+    """Every element of the view in exactly one piece, every piece with dense rows (what the
+    kernels copy as blocks)."""
+    base = torch.zeros(6, 2, 9, 8, dtype=torch.int64)
+    view = make(base)
+    pieces = reference.dense_row_pieces(view)
+    for p in pieces:
+        assert reference.rows_dense(p)
+        p.add_(1)  # count how often each element is covered
+    assert bool((view == 1).all()) and int(base.sum()) == view.numel()
+
+
+def test_gapped_views_reach_the_kernel_as_dense_pieces(gen, monkeypatch):
+    """ops.kv_gather_ hands the kernel dense-row pieces (a sliced KV cache is not copied row by row)."""
+    seen = []
+    op = ops._kv_gather_op
+    monkeypatch.setattr(ops, "_kv_gather_op", lambda ts, a: (seen.extend(ts), op(ts, a)))
+    B, N = 2, 4
+    anc = random_ancestors(gen, B, N)
+    k = random_data(gen, (B * N, 2, 9, 8), torch.bfloat16)
+    src = k.clone()
+    ops.kv_gather_([k[:, :, 3:], k[:, :, :3]], anc)
+    assert len(seen) == 4 and all(reference.rows_dense(t) for t in seen)
+    assert_gathered(k, src, reference.flat_ancestors(anc))

@@ -434,3 +434,30 @@ def test_nan_logits_are_an_error(model):
     bad = lambda h, c: torch.full((h.shape[0], V), float("nan"))  # noqa: E731
     with pytest.raises(FloatingPointError, match="NaN"):
         smc_generate(model, replicas(1), num_particles=2, max_new_tokens=2, twist=bad)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("cache", ["dynamic", "static", "none"])
+def test_gather_skips_the_shared_prompt_columns(gen, arch, cache):
+    """Resampling moves only the completion columns (``ParticleLM.completion_state``): a prompt's
+    particles hold the same prompt columns, bit for bit, in every cache mode, so the result is the
+    gather of whole rows."""
+    from conftest import random_ancestors
+    from tsmc_kernels import reference
+    from tsmc_kernels.sampler.lm import ParticleLM
+
+    model = step_test_model(V, arch, seed=2)
+    B, N, P = 2, 3, 4
+    ids = torch.randint(0, V, (B, P), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    lm = ParticleLM(model, ids, mask, num_particles=N, max_new_tokens=5, cache=cache)
+    lm.prefill()
+    for _ in range(3):
+        lm.step(torch.randint(0, V, (B * N,), generator=gen))
+    anc = random_ancestors(gen, B, N)
+    flat = reference.flat_ancestors(anc)
+    want = [t.index_select(0, flat) for t in lm.cache_tensors()]
+    assert all(s.numel() < t.numel() for s, t in zip(lm.completion_state(), lm.cache_tensors()))
+    lm.gather_(anc)
+    for w, t in zip(want, lm.cache_tensors()):
+        assert torch.equal(w, t)

@@ -395,7 +395,8 @@ def kv_gather_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor, *, vali
 
     Args:
         tensors: tensors whose dim 0 has ``M = B * N`` rows (every layer's K and V ``[M, H, L, D]``,
-            token buffers ``[M, T]``, masks), on the ancestors' device. Any dtype.
+            token buffers ``[M, T]``, masks), on the ancestors' device. Any dtype. Views are fine:
+            one whose rows have gaps (``k[:, :, P:]``) is split into views with dense rows first.
         ancestors: int64 ``[B, N]`` (indices within each prompt) or ``[M]`` (global row indices),
             satisfying the permutation property (rows that are read are never written).
     Returns:
@@ -418,6 +419,7 @@ def kv_gather_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor, *, vali
         moved = flat != torch.arange(M, device=flat.device)
         if bool(moved[flat[moved]].any()):
             raise ValueError("ancestors violate the permutation property: a row that is copied from is also overwritten")
-    if not tensors:
+    pieces = [p for t in tensors for p in reference.dense_row_pieces(t)]
+    if not pieces:
         return
-    _kv_gather_op(tensors, flat)
+    _kv_gather_op(pieces, flat)

@@ -246,6 +246,34 @@ def flat_ancestors(ancestors: torch.Tensor) -> torch.Tensor:
     return (ancestors + N * torch.arange(B, device=ancestors.device)[:, None]).reshape(-1)
 
 
+def rows_dense(t: torch.Tensor) -> bool:
+    """Whether every row ``t[i]`` fills one gap-free block of memory (in any internal order).
+
+    True for contiguous rows and also for permuted layouts such as an ``[M, L, H, D]`` buffer
+    seen as ``[M, H, L, D]``: the row is then copied as the raw block, which is exact.
+    """
+    dims = sorted((st, sz) for st, sz in zip(t.stride()[1:], t.shape[1:]) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def dense_row_pieces(t: torch.Tensor, max_pieces: int = 256) -> list[torch.Tensor]:
+    """Views of ``t`` that cover each of its elements exactly once, split along dims 1, 2, ...
+    until every piece has dense rows (:func:`rows_dense`), at most ``max_pieces`` of them.
+
+    A KV cache seen from column ``P`` on (``k[:, :, P:]``, ``[M, H, L - P, D]``) has rows with gaps;
+    its ``H`` pieces ``k[:, h, P:]`` have dense rows, which the gather kernels copy as blocks. When
+    more pieces would be needed, ``t`` itself is returned (the kernels then copy it row by row).
+    """
+    if t.dim() <= 1 or rows_dense(t) or t.shape[1] > max_pieces:
+        return [t]
+    return [p for i in range(t.shape[1]) for p in dense_row_pieces(t[:, i], max_pieces // t.shape[1])]
+
+
 def kv_gather_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor) -> None:
     """In place, for every tensor ``t`` (dim 0 = M rows): ``t[i] = t[a[i]]`` where ``a[i] != i``.
 

@@ -138,6 +138,28 @@ class ParticleLM:
                     tensors.append(t)
         return tensors
 
+    def completion_state(self) -> list[torch.Tensor]:
+        """The per-row model state that resampling must move: :meth:`cache_tensors` from column ``P``
+        on where a column is a position (full-attention layers, the token buffer), whole otherwise.
+
+        A prompt's particles share their first ``P`` columns (the prompt, prefilled alike for all of
+        them), and resampling moves particles only within a prompt, so those columns never need
+        copying: half the gather's bytes when the prompt is as long as the completion.
+        """
+        from transformers.cache_utils import DynamicLayer, StaticLayer
+
+        P = self.P
+        if self.cache_mode == "none":
+            return [self.all_ids[:, P:]]
+        state = []
+        for layer in self.cache.layers:
+            positional = type(layer) in (DynamicLayer, StaticLayer)  # not sliding windows, not other layouts
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.M:
+                    state.append(t[:, :, P:] if positional and t.dim() == 4 and t.shape[2] >= P else t)
+        return state
+
     def gather_(self, ancestors: torch.Tensor, extra: list[torch.Tensor] = ()) -> None:
         """Apply ``ancestors`` (``[B, N]`` or flat ``[M]``) in place to the cache and to ``extra`` tensors."""
-        ops.kv_gather_(self.cache_tensors() + list(extra), ancestors, validate=False)
+        ops.kv_gather_(self.completion_state() + list(extra), ancestors, validate=False)

@@ -79,21 +79,6 @@ def _kv_gather_kernel(anc_ptr, table_ptr, BLOCK: tl.constexpr):
             _copy_words(dst.to(tl.pointer_type(tl.int8)), src.to(tl.pointer_type(tl.int8)), nbytes, BLOCK)
 
 
-def _rows_dense(t: torch.Tensor) -> bool:
-    """Whether every row ``t[i]`` fills one gap-free block of memory (in any internal order).
-
-    True for contiguous rows and also for permuted layouts such as an ``[M, L, H, D]`` buffer
-    seen as ``[M, H, L, D]``: the row is then copied as the raw block, which is exact.
-    """
-    dims = sorted((st, sz) for st, sz in zip(t.stride()[1:], t.shape[1:]) if sz != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _word_bytes(*values: int) -> int:
     g = 0
     for v in values:
@@ -175,7 +160,7 @@ def kv_gather_triton_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor, 
             raise ValueError(f"tensors[{k}] is on {t.device} but ancestors are on {dev}")
         if t.numel() == 0:
             continue
-        if not _rows_dense(t):
+        if not reference.rows_dense(t):
             t.copy_(t.index_select(0, a))  # correct for any layout, moves every row
             continue
         es = t.element_size()
