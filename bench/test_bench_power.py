@@ -131,7 +131,8 @@ def run_power(model, prompts, *, chains, cuda_graph=False, **kw):
     device = prompts.device
     _sync(device)
     t = time.perf_counter()
-    out = power_sample(model, prompts, num_chains=chains, cuda_graph=cuda_graph, **kw)
+    # eos_token_id=[]: no EOS, like the reference's generate() (a Llama config still names one).
+    out = power_sample(model, prompts, num_chains=chains, cuda_graph=cuda_graph, eos_token_id=[], **kw)
     _sync(device)
     wall = time.perf_counter() - t
     B = prompts.shape[0]

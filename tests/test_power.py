@@ -406,3 +406,22 @@ def test_nan_logits_are_an_error(sampler):
         model.lm_head.weight[3] = float("nan")  # every logit row has a NaN
     with pytest.raises(FloatingPointError, match="NaN in the model logits"):
         getattr(power, sampler)(model, torch.tensor([[1, 2]]), max_new_tokens=4, block_size=2, n_mcmc=1)
+
+
+@pytest.mark.parametrize("cut", ["entropy", "uniform"])
+def test_one_settle_per_step_without_eos(monkeypatch, cut):
+    """Without EOS ids every move decodes at least one token, so the step settles once: the same
+    chains, tokens and forward passes as settling twice."""
+    model = tiny_random_model(V, seed=1)
+    ids, mask = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]]), torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kw = dict(num_chains=3, max_new_tokens=7, block_size=3, n_mcmc=2, cut=cut, eos_token_id=[], seed=fresh_seed())
+    once = power_sample(model, ids, mask, **kw)
+
+    def twice(self):
+        self.decode_step()
+        self.settle()
+        self.settle()
+    monkeypatch.setattr(power._Chains, "step", twice)
+    both = power_sample(model, ids, mask, **kw)
+    assert torch.equal(once.completions, both.completions) and torch.equal(once.acceptance, both.acceptance)
+    assert once.forward_passes == both.forward_passes and once.tokens_decoded == both.tokens_decoded

@@ -503,11 +503,12 @@ class _Chains:
         return torch.div(move.clamp_min(0), self.per_block, rounding_mode="floor").clamp_max(len(self.ends) - 1)
 
     def step(self) -> None:
-        """One forward pass for every chain with a token to decode, then settle (twice: a growth move
-        that has nothing to decode settles at once)."""
+        """One forward pass for every chain with a token to decode, then settle (twice when a move can
+        have nothing to decode, a growth after EOS: it then settles at once instead of a step later)."""
         self.decode_step()
         self.settle()
-        self.settle()
+        if self.eos.numel():  # without EOS every move decodes >= 1 token: the second pass would be a no-op
+            self.settle()
 
     # ------------------------------------------------------------------ host
     def _run_step(self) -> None:
