@@ -22,6 +22,14 @@ from .inputs import check_positions
 CACHE_MODES = ("dynamic", "static", "none")
 
 
+def _kv_layer_types() -> tuple:
+    """HF cache layer classes that hold exactly a ``keys`` and a ``values`` tensor ``[M, H, L, D]``."""
+    from transformers import cache_utils
+
+    names = ("DynamicLayer", "StaticLayer", "DynamicSlidingWindowLayer", "StaticSlidingWindowLayer")
+    return tuple(getattr(cache_utils, n) for n in names if hasattr(cache_utils, n))
+
+
 class ParticleLM:
     """Batched decoding state for ``M = B * N`` particles.
 
@@ -85,6 +93,10 @@ class ParticleLM:
         cache_position = torch.arange(P, device=device)
         if self.cache_mode == "dynamic":
             self.cache = DynamicCache(config=self.model.config)
+        elif self.cache_mode == "static":
+            self.cache = StaticCache(config=self.model.config, max_cache_len=P + self.T)
+        if self.cache_mode == "dynamic" and all(hasattr(layer, "batch_repeat_interleave") for layer in self.cache.layers):
+            # Once per prompt, then repeated N times (layers of other kinds, e.g. linear attention, cannot repeat).
             logits, hidden = self._forward(self.prompt_ids, self.prompt_mask, self._positions(self.prompt_mask),
                                            cache_position, True)
             self.cache.batch_repeat_interleave(N)
@@ -93,9 +105,7 @@ class ParticleLM:
         else:
             ids = self.prompt_ids.repeat_interleave(N, 0)
             mask = self.prompt_mask.repeat_interleave(N, 0)
-            if self.cache_mode == "static":
-                self.cache = StaticCache(config=self.model.config, max_cache_len=P + self.T)
-            else:
+            if self.cache_mode == "none":
                 self.all_ids = torch.cat([ids, torch.zeros(self.M, self.T, dtype=ids.dtype, device=device)], 1)
             logits, hidden = self._forward(ids, mask, self._positions(mask), cache_position, True)
         return logits, hidden
@@ -127,16 +137,9 @@ class ParticleLM:
 
     # ------------------------------------------------------------------ resampling
     def cache_tensors(self) -> list[torch.Tensor]:
-        """Every tensor holding per-row model state (each layer's K and V, or the token buffer)."""
-        if self.cache_mode == "none":
-            return [self.all_ids]
-        tensors = []
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.M:
-                    tensors.append(t)
-        return tensors
+        """Every tensor holding per-row model state: each layer's K and V (then the tensors of other
+        layer kinds, such as linear attention's convolution and recurrent states), or the token buffer."""
+        return [t for _, t in self._row_tensors()]
 
     def completion_state(self) -> list[torch.Tensor]:
         """The per-row model state that resampling must move: :meth:`cache_tensors` from column ``P``
@@ -146,19 +149,33 @@ class ParticleLM:
         them), and resampling moves particles only within a prompt, so those columns never need
         copying: half the gather's bytes when the prompt is as long as the completion.
         """
+        P = self.P
+        return [t[:, :, P:] if positional and t.dim() == 4 and t.shape[2] >= P else
+                t[:, P:] if self.cache_mode == "none" else t for positional, t in self._row_tensors()]
+
+    def other_layers(self) -> list[str]:
+        """Names of the cache's layer kinds that are not plain K/V attention caches (e.g. linear attention)."""
+        if self.cache is None:
+            return []
+        return sorted({type(layer).__name__ for layer in self.cache.layers if type(layer) not in _kv_layer_types()})
+
+    def _row_tensors(self) -> list[tuple[bool, torch.Tensor]]:
+        """``(positional, tensor)`` for every per-row state tensor; positional: column ``i`` holds position ``i``."""
+        if self.cache_mode == "none":
+            return [(True, self.all_ids)]
+        M, kv_types, out = self.M, _kv_layer_types(), []
         from transformers.cache_utils import DynamicLayer, StaticLayer
 
-        P = self.P
-        if self.cache_mode == "none":
-            return [self.all_ids[:, P:]]
-        state = []
         for layer in self.cache.layers:
-            positional = type(layer) in (DynamicLayer, StaticLayer)  # not sliding windows, not other layouts
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == self.M:
-                    state.append(t[:, :, P:] if positional and t.dim() == 4 and t.shape[2] >= P else t)
-        return state
+            if type(layer) in kv_types:
+                names, positional = ("keys", "values"), type(layer) in (DynamicLayer, StaticLayer)
+            else:  # any per-row tensor the layer holds, also inside dicts / lists (state index -> tensor)
+                names, positional = list(vars(layer)), False
+            for name in names:
+                v = getattr(layer, name, None)
+                items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
+                out += [(positional, t) for t in items if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == M]
+        return out
 
     def gather_(self, ancestors: torch.Tensor, extra: list[torch.Tensor] = ()) -> None:
         """Apply ``ancestors`` (``[B, N]`` or flat ``[M]``) in place to the cache and to ``extra`` tensors."""

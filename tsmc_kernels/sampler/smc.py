@@ -142,6 +142,9 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                   temperature=temperature, top_k=top_k, seed=seed, eos=eos, pad=pad_id(model, pad_token_id, eos),
                   reference_completions=reference_completions, tokenizer=tokenizer, sync_every=sync_every,
                   pass_ids=not cuda_graph)
+    if cuda_graph and run.lm.other_layers():
+        raise NotImplementedError(f"cuda_graph=True supports K/V attention caches only; this model's cache also has "
+                                  f"{run.lm.other_layers()} layers: use cuda_graph=False")
     T = max_new_tokens
     bar = None
     if progress:
