@@ -12,6 +12,7 @@ for the cached paths).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -22,6 +23,7 @@ from .inputs import check_positions
 CACHE_MODES = ("dynamic", "static", "none")
 
 
+@functools.cache
 def _kv_layer_types() -> tuple:
     """HF cache layer classes that hold exactly a ``keys`` and a ``values`` tensor ``[M, H, L, D]``."""
     from transformers import cache_utils
@@ -150,8 +152,7 @@ class ParticleLM:
         copying: half the gather's bytes when the prompt is as long as the completion.
         """
         P = self.P
-        return [t[:, :, P:] if positional and t.dim() == 4 and t.shape[2] >= P else
-                t[:, P:] if self.cache_mode == "none" else t for positional, t in self._row_tensors()]
+        return [t if not positional else t[:, P:] if t.dim() == 2 else t[:, :, P:] for positional, t in self._row_tensors()]
 
     def other_layers(self) -> list[str]:
         """Names of the cache's layer kinds that are not plain K/V attention caches (e.g. linear attention)."""
@@ -163,9 +164,9 @@ class ParticleLM:
         """``(positional, tensor)`` for every per-row state tensor; positional: column ``i`` holds position ``i``."""
         if self.cache_mode == "none":
             return [(True, self.all_ids)]
-        M, kv_types, out = self.M, _kv_layer_types(), []
         from transformers.cache_utils import DynamicLayer, StaticLayer
 
+        M, kv_types, out = self.M, _kv_layer_types(), []
         for layer in self.cache.layers:
             if type(layer) in kv_types:
                 names, positional = ("keys", "values"), type(layer) in (DynamicLayer, StaticLayer)
