@@ -167,7 +167,7 @@ def test_chains_converge_to_power_target(name):
                        seed=fresh_seed())
     tv = tv_to_target(out, model, prompt, alpha)
     assert tv < tol, f"TV(chains, p0^alpha) = {tv:.4f} >= {tol}"
-    assert out.acceptance.shape == (32, 256, len(out.block_ends))
+    assert out.acceptance.shape == (32, 256, len(out.block_ends)) and out.acceptance_rate is out.acceptance
 
 
 # ----------------------------------------------------------------------------- cached chain == re-decoding chain

@@ -162,7 +162,7 @@ def test_output_shapes_and_helpers(model):
     assert out.sequences.shape == (3, 5, 2 + Tp)
     assert torch.equal(out.sequences[:, :, 2:], out.completions)
     assert out.ess.shape == out.resampled.shape == (3, out.steps)
-    assert out.ancestors.shape == (3, out.steps, 5)
+    assert out.ancestors.shape == (3, out.steps, 5) and out.ancestry is out.ancestors
     assert out.best().shape == (3, 2 + Tp) and out.sample().shape == (3, 2 + Tp)
     live = torch.isfinite(out.log_z)
     torch.testing.assert_close(torch.logsumexp(out.log_weights[live], 1), torch.zeros(int(live.sum())), atol=1e-5,

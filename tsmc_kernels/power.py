@@ -107,6 +107,11 @@ class PowerOutput:
     def num_blocks(self) -> int:
         return len(self.block_ends)
 
+    @property
+    def acceptance_rate(self) -> torch.Tensor:
+        """fp32 ``[B, C, num_blocks]``: :attr:`acceptance` (the acceptance rate per block)."""
+        return self.acceptance
+
     def best_index(self) -> torch.Tensor:
         """int64 ``[B]``: the chain whose completion has the highest ``log p0`` per prompt."""
         return self.log_p0.argmax(dim=1)

@@ -44,6 +44,11 @@ class SMCOutput:
     steps: int
 
     @property
+    def ancestry(self) -> torch.Tensor:
+        """int64 ``[B, S, N]``: :attr:`ancestors` (the issue's name for it)."""
+        return self.ancestors
+
+    @property
     def weights(self) -> torch.Tensor:
         """Normalised weights ``[B, N]`` (zeros for a dead prompt)."""
         return torch.exp(self.log_weights)
