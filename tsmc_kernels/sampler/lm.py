@@ -12,7 +12,6 @@ for the cached paths).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -23,7 +22,6 @@ from .inputs import check_positions
 CACHE_MODES = ("dynamic", "static", "none")
 
 
-@functools.cache
 def _kv_layer_types() -> tuple:
     """HF cache layer classes that hold exactly a ``keys`` and a ``values`` tensor ``[M, H, L, D]``."""
     from transformers import cache_utils
