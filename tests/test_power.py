@@ -60,7 +60,7 @@ def tv_to_target(out: PowerOutput, model, prompt, alpha: float) -> float:
 @torch.no_grad()
 def exact_kernel(model, prompt, alpha, cut, cut_power, log_accept=None):
     """``(target [S], K [S, S])``: the MH transition matrix of one move over all completions of length <= T."""
-    log_accept = log_accept or power._log_accept
+    log_accept = log_accept or exact_ratio
     from tsmc_kernels import ops
 
     table, frontier = {}, [()]
@@ -104,17 +104,23 @@ def _at(lw, c):
     return lw.gather(1, c[:, None])[:, 0] - torch.logsumexp(lw, 1)
 
 
+def exact_ratio(old, new, c, *, alpha, cut, cut_power):
+    """The sampler's ``log A`` (``power._log_accept`` with both states' cut weights)."""
+    return power._log_accept(old, new, c, power._log_cut_weights(old.ent, old.length, cut, cut_power),
+                             power._log_cut_weights(new.ent, new.length, cut, cut_power), alpha=alpha)
+
+
 def truncated_ratio(old, new, c, *, alpha, cut, cut_power):
     """The public code's bug: the current suffix truncated to the proposal's length."""
     end = torch.minimum(old.length, new.length)
-    la = power._log_accept(power._Scores(old.logp, old.logq, old.ent, end), new, c, alpha=alpha, cut=cut,
-                           cut_power=cut_power)
+    la = exact_ratio(power._Scores(old.logp, old.logq, old.ent, end), new, c, alpha=alpha, cut=cut,
+                     cut_power=cut_power)
     return la + _at(power._log_cut_weights(old.ent, end, cut, cut_power), c) - _at(
         power._log_cut_weights(old.ent, old.length, cut, cut_power), c)
 
 
 def ratio_without_cut_term(old, new, c, *, alpha, cut, cut_power):
-    la = power._log_accept(old, new, c, alpha=alpha, cut=cut, cut_power=cut_power)
+    la = exact_ratio(old, new, c, alpha=alpha, cut=cut, cut_power=cut_power)
     return la - _at(power._log_cut_weights(new.ent, new.length, cut, cut_power), c) + _at(
         power._log_cut_weights(old.ent, old.length, cut, cut_power), c)
 

@@ -205,11 +205,10 @@ def _suffix_sum(x: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torc
     return torch.where(keep, x.double(), 0.0).sum(1)
 
 
-def _log_accept(old: _Scores, new: _Scores, c: torch.Tensor, *, alpha: float, cut: str, cut_power: float
-                ) -> torch.Tensor:
-    """fp64 ``[M]``: ``log A`` of SPEC §5 for the move ``old -> new`` cut at ``c`` (full suffixes both sides)."""
-    lw_old = _log_cut_weights(old.ent, old.length, cut, cut_power)
-    lw_new = _log_cut_weights(new.ent, new.length, cut, cut_power)
+def _log_accept(old: _Scores, new: _Scores, c: torch.Tensor, lw_old: torch.Tensor, lw_new: torch.Tensor, *,
+                alpha: float) -> torch.Tensor:
+    """fp64 ``[M]``: ``log A`` of SPEC §5 for the move ``old -> new`` cut at ``c`` (full suffixes both sides);
+    ``lw_old`` / ``lw_new``: :func:`_log_cut_weights` of the two states (the caller has them anyway)."""
     at = lambda lw: lw.gather(1, c[:, None])[:, 0] - torch.logsumexp(lw, 1)  # noqa: E731  log P_cut(c | .)
     log_a = (alpha * (_suffix_sum(new.logp, c, new.length) - _suffix_sum(old.logp, c, old.length))
              + _suffix_sum(old.logq, c, old.length) - _suffix_sum(new.logq, c, new.length)
@@ -220,6 +219,13 @@ def _log_accept(old: _Scores, new: _Scores, c: torch.Tensor, *, alpha: float, cu
 def _uniform(seed: int, move, stream: int, M: int, device) -> torch.Tensor:
     """fp64 ``[M]`` uniforms of ``stream`` for row ``m`` at move ``move`` (an int, or int64 ``[M]``: one per row)."""
     key = rng.row_key(seed, move, stream, torch.arange(M, device=device))
+    return rng.uniform(key, torch.zeros_like(key))
+
+
+def _uniforms(bases: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
+    """fp64 ``[S, M]``: :func:`_uniform` of ``S`` streams at once. ``bases``: int64 ``[S, 1]`` of
+    :func:`rng.stream_base` (made outside the captured step), ``moves``: int64 ``[S, M]``."""
+    key = rng.keyed_row(bases, moves, torch.arange(moves.shape[1], device=moves.device))
     return rng.uniform(key, torch.zeros_like(key))
 
 
@@ -435,6 +441,8 @@ class _Chains:
         self.decoded = torch.zeros((), **i64)
         self.blocks = torch.arange(len(ends), device=device)
         self.cuda_graph, self.graphs, self.pool, self.eager_steps, self.width_steps = cuda_graph, {}, None, 0, 0
+        self.stream_bases = torch.tensor([[rng.stream_base(seed, STREAM_ACCEPT)], [rng.stream_base(seed, STREAM_CUT)]],
+                                         dtype=torch.int64, device=device)  # [2, 1], for _uniforms
 
     def ended(self) -> torch.Tensor:
         L = self.scores.length
@@ -464,16 +472,19 @@ class _Chains:
 
     def settle(self) -> None:
         """Chains whose proposal is complete: decide (MH ratio, or keep a growth), commit, start the next move."""
-        T, M = self.T, self.M
+        T = self.T
         fin = self.running & ~self.p_live
         L = self.scores.length
         length = torch.where(self.p_act, self.p_pos, L)
         past = torch.arange(T, device=L.device)[None, :] >= length[:, None]
         new = _Scores(*(x.masked_fill(past, 0.0) for x in (self.p_logp, self.p_logq, self.p_ent)), length)
         mh = (self.move % self.per_block) != 0
-        log_a = _log_accept(self.scores, new, self.cut.clamp_max(T - 1), alpha=self.alpha, cut=self.cut_rule,
-                            cut_power=self.cut_power)  # used for MH moves only (their cut is < T)
-        u = _uniform(self.seed, self.move, STREAM_ACCEPT, M, L.device)
+        lw_old = _log_cut_weights(self.scores.ent, L, self.cut_rule, self.cut_power)
+        lw_new = _log_cut_weights(new.ent, length, self.cut_rule, self.cut_power)
+        log_a = _log_accept(self.scores, new, self.cut.clamp_max(T - 1), lw_old, lw_new,
+                            alpha=self.alpha)  # used for MH moves only (their cut is < T)
+        # This move's accept uniforms and the next move's cut uniforms, in one pass.
+        u, u_cut = _uniforms(self.stream_bases, torch.stack([self.move, self.move + fin.long()]))
         accept = fin & (self.move >= 0) & (~mh | (torch.log(u) < log_a))
         block = self._block(self.move)
         self.accepted += (self.blocks[None, :] == block[:, None]) * (accept & mh).float()[:, None]
@@ -490,8 +501,8 @@ class _Chains:
         self.arena.commit(accept, fin & ~start)
         limit = self.ends[self._block(self.move)]
         growth = (self.move % self.per_block) == 0
-        log_w = _log_cut_weights(self.scores.ent, L, self.cut_rule, self.cut_power)
-        c = _choose_cut(log_w, _uniform(self.seed, self.move, STREAM_CUT, M, L.device))
+        # The committed states' cut weights: the new state's where accepted (row-wise, the same numbers).
+        c = _choose_cut(torch.where(a, lw_new, lw_old), u_cut)
         cut = torch.where(growth, L, c)
         active = start & torch.where(growth, ~self.ended() & (L < limit), True)
         self.arena.begin(start, cut, active, self.col, L)
@@ -741,7 +752,8 @@ def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch
             c = _choose_cut(log_w, _uniform(seed, move, STREAM_CUT, M, device))
             new_tok, new_len = decode(c, torch.ones(M, dtype=torch.bool, device=device), limit, move)
             new = lm.score(new_tok, new_len)
-            log_a = _log_accept(old, new, c, alpha=float(alpha), cut=cut, cut_power=cut_power)
+            log_a = _log_accept(old, new, c, log_w, _log_cut_weights(new.ent, new.length, cut, cut_power),
+                                alpha=float(alpha))
             accept = torch.log(_uniform(seed, move, STREAM_ACCEPT, M, device)) < log_a
             tokens, length = torch.where(accept[:, None], new_tok, tokens), torch.where(accept, new_len, length)
             accepted[:, b] += accept.float()

@@ -45,15 +45,25 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
+def stream_base(seed: int, stream: int) -> int:
+    """The host-known part of every key of ``(seed, stream)``: ``mix32(seed32 ^ (stream * 0x9E3779B9))``."""
+    return mix32(fold_seed(seed) ^ ((stream * _GOLDEN) & MASK32))
+
+
 def row_key(seed: int, step, stream: int, row: torch.Tensor) -> torch.Tensor:
     """Per-row key. ``step`` is an int or an int64 tensor broadcastable to ``row``.
 
     The host-known parts are mixed as Python ints (``mix32`` works on both), so no tensor is made
     from host data: a CUDA graph can capture this (a host-to-device copy cannot be captured).
     """
+    return keyed_row(stream_base(seed, stream), step, row)
+
+
+def keyed_row(base, step, row: torch.Tensor) -> torch.Tensor:
+    """:func:`row_key` from its :func:`stream_base` ``base`` (an int, or an int64 tensor broadcastable
+    against ``step`` and ``row``: several streams at once)."""
     row = row.to(torch.int64) & MASK32
-    base = mix32(fold_seed(seed) ^ ((stream * _GOLDEN) & MASK32))
-    if isinstance(step, int):
+    if isinstance(step, int) and isinstance(base, int):
         k = mix32(base ^ (step & MASK32))
     else:  # a tensor (used in place when already on row's device) or a sequence of steps
         k = mix32((torch.as_tensor(step, dtype=torch.int64, device=row.device) & MASK32) ^ base)
