@@ -39,15 +39,20 @@ def row_bytes(t):
 def random_ancestors(gen, B, N, scheme=None, p_dead=0.4, p_resample=0.8):
     """int64 ``[B, N]`` ancestors of a real resampling step (so they have the permutation property):
     random weights, ``-inf`` with probability ``p_dead``; each prompt resamples with probability
-    ``p_resample`` (the others keep the identity); ``scheme=None`` draws one of the schemes."""
+    ``p_resample`` (the others keep the identity); ``scheme=None`` draws one of the schemes. At
+    least one row moves (redrawn otherwise), unless ``N == 1``."""
     from tsmc_kernels import reference
 
-    lw = torch.randn(B, N, generator=gen, dtype=torch.float64) * 3
-    lw[torch.rand(B, N, generator=gen) < p_dead] = -math.inf
-    lw[:, 0] = 0.0
-    mask = torch.rand(B, generator=gen) < p_resample
-    scheme = scheme or reference.SCHEMES[int(torch.randint(0, len(reference.SCHEMES), (1,), generator=gen))]
-    return reference.resample(lw, mask, scheme=scheme, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+    for _ in range(100):  # a draw that moves no row would make a gather test vacuous (and fail its sanity check)
+        lw = torch.randn(B, N, generator=gen, dtype=torch.float64) * 3
+        lw[torch.rand(B, N, generator=gen) < p_dead] = -math.inf
+        lw[:, 0] = 0.0
+        mask = torch.rand(B, generator=gen) < p_resample
+        draw = scheme or reference.SCHEMES[int(torch.randint(0, len(reference.SCHEMES), (1,), generator=gen))]
+        anc = reference.resample(lw, mask, scheme=draw, seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+        if N == 1 or bool((anc != torch.arange(N)).any()):
+            return anc
+    return anc
 
 
 def assert_gathered(out, src, flat):
