@@ -1,6 +1,4 @@
 """The CPU stand-ins for CUDA-graph capture must themselves catch what capture refuses."""
-import os
-
 import pytest
 import torch
 
@@ -38,7 +36,9 @@ def test_guard_lets_device_work_through():
 def interpreter_launches_exempt(monkeypatch):
     """Triton's interpreter copies arguments to numpy to run a kernel on the CPU; on a GPU that
     is a kernel launch, which capture records. Exempt the launch itself from the guard."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    from tsmc_kernels.triton._common import is_interpreter
+
+    if not is_interpreter():
         pytest.skip("Triton runs compiled kernels here (a GPU machine): the GPU tests capture for real")
     interp = pytest.importorskip("triton.runtime.interpreter")
     from torch.utils._python_dispatch import _disable_current_modes

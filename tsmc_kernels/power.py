@@ -557,8 +557,7 @@ class _Chains:
                 self.running.sum(), self.nan.sum(), torch.where(self.running, self.limit, 0).max(),
                 torch.where(self.running, self.move, self.total_moves).min()]).tolist()
             if nan:
-                rows = torch.nonzero(self.nan).flatten().tolist()[:8]
-                raise FloatingPointError(f"NaN in the model logits while decoding proposals (chain rows {rows})")
+                _check_no_nan(self.nan, "proposals")
             if bar is not None and slowest > bar.n:  # moves every chain has completed
                 bar.update(slowest - bar.n)
             if not left:
@@ -574,11 +573,11 @@ class _Chains:
             self._run_step()
 
 
-def _check_no_nan(nan_rows: torch.Tensor, move: int) -> None:
-    """Raise if the model gave NaN logits on some chain row (bool ``[M]``) during proposal ``move``."""
+def _check_no_nan(nan_rows: torch.Tensor, during: str) -> None:
+    """Raise if the model gave NaN logits on some chain row (bool ``[M]``) while decoding ``during``."""
     if bool(nan_rows.any()):
         rows = torch.nonzero(nan_rows).flatten().tolist()[:8]
-        raise FloatingPointError(f"NaN in the model logits while decoding proposal {move} (chain rows {rows})")
+        raise FloatingPointError(f"NaN in the model logits while decoding {during} (chain rows {rows})")
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -728,11 +727,11 @@ def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch
             tok.scatter_(1, idx, torch.where(live, out.token, tok.gather(1, idx)[:, 0])[:, None])
             decoded += int(live.sum())
             nan_rows |= live & torch.isnan(out.log_zpi)
-            done = torch.isin(out.token, eos_t) | (pos + 1 >= limit)
+            done = is_any_of(out.token, eos_t) | (pos + 1 >= limit)
             pos = pos + live.long()
             live = live & ~done
             j += 1
-        _check_no_nan(nan_rows, move)
+        _check_no_nan(nan_rows, f"proposal {move}")
         new_len = torch.where(active, pos, length)
         return tok.masked_fill(t_idx >= new_len[:, None], pad), new_len
 
@@ -740,7 +739,7 @@ def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch
     move = 0
     for b, limit in enumerate(ends):
         last = tokens.gather(1, (length - 1).clamp_min(0)[:, None])[:, 0]
-        grow = ~((length > 0) & torch.isin(last, eos_t)) & (length < limit)
+        grow = ~((length > 0) & is_any_of(last, eos_t)) & (length < limit)
         new_tok, new_len = decode(length, grow, limit, move)
         tokens, length = torch.where(grow[:, None], new_tok, tokens), torch.where(grow, new_len, length)
         move += 1

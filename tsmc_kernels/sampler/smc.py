@@ -278,7 +278,7 @@ class _SMCRun:
                                          (log_psi, forced.log_psi)))
         active = ~self.finished
         tok = torch.where(active, tok, torch.full_like(tok, self.pad))
-        is_eos = is_any_of(tok, self.eos_t) & active if self.eos else torch.zeros_like(active)
+        is_eos = is_any_of(tok, self.eos_t) & active  # False everywhere without EOS ids
         terminal = active & (is_eos | (self.t == self.T - 1))
         self.tokens.index_copy_(1, self.t, tok.unsqueeze(1))
         self.lengths += active
