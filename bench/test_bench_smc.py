@@ -48,12 +48,15 @@ def naive_smc(model, ids, N, T, seed=0):
     """
     from transformers import DynamicCache
 
+    from tsmc_kernels.sampler.inputs import cache_kwarg
+
+    cache_kw = cache_kwarg(model)
     device = ids.device
     g = torch.Generator(device=device).manual_seed(seed)
     B = ids.shape[0]
     rows = ids.repeat_interleave(N, 0)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=rows, past_key_values=cache, use_cache=True)
+    out = model(input_ids=rows, **{cache_kw: cache}, use_cache=True)
     logits = out.logits[:, -1].float()
     log_w = torch.zeros(B, N, device=device)
     offsets = N * torch.arange(B, device=device)[:, None]
@@ -72,7 +75,7 @@ def naive_smc(model, ids, N, T, seed=0):
             cache.reorder_cache(anc)
             tok = tok[anc]
             log_w.zero_()
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok, **{cache_kw: cache}, use_cache=True)
         logits = out.logits[:, -1].float()
 
 

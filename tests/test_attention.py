@@ -5,6 +5,7 @@ import torch
 from tsmc_kernels import power_sample, smc_generate
 from tsmc_kernels.models import tiny_random_model
 from tsmc_kernels.sampler import attention
+from tsmc_kernels.sampler.inputs import cache_kwarg
 
 V = 11
 
@@ -22,13 +23,13 @@ def decode_logits(model, ids, mask, steps, gen):
     cache = StaticCache(config=model.config, max_cache_len=P + steps)
     full = torch.cat([mask, torch.ones(B, steps, dtype=mask.dtype)], 1)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{cache_kwarg(model): cache},
                 cache_position=torch.arange(P), use_cache=True)
     logits = [out.logits[:, -1]]
     nxt = pos[:, -1:] + 1
     for t in range(steps):
         tok = torch.randint(0, V, (B, 1), generator=gen)
-        out = model(input_ids=tok, attention_mask=full, position_ids=nxt + t, past_key_values=cache,
+        out = model(input_ids=tok, attention_mask=full, position_ids=nxt + t, **{cache_kwarg(model): cache},
                     cache_position=torch.tensor([P + t]), use_cache=True)
         logits.append(out.logits[:, -1])
     return logits
@@ -123,12 +124,12 @@ def test_packed_decode_equals_hf_sdpa_on_cuda(cuda_device, gen, dtype):
         d_ids, d_mask = ids.to(cuda_device), mask.to(cuda_device)
         full = torch.cat([d_mask, torch.ones(B, steps, dtype=d_mask.dtype, device=cuda_device)], 1)
         pos = (d_mask.cumsum(1) - 1).clamp_min(0)
-        out = [model(input_ids=d_ids, attention_mask=d_mask, position_ids=pos, past_key_values=cache,
+        out = [model(input_ids=d_ids, attention_mask=d_mask, position_ids=pos, **{cache_kwarg(model): cache},
                      cache_position=torch.arange(P, device=cuda_device), use_cache=True).logits[:, -1]]
         for t in range(steps):
             tok = torch.randint(0, V, (B, 1), generator=g).to(cuda_device)
             out.append(model(input_ids=tok, attention_mask=full, position_ids=pos[:, -1:] + 1 + t,
-                             past_key_values=cache, cache_position=torch.tensor([P + t], device=cuda_device),
+                             **{cache_kwarg(model): cache}, cache_position=torch.tensor([P + t], device=cuda_device),
                              use_cache=True).logits[:, -1])
         return out
     want = run()

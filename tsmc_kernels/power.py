@@ -59,7 +59,7 @@ import torch
 
 from . import ops, rng
 from .sampler.attention import with_packed_decode_attention
-from .sampler.inputs import check_int, check_positions, check_prompts, eos_ids, is_any_of, pad_id
+from .sampler.inputs import cache_kwarg, check_int, check_positions, check_prompts, eos_ids, is_any_of, pad_id
 
 __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 
@@ -283,6 +283,7 @@ class _Arena:
         self.prop = torch.zeros_like(self.mask)
         self.forward_passes = 0
         self.logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.cache_kw = cache_kwarg(model)
         if self.Pp > 0:
             self._prefill(prompt_ids[:, :self.Pp], prompt_mask[:, :self.Pp], num_chains)
             self.forward_passes += 1
@@ -314,7 +315,8 @@ class _Arena:
 
     def _forward(self, ids, mask, position_ids, cache_position, cache):
         kw = {"logits_to_keep": 1} if self.logits_to_keep else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+        kw[self.cache_kw] = cache
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                          cache_position=cache_position, use_cache=True, return_dict=True, **kw)
         return out.logits[:, -1]
 

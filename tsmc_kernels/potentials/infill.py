@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from ..sampler.inputs import eos_ids
+from ..sampler.inputs import cache_kwarg, eos_ids
 from .base import Potential
 
 __all__ = ["InfillPotential"]
@@ -287,8 +287,9 @@ class InfillPotential(Potential):
         inp, tgt = inp.to(device), tgt.to(device)
         mask = torch.cat([lm.mask[rows, :L], torch.ones(R, K, dtype=lm.mask.dtype, device=device)], 1)
         pos = (lm.prompt_len[rows] + t).unsqueeze(1) + torch.arange(K, device=device)
-        logits = self._forward_logits(input_ids=inp, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                      cache_position=torch.arange(L, L + K, device=device), use_cache=True).float()
+        logits = self._forward_logits(input_ids=inp, attention_mask=mask, position_ids=pos,
+                                      cache_position=torch.arange(L, L + K, device=device), use_cache=True,
+                                      **{cache_kwarg(self.model): cache}).float()
         lp = torch.log_softmax(logits, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         valid = torch.arange(K, device=device).unsqueeze(0) < torch.tensor(ks, device=device).unsqueeze(1)
         out = torch.where(valid, lp, torch.zeros_like(lp)).sum(1).to(completion_ids.device)

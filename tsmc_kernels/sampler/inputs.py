@@ -1,7 +1,15 @@
 """Checks and defaults shared by every sampler that takes HF-style prompts (SMC, power MH, bounds)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a model's ``forward`` takes its KV cache by: ``cache`` (transformers >= 5.24,
+    which deprecates the old name) or ``past_key_values`` (earlier 5.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def check_int(name: str, value, low: int, why: str = "") -> None:

@@ -17,7 +17,7 @@ import inspect
 import torch
 
 from .. import ops
-from .inputs import check_positions
+from .inputs import cache_kwarg, check_positions
 
 CACHE_MODES = ("dynamic", "static", "none")
 
@@ -64,6 +64,7 @@ class ParticleLM:
         self.all_ids = None  # [M, P + T] for cache="none"
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
+        self._cache_kw = cache_kwarg(model)
         check_positions(model, P, T, "too long for a static cache" if cache == "static" else
                         "a completion would run past them")
 
@@ -72,7 +73,7 @@ class ParticleLM:
         kw = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=self.cache_mode != "none",
                   output_hidden_states=self.need_hidden, return_dict=True)
         if self.cache_mode != "none":
-            kw["past_key_values"] = self.cache
+            kw[self._cache_kw] = self.cache
             kw["cache_position"] = cache_position
         if keep_last and self._logits_to_keep:
             kw["logits_to_keep"] = 1

@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ..sampler.inputs import cache_kwarg
+
 __all__ = ["TwistHead", "MLPTwistHead", "EmbeddingTwistHead", "ModelTwistHead", "TwistInputs", "HEADS",
            "CONFIG_NAME", "WEIGHTS_NAME", "model_vocab_size", "model_hidden_size", "bind_prompts"]
 
@@ -465,9 +467,12 @@ class ModelTwistHead(TwistHead):
         finally:
             self._bound, self._cache, self._prev = old
 
-    def _backbone(self, ids, mask, position_ids, **kw):
+    def _backbone(self, ids, mask, position_ids, cache=None, **kw):
+        """``(last hidden states, cache)``; ``cache`` (updated in place) is passed under the keyword the backbone takes."""
+        if cache is not None:
+            kw[cache_kwarg(self.backbone)] = cache
         out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, return_dict=True, **kw)
-        return out.last_hidden_state, getattr(out, "past_key_values", None)
+        return out.last_hidden_state, cache
 
     @staticmethod
     def _positions(mask):
@@ -493,15 +498,14 @@ class ModelTwistHead(TwistHead):
             ids = torch.cat([prompt, completion_ids], 1)
             mask = torch.cat([pmask, torch.ones_like(completion_ids)], 1)
             self._cache = DynamicCache(config=self.backbone.config)
-            h, self._cache = self._backbone(ids, mask, self._positions(mask), past_key_values=self._cache,
-                                            use_cache=True)
+            h, self._cache = self._backbone(ids, mask, self._positions(mask), cache=self._cache, use_cache=True)
         else:
             if not bool((src == torch.arange(M, device=src.device)).all()):
                 self._cache.reorder_cache(src)
             P = prompt.shape[1]
             mask = torch.cat([pmask, torch.ones(M, t, dtype=pmask.dtype, device=pmask.device)], 1)
             pos = (pmask.sum(1) + t - 1).unsqueeze(1)
-            h, self._cache = self._backbone(completion_ids[:, t - 1:], mask, pos, past_key_values=self._cache,
+            h, self._cache = self._backbone(completion_ids[:, t - 1:], mask, pos, cache=self._cache,
                                             use_cache=True, cache_position=torch.tensor([P + t - 1], device=self.device))
         self._prev = completion_ids.clone()
         return self._activate(self.out(h[:, -1]))

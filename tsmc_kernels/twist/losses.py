@@ -51,6 +51,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .. import ops
+from ..sampler.inputs import cache_kwarg
 from .heads import TwistInputs
 
 __all__ = ["LOSSES", "TwistBatch", "PrefixQuantities", "teacher_force", "prefix_quantities", "twist_loss",
@@ -149,6 +150,7 @@ def teacher_force(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     seq_mask = torch.cat([attention_mask.repeat_interleave(N, 0), torch.ones(M, L, dtype=torch.long, device=device)], 1)
     position_ids = (seq_mask.cumsum(1) - 1).clamp_min(0)
     keep_kw = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    cache_kw = cache_kwarg(model)
     hidden, log_p0, logits_all, log_q_s, log_psi_s = [], [], [], [], []
     per = max(1, chunk_size // N)  # prompts per chunk
     for b0 in range(0, B, per):
@@ -157,14 +159,13 @@ def teacher_force(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         cache = DynamicCache(config=model.config)
         pm = attention_mask[bs]
         out = model(input_ids=input_ids[bs], attention_mask=pm, position_ids=(pm.cumsum(1) - 1).clamp_min(0),
-                    past_key_values=cache, use_cache=True, output_hidden_states=True, return_dict=True, **keep_kw)
+                    **{cache_kw: cache}, use_cache=True, output_hidden_states=True, return_dict=True, **keep_kw)
         h = out.hidden_states[-1][:, -1:].repeat_interleave(N, 0)
         lg = out.logits[:, -1:].repeat_interleave(N, 0)
         if L > 1:
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(N)
+            cache.batch_repeat_interleave(N)  # the prompts' cache, filled in place
             out = model(input_ids=tokens[rows, : L - 1], attention_mask=seq_mask[rows, : P + L - 1],
-                        position_ids=position_ids[rows, P: P + L - 1], past_key_values=cache,
+                        position_ids=position_ids[rows, P: P + L - 1], **{cache_kw: cache},
                         cache_position=torch.arange(P, P + L - 1, device=device), use_cache=True,
                         output_hidden_states=True, return_dict=True)
             h = torch.cat([h, out.hidden_states[-1]], 1)
