@@ -136,7 +136,9 @@ FLAT, EOS_FIRST = (0, 0.5, [3]), (0, 1.0, [2, 3])
 def test_exact_kernel_leaves_power_target_invariant(toy_model, alpha, cut, cut_power):
     seed, scale, prompt = toy_model
     target, K = exact_kernel(toy(seed, scale), prompt, alpha, cut, cut_power)
-    assert (K >= -1e-12).all() and torch.allclose(K.sum(1), torch.ones(len(K), dtype=K.dtype))
+    # The diagonal is 1 - (moves away); where nearly every move is accepted it is ~0 and the fp32
+    # proposal probabilities (summing to 1 within ~1e-7) can leave it a rounding error below 0.
+    assert (K >= -1e-6).all() and torch.allclose(K.sum(1), torch.ones(len(K), dtype=K.dtype))
     assert (target @ K - target).abs().sum() < 1e-9
 
 
