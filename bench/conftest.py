@@ -10,9 +10,15 @@ Timing conventions (used by ``bench/test_bench_kernels.py``):
 
 Bandwidth is reported against the nominal 3000 GB/s H100 copy bandwidth and against the copy
 bandwidth measured in the same session (``torch.Tensor.copy_`` of 1 GiB).
+
+With ``BENCH_JSONL=path`` every benchmark appends one JSON line (name, median seconds, its
+``extra_info``) to ``path`` as soon as it ends: pytest-benchmark writes its own JSON only when the
+whole session ends, so a run cut short by a time limit would otherwise leave nothing.
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 
 import pytest
@@ -110,3 +116,17 @@ def _free_cuda_memory():
     yield
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@pytest.fixture(autouse=True)
+def _stream_result(request):
+    """Append this benchmark's result to ``$BENCH_JSONL`` when it ends (see the module docstring)."""
+    yield
+    path = os.environ.get("BENCH_JSONL")
+    bench = request.node.funcargs.get("benchmark")
+    if not path or bench is None or bench.stats is None:
+        return
+    row = {"name": request.node.nodeid.split("::")[-1], "tag": os.environ.get("BENCH_TAG", ""),
+           "median_s": bench.stats.stats.median, **bench.extra_info}
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")

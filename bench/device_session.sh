@@ -1,63 +1,112 @@
 #!/usr/bin/env bash
-# One call of the lent-GPU `run` tool per phase (each fits its 10-minute limit on the slow-host H100):
+# The GPU checks and benchmarks of the open issues (3, 4, 7), for the lent device (H100 or H200).
 #
-#   bench/device_session.sh tests     # install (builds the CUDA gather), GPU tests, all tests on CUDA
-#   bench/device_session.sh kernels   # kernel microbenchmarks -> bench/results/<device>.json
-#   bench/device_session.sh smc       # smc_generate throughput, N = 64, 256 new tokens (graph vs eager);
-#                                     # SMC_FILTER="16] or 256]" for the other N in a second call
-#   bench/device_session.sh power     # power_sample vs model.generate, batched problems
+#   bench/device_session.sh            # = all: ONE `run` call for the whole lease; timeout_s=600
+#   bench/device_session.sh tests      # install, GPU tests, then the whole suite on CUDA
+#   bench/device_session.sh kernels    # kernel microbenchmarks (issue 3), the tile sweep included
+#   bench/device_session.sh smc        # smc_generate throughput (issue 4): B x N = 1x64 and 8x64 (SMC_FILTER)
+#   bench/device_session.sh power      # power_sample vs model.generate proposals (issue 7; POWER_ARGS)
 #
-# Worth one extra call when time allows: TSMC_PACKED_GQA=0 bench/device_session.sh smc (or power)
-# measures what the packed grouped-query decode attention (tsmc_kernels/sampler/attention.py) saves
-# over HF's sdpa, which repeats K/V per query head whenever a mask is passed (transformers <= 5.17).
+# A lease is 15 minutes of device time with the machine's start (a minute or more) in it, so `all`
+# runs every phase in one call under one clock of BUDGET_S seconds (default 540), most needed first:
+# install (builds the CUDA gather), GPU tests, kernels (the issue's grid), SMC at 1 x 64 with 256 new
+# tokens, power MH; then, with the time left, SMC at 8 x 64, the kernel tile sweep, the packed-GQA
+# attention A/B and the whole suite on CUDA. Each phase has a cap and is skipped when the clock
+# cannot fit its minimum; a phase that fails or times out does not stop the next.
 #
-# Logs and result files are copied to $OUT (the tool brings them back); commit the JSON files
-# under bench/results/. Phases after `tests` reuse the installed package while the machine is warm
-# (they reinstall it otherwise). Never changes GPU settings.
+# Under $OUT (what the tool brings back; at most 8 files): session.log (all output), summary.txt
+# (versions, then one line per phase: rc and seconds), results.jsonl (one line per benchmark, written
+# as each ends, so a phase cut short keeps what it measured) and results.tgz (bench/results/*.json:
+# <device>-kernels.json, <device>-smc.json, <device>-power.json, ...; commit them and fill the README
+# tables). Never changes GPU settings.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PHASE=${1:?usage: bench/device_session.sh tests|kernels|smc|power}
+PHASE=${1:-all}
 OUT=${OUT:-/tmp/tsmc_out}
 mkdir -p "$OUT" bench/results
 PY=${PYTHON:-python3}
-log() { echo "== $* ($(date +%T))"; }
+BUDGET_S=${BUDGET_S:-$([[ $PHASE == all ]] && echo 540 || echo 570)}
+T0=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+export PY PYTHON=$PY OUT PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 BENCH_JSONL="$OUT/results.jsonl"
+: >"$SUMMARY"
 
-if ! "$PY" -c "import tsmc_kernels, sys; sys.exit(0 if tsmc_kernels.__file__.startswith('$PWD') else 1)" 2>/dev/null; then
-  log install
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
-    >"$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
-fi
-"$PY" - <<'EOF' | tee "$OUT/versions.txt"
+log() { echo "== $* (+$(( $(date +%s) - T0 )) s)"; }
+
+# phase NAME CAP MIN 'COMMAND': run the shell COMMAND (it sees the functions exported below) under
+# `timeout min(CAP, seconds left)`; skipped when fewer than MIN seconds are left.
+phase() {
+  local name=$1 cap=$2 min=$3 cmd=$4 left t rc
+  left=$(( BUDGET_S - ($(date +%s) - T0) ))
+  (( left < cap )) && cap=$left
+  if (( cap < min )); then
+    log "skip $name ($left s left, needs $min)"; echo "$name skipped ($left s left)" >>"$SUMMARY"; return 0
+  fi
+  log "$name (at most $cap s)"
+  t=$(date +%s)
+  timeout "$cap" bash -o pipefail -c "$cmd"
+  rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - t )) s$( ((rc == 124)) && echo ' (timed out)')" >>"$SUMMARY"
+  tar czf "$OUT/results.tgz" bench/results/*.json 2>/dev/null
+  return 0
+}
+
+install() {
+  if "$PY" -c "import sys, tsmc_kernels; sys.exit(not tsmc_kernels.__file__.startswith('$PWD'))" 2>/dev/null; then
+    echo "already installed from $PWD"
+  else
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-8} \
+      "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -30
+  fi
+  "$PY" - <<'EOF' | tee -a "$OUT/summary.txt"
 import torch, triton, transformers
 from tsmc_kernels import ops
-print(torch.cuda.get_device_name(0), torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__,
-      "transformers", transformers.__version__, "native cuda gather", ops.native_available(cuda=True))
+print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device", "torch", torch.__version__, "cuda", torch.version.cuda, "triton",
+      triton.__version__, "transformers", transformers.__version__, "native cuda gather", ops.native_available(cuda=True))
 EOF
+}
 
-case "$PHASE" in
-  tests)
-    log "gpu tests"
-    TRITON_INTERPRET=0 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests -x -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
-    log "all tests on the device"
-    TRITON_INTERPRET=0 timeout 330 "$PY" -m pytest -q -p no:cacheprovider tests -rs 2>&1 | tee "$OUT/all_tests.log" | tail -25
-    ;;
-  kernels)
-    log "kernel benchmarks"
-    BENCH_PATHS=bench/test_bench_kernels.py timeout 560 bench/run_all.sh 2>&1 | tee "$OUT/kernels.log" | tail -80
-    cp bench/results/*.json "$OUT/" 2>/dev/null
-    ;;
-  smc)
-    log "smc benchmarks"
-    BENCH_PATHS=bench/test_bench_smc.py BENCH_SMC_NEW_TOKENS=${BENCH_SMC_NEW_TOKENS:-256} timeout 560 bench/run_all.sh \
-      -k "${SMC_FILTER:-64]}" 2>&1 | tee "$OUT/smc.log" | tail -40
-    for f in bench/results/*.json; do cp "$f" "$OUT/smc-$(basename "$f")"; done
-    ;;
-  power)
-    log "power benchmark"
-    timeout 560 "$PY" bench/test_bench_power.py ${POWER_ARGS:---blocks 4 --block-size 64 --n-mcmc 4 --chains 1 8 --problems 8 --reference-blocks 1 --cuda-graph} \
-      --json bench/results/power-h100.json 2>&1 | tee "$OUT/power.log" | tail -40
-    cp bench/results/power-h100.json "$OUT/" 2>/dev/null
-    ;;
-  *) echo "unknown phase $PHASE" >&2; exit 2 ;;
-esac
+gpu_tests() { "$PY" -m pytest -q -p no:cacheprovider -m gpu tests -rs; }
+all_tests() { "$PY" -m pytest -q -p no:cacheprovider tests -rs; }
+
+# bench TAG FILE PYTEST-ARGS...: bench/run_all.sh on FILE, results to bench/results/<device>-TAG.json
+bench() { local tag=$1 file=$2; shift 2; BENCH_TAG=$tag BENCH_PATHS=$file bench/run_all.sh "$@"; }
+kernels() { bench "${KTAG:-kernels}" bench/test_bench_kernels.py "$@"; }
+smc() { BENCH_SMC_NEW_TOKENS=${BENCH_SMC_NEW_TOKENS:-256} bench "${STAG:-smc}" bench/test_bench_smc.py "$@"; }
+
+power() {
+  local dev
+  dev=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
+  dev=$(printf '%s' "$dev" | tr -c 'A-Za-z0-9._-' '_')  # the name run_all.sh gives the other results
+  # shellcheck disable=SC2086
+  "$PY" bench/test_bench_power.py ${POWER_ARGS:---blocks 2 --block-size 64 --n-mcmc 2 --chains 1 8 --problems 4 \
+    --reference-blocks 1 --cuda-graph} --json "bench/results/$dev-power.json"
+}
+
+export -f install gpu_tests all_tests bench kernels smc power
+
+run_phase() {
+  case "$1" in
+    all)
+      phase install 240 30 install
+      phase gpu-tests 150 30 gpu_tests
+      phase kernels 150 40 'kernels -k "not configs"'
+      phase smc-1x64 150 60 'smc -k "1-64]"'
+      phase power 140 60 power
+      phase smc-8x64 150 60 'STAG=smc-8x64 smc -k "8-64]"'
+      phase kernel-tuning 90 40 'KTAG=kernel-tuning kernels -k configs'
+      phase smc-unpacked-gqa 60 40 'TSMC_PACKED_GQA=0 STAG=smc-unpacked-gqa smc -k "1-64] and graph and not twisted"'
+      phase all-tests 330 120 all_tests
+      ;;
+    tests) phase install 240 30 install; phase gpu-tests 200 30 gpu_tests; phase all-tests 330 60 all_tests ;;
+    kernels) phase install 240 30 install; phase kernels 560 30 kernels ;;
+    smc) phase install 240 30 install; phase smc 560 30 "smc -k \"${SMC_FILTER:-64]}\"" ;;
+    power) phase install 240 30 install; phase power 560 30 power ;;
+    *) echo "unknown phase $1 (all|tests|kernels|smc|power)" >&2; return 2 ;;
+  esac
+}
+
+run_phase "$PHASE" 2>&1 | tee "$OUT/session.log"
 log done
+echo "---- summary"
+cat "$SUMMARY"

@@ -2,7 +2,7 @@
 # Run every GPU microbenchmark in bench/ and write bench/results/<device>.json
 # (pytest-benchmark's JSON plus a "tsmc" block: device name, capability, torch / triton / CUDA
 # versions, git commit). Extra arguments go to pytest, e.g. `bench/run_all.sh -k twist_sample`;
-# BENCH_PATHS=bench/test_bench_kernels.py runs one file.
+# BENCH_PATHS=bench/test_bench_kernels.py runs one file; BENCH_TAG=smc writes <device>-smc.json.
 # On a machine without CUDA every benchmark is skipped and no result file is written.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,8 +11,8 @@ if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"; elif [[ -x .venv/bin/python ]]; th
 DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
 SAFE=$(printf '%s' "$DEVICE" | tr -c 'A-Za-z0-9._-' '_')
 mkdir -p bench/results
-OUT="bench/results/${SAFE}.json"
-TMP="bench/results/.${SAFE}.partial.json"
+OUT="bench/results/${SAFE}${BENCH_TAG:+-$BENCH_TAG}.json"
+TMP="bench/results/.${SAFE}${BENCH_TAG:+-$BENCH_TAG}.partial.json"
 
 set +e
 "$PY" -m pytest -q -p no:cacheprovider ${BENCH_PATHS:-bench} --benchmark-json="$TMP" --benchmark-columns=min,median,max,rounds "$@"

@@ -167,6 +167,15 @@ def run_reference(model, prompts, *, blocks, reference_blocks, **kw):
     return res
 
 
+def _report(r: dict, results: list) -> None:
+    """Keep a result, print it, and append it to ``$BENCH_JSONL`` at once (a run cut short keeps it)."""
+    results.append(r)
+    print(json.dumps(r), flush=True)
+    if os.environ.get("BENCH_JSONL"):
+        with open(os.environ["BENCH_JSONL"], "a") as f:
+            f.write(json.dumps({"name": f"power-{r['method']}-{r['chains']}", "tag": "power", **r}) + "\n")
+
+
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     model = random_model(args.model, device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -180,14 +189,11 @@ def run(args) -> list[dict]:
               **{**kw, "n_mcmc": 1, "block_size": min(8, args.block_size)})
     for graph in (False, True) if args.cuda_graph else (False,):
         for chains in args.chains:
-            r = run_power(model, prompts, chains=chains, cuda_graph=graph, max_new_tokens=args.blocks * args.block_size,
-                          seed=0, **kw)
-            results.append(r)
-            print(json.dumps(r), flush=True)
+            _report(run_power(model, prompts, chains=chains, cuda_graph=graph,
+                              max_new_tokens=args.blocks * args.block_size, seed=0, **kw), results)
     if not args.skip_reference:
         r = run_reference(model, prompts, blocks=args.blocks, reference_blocks=args.reference_blocks, **kw)
-        results.append(r)
-        print(json.dumps(r), flush=True)
+        _report(r, results)
         base = r["tokens_per_s"]
         for x in results[:-1]:
             x["speedup_tokens_per_s_vs_generate"] = round(x["tokens_per_s"] / base, 2)
