@@ -307,13 +307,16 @@ def test_cuda_graph_equals_eager(cuda_device, cut):
     torch.testing.assert_close(eager.log_p0, graph.log_p0, atol=1e-5, rtol=0)
 
 
-def test_left_padding_does_not_change_the_chain():
+def test_padding_does_not_change_the_chain():
+    """Left, right (a tokenizer's default, left-aligned first) and inner padding."""
     model = tiny_random_model(V, seed=1)
     kw = dict(num_chains=3, max_new_tokens=5, block_size=2, n_mcmc=2, seed=fresh_seed())
     plain = power_sample(model, torch.tensor([[1, 2, 3]]), **kw)
-    padded = power_sample(model, torch.tensor([[4, 4, 1, 2, 3]]), torch.tensor([[0, 0, 1, 1, 1]]), **kw)
-    assert torch.equal(plain.completions, padded.completions)
-    torch.testing.assert_close(plain.log_p0, padded.log_p0, atol=1e-4, rtol=0)
+    for ids, mask in (([4, 4, 1, 2, 3], [0, 0, 1, 1, 1]), ([1, 2, 3, 4, 4], [1, 1, 1, 0, 0]),
+                      ([1, 4, 2, 3], [1, 0, 1, 1])):
+        padded = power_sample(model, torch.tensor([ids]), torch.tensor([mask]), **kw)
+        assert torch.equal(plain.completions, padded.completions)
+        torch.testing.assert_close(plain.log_p0, padded.log_p0, atol=1e-4, rtol=0)
 
 
 # ----------------------------------------------------------------------------- outputs, EOS, determinism
@@ -389,8 +392,6 @@ def test_bad_inputs_raise():
         power_sample(model, torch.tensor([[1, V]]))
     with pytest.raises(ValueError, match="attention_mask shape"):
         power_sample(model, torch.tensor([[1, 2]]), torch.ones(1, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="left padding"):
-        power_sample(model, torch.tensor([[1, 2]]), torch.tensor([[1, 0]]))
     with pytest.raises(TypeError, match="torch.Tensor"):
         power_sample(model, [[1, 2]])
     if torch.cuda.is_available():

@@ -137,11 +137,17 @@ def test_cached_paths_agree_with_recompute(model, cache):
     assert torch.equal(a.ancestors, b.ancestors)
 
 
-def test_left_padding_does_not_change_the_result(model):
-    kw = dict(num_particles=4, max_new_tokens=4, seed=fresh_seed(), ess_threshold=0.0)
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_padding_does_not_change_the_result(model, cache):
+    """Left, right (a tokenizer's default) and inner padding: the same particles as no padding."""
+    kw = dict(num_particles=4, max_new_tokens=4, seed=fresh_seed(), ess_threshold=0.0, cache=cache)
     plain = smc_generate(model, torch.tensor([[1, 2, 3]]), **kw)
-    padded = smc_generate(model, torch.tensor([[4, 4, 1, 2, 3]]), torch.tensor([[0, 0, 1, 1, 1]]), **kw)
-    torch.testing.assert_close(plain.log_p0, padded.log_p0, atol=1e-4, rtol=0)
+    for ids, mask in (([4, 4, 1, 2, 3], [0, 0, 1, 1, 1]), ([1, 2, 3, 4, 4], [1, 1, 1, 0, 0]),
+                      ([1, 0, 2, 3, 4], [1, 0, 1, 1, 0])):
+        padded = smc_generate(model, torch.tensor([ids]), torch.tensor([mask]), **kw)
+        torch.testing.assert_close(plain.log_p0, padded.log_p0, atol=1e-4, rtol=0)
+        assert torch.equal(plain.completions, padded.completions)
+        assert padded.sequences[0, 0, -4 - 3:-4].tolist() == [1, 2, 3]  # the prompt, left-aligned
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])

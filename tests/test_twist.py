@@ -315,9 +315,12 @@ def test_heads_start_at_zero_and_match_teacher_forcing(model, kind):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "model"])
-def test_teacher_forcing_matches_sampling_with_left_padding(model, kind):
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_teacher_forcing_matches_sampling_with_padding(model, kind, padding):
     ids = torch.tensor([[0, 1, 2], [EOS, 3, 2], [EOS, EOS, 1]])
     mask = torch.tensor([[1, 1, 1], [0, 1, 1], [0, 0, 1]])
+    if padding == "right":  # both the sampler and teacher forcing left-align it
+        ids, mask = torch.tensor([[0, 1, 2], [3, 2, EOS], [1, EOS, EOS]]), mask.flip(1)
     head = randomize_(make_head(kind, model), seed=5)
     with bind_prompts(head, ids, mask, 4):
         out = smc_generate(model, ids, mask, num_particles=4, max_new_tokens=T, potential=positive_potential,

@@ -82,7 +82,8 @@ class PowerOutput:
     Attributes:
         completions: int64 ``[B, C, T']`` completion ids, padded after EOS with the pad id
             (``T'`` = the longest completion).
-        sequences: int64 ``[B, C, P + T']`` prompt (as given, left padding included) then completion.
+        sequences: int64 ``[B, C, P + T']`` prompt (left-padded: a right-padded prompt is
+            left-aligned first) then completion.
         lengths: int64 ``[B, C]`` completion lengths (EOS included).
         log_p0: fp32 ``[B, C]`` ``log p0(completion | prompt)`` at temperature 1.
         acceptance: fp32 ``[B, C, num_blocks]`` fraction of the ``n_mcmc`` moves accepted by each
@@ -126,7 +127,7 @@ class PowerOutput:
 
 def _validate(model, input_ids, attention_mask, *, alpha, cut, cut_power, num_chains, max_new_tokens, block_size,
               n_mcmc, top_k, seed):
-    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, left_padded=True)
+    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     if cut not in CUT_RULES:
@@ -598,8 +599,8 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  pad_token_id: int | None = None, cuda_graph: bool = False) -> PowerOutput:
     """Sample completions from ``p0^alpha`` by block-wise Metropolis-Hastings with KV reuse (SPEC §5).
 
-    Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (or ``[P]``), left padding via
-    ``attention_mask`` ``[B, P]``. ``num_chains`` independent chains run per prompt, all
+    Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (or ``[P]``), padding via
+    ``attention_mask`` ``[B, P]`` (left; right padding is left-aligned first). ``num_chains`` independent chains run per prompt, all
     ``M = B * num_chains`` of them batched in one forward pass per token.
 
     Args:

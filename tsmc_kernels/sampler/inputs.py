@@ -61,14 +61,16 @@ def pad_id(model, pad_token_id, eos: list[int]) -> int:
     return int(pad) if pad is not None else (eos[0] if eos else 0)
 
 
-def check_prompts(model, input_ids, attention_mask=None, *, left_padded: bool = False):
+def check_prompts(model, input_ids, attention_mask=None):
     """Validate ``input_ids`` ``[B, P]`` (or ``[P]``) and ``attention_mask`` against ``model``.
 
     Raises ``TypeError``/``ValueError`` naming the argument: not a tensor, wrong rank or dtype,
     empty, on another device than the model, ids outside the vocabulary, a mask of another shape
-    or device, a prompt that is all padding (or, with ``left_padded``, right padding).
+    or device, a prompt that is all padding. Padding anywhere else than on the left (a tokenizer's
+    right padding) is moved there (:func:`left_align`): the samplers continue every prompt after
+    its last real token.
     Returns:
-        ``(input_ids [B, P], attention_mask [B, P] or None)`` with a batch dimension.
+        ``(input_ids [B, P], attention_mask [B, P] or None)`` with a batch dimension, left-padded.
     """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -93,10 +95,22 @@ def check_prompts(model, input_ids, attention_mask=None, *, left_padded: bool = 
             raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
         if bool((attention_mask.sum(1) == 0).any()):
             raise ValueError("attention_mask has a prompt with no tokens (all padding)")
-        if left_padded and bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask must use left padding (the last prompt column must be a real token)")
+        input_ids, attention_mask = left_align(input_ids, attention_mask)
     emb = model.get_output_embeddings()
     vocab = emb.weight.shape[0] if emb is not None else None
     if vocab is not None and bool(((input_ids >= vocab) | (input_ids < 0)).any()):
         raise ValueError(f"input_ids contain ids outside the model's vocabulary [0, {vocab})")
     return input_ids, attention_mask
+
+
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Move each row's padding (``attention_mask == 0``) to the left, the real tokens keeping their order.
+
+    ``input_ids``, ``attention_mask``: ``[B, P]``. Returns them as they are when every row is
+    already left-padded, else new ``[B, P]`` tensors (a stable sort of the columns by the mask).
+    """
+    real = attention_mask != 0
+    if bool((real[:, 1:] >= real[:, :-1]).all()):
+        return input_ids, attention_mask
+    order = torch.sort(real.to(torch.int8), dim=1, stable=True).indices
+    return input_ids.gather(1, order), attention_mask.gather(1, order)

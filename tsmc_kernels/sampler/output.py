@@ -11,7 +11,8 @@ class SMCOutput:
     """Particles, weights and diagnostics of one SMC run (``B`` prompts x ``N`` particles).
 
     Attributes:
-        sequences: int64 ``[B, N, P + T']`` prompt then completion (like ``generate``).
+        sequences: int64 ``[B, N, P + T']`` prompt then completion (like ``generate``; a
+            right-padded prompt appears left-aligned).
         completions: int64 ``[B, N, T']`` completion ids, padded after EOS with the pad id.
         lengths: int64 ``[B, N]`` completion lengths (EOS included).
         log_weights: fp32 ``[B, N]`` normalised log weights (``logsumexp == 0`` per prompt;

@@ -85,7 +85,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  reference_completions: torch.Tensor | None = None) -> SMCOutput:
     """Sample ``num_particles`` completions per prompt from ``sigma ∝ p0 * phi`` by (twisted) SMC.
 
-    Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (left padding via ``attention_mask``).
+    Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]``, padding via ``attention_mask`` (left;
+    right padding, a tokenizer's default, is left-aligned first: every prompt continues after its last token).
 
     Args:
         potential: final ``log phi`` (see :mod:`tsmc_kernels.potentials`): called on the completions

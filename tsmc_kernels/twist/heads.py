@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..sampler.inputs import cache_kwarg
+from ..sampler.inputs import cache_kwarg, left_align
 
 __all__ = ["TwistHead", "MLPTwistHead", "EmbeddingTwistHead", "ModelTwistHead", "TwistInputs", "HEADS",
            "CONFIG_NAME", "WEIGHTS_NAME", "model_vocab_size", "model_hidden_size", "bind_prompts"]
@@ -456,9 +456,11 @@ class ModelTwistHead(TwistHead):
             input_ids = input_ids.unsqueeze(0)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        # Left-aligned like the sampler's prompts: the head reads each row's last column.
+        input_ids, attention_mask = left_align(input_ids, attention_mask.reshape(input_ids.shape))
         N = int(num_particles)
         prompt = input_ids.repeat_interleave(N, 0).to(self.device)
-        mask = attention_mask.reshape(input_ids.shape).to(device=self.device, dtype=torch.long).repeat_interleave(N, 0)
+        mask = attention_mask.to(device=self.device, dtype=torch.long).repeat_interleave(N, 0)
         group = torch.arange(input_ids.shape[0], device=self.device).repeat_interleave(N)
         old = (self._bound, self._cache, self._prev)
         self._bound, self._cache, self._prev = (prompt, mask, group), None, None

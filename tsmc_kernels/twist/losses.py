@@ -51,7 +51,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .. import ops
-from ..sampler.inputs import cache_kwarg
+from ..sampler.inputs import cache_kwarg, left_align
 from .heads import TwistInputs
 
 __all__ = ["LOSSES", "TwistBatch", "PrefixQuantities", "teacher_force", "prefix_quantities", "twist_loss",
@@ -120,7 +120,8 @@ def teacher_force(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     then the completions run in one batched call (``chunk_size`` rows at a time).
 
     Args:
-        input_ids: ``[B, P]`` prompts (left padded), attention_mask ``[B, P]`` or None.
+        input_ids: ``[B, P]`` prompts, attention_mask ``[B, P]`` or None (right padding is left-aligned
+            first, as the samplers do).
         completions: ``[B, N, L]`` (or ``[M, L]`` with ``M = B * N``), lengths ``[B, N]`` / ``[M]``.
         keep_logits: return the ``[M, L, V]`` logits (soft-Q / DPG need them).
         head: if given, also the sampling-time ``log q`` / ``log psi`` of every token under it
@@ -135,7 +136,7 @@ def teacher_force(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    input_ids, attention_mask = left_align(input_ids, attention_mask.to(device=device, dtype=torch.long))
     L = completions.shape[-1]
     tokens = completions.reshape(-1, L).to(device)
     M = tokens.shape[0]
