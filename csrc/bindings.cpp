@@ -217,6 +217,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_gather_cuda_", &kv_gather_cuda, py::arg("tensors"), py::arg("ancestors"),
         "One-launch CUDA version of kv_gather_ (no host sync; CUDA-graph capturable). Does not validate values.");
   m.attr("with_cuda") = true;
+  m.attr("kv_gather_cuda_max_tensors") = tsmc::kv_gather_cuda_max_tensors();
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -6,7 +6,10 @@
 //       the identity does no copying and needs no host-side list of moved rows (no sync).
 // The per-tensor table {base, row bytes, row stride, first chunk, vector width} is a
 // __grid_constant__ kernel argument (up to kKvGatherMaxTensors per launch), so nothing is
-// allocated or copied from the host: the launch is CUDA-graph capturable.
+// allocated or copied from the host: the launch is CUDA-graph capturable. 36 bytes a tensor:
+// CUDA >= 12.1 takes kernel arguments up to 32,764 bytes on Volta and newer, room for 512 tensors
+// (a 28-layer model's K and V split per head, 112 views, plus the sampler's buffers: one launch);
+// older toolkits stop at 4 KB, 64 tensors.
 // Copies use 16-byte vectors (uint4) when base, stride and row bytes are 16-byte aligned,
 // else 4-byte words, else bytes.
 #include <cuda_runtime.h>
@@ -24,6 +27,11 @@ constexpr int kUnroll = 4;
 constexpr int64_t kChunkBytes = int64_t{kThreads} * 16 * kUnroll;  // 16 KiB
 constexpr int kTargetBlocks = 4096;                                 // enough to fill any GPU
 constexpr int kMaxGridY = 65535;
+#if defined(CUDART_VERSION) && CUDART_VERSION >= 12010
+constexpr int kKvGatherMaxTensors = 512;
+#else
+constexpr int kKvGatherMaxTensors = 64;
+#endif
 
 struct GatherTable {
   char* base[kKvGatherMaxTensors];
@@ -33,6 +41,9 @@ struct GatherTable {
   int32_t vec[kKvGatherMaxTensors];              // 16, 4 or 1
   int32_t n;
 };
+// The table plus the other two arguments must fit the launch's parameter space.
+static_assert(sizeof(GatherTable) + 2 * sizeof(int64_t) <= (kKvGatherMaxTensors > 64 ? 32764 : 4096),
+              "kernel arguments too large");
 
 __device__ __forceinline__ void copy_chunk16(char* dst, const char* src, int64_t len) {
   const uint4* s = reinterpret_cast<const uint4*>(src);
@@ -97,6 +108,8 @@ int vector_width(const RowBuffer& b) {
 }
 
 }  // namespace
+
+int kv_gather_cuda_max_tensors() { return kKvGatherMaxTensors; }
 
 int kv_gather_cuda(const RowBuffer* bufs, int64_t n_bufs, const int64_t* a, int64_t M, void* stream) {
   if (M <= 0) return 0;

@@ -8,9 +8,10 @@
 
 namespace tsmc {
 
-// Largest number of buffers one launch takes (a kernel-argument table); more are launched in
-// groups of this size on the same stream.
-constexpr int kKvGatherMaxTensors = 64;
+// Largest number of buffers one launch takes (its table is a kernel argument): 512 when built
+// with CUDA >= 12.1 (kernel arguments up to 32 KB), 64 before (4 KB). More are launched in groups
+// of this size on the same stream.
+int kv_gather_cuda_max_tensors();
 
 // For every buffer and every row i with a[i] != i: row a[i] -> row i, on `stream` (a
 // cudaStream_t). `a` is a device pointer to M int64 global row indices satisfying the

@@ -610,7 +610,9 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         max_new_tokens: the final length limit ``T``.
         block_size: tokens added per block (default ``ceil(T / 16)``: 16 blocks); the last block may be shorter.
         n_mcmc: MH moves per chain after each block (0: plain temperature-``1/alpha`` sampling).
-        top_k: restrict the proposal to its top-k tokens (0 = off; the acceptance ratio corrects for it).
+        top_k: restrict the proposal to its top-k tokens (0 = off). The acceptance ratio corrects for
+            the reshaping, but completions with a token outside a top-k set are never proposed: the
+            chains then target ``p0^alpha`` restricted to completions made of top-k tokens.
         seed: all randomness is a function of ``(seed, move, token offset, row)``.
         progress: show a tqdm bar over moves.
         eos_token_id, pad_token_id: default from the model's generation config.

@@ -96,7 +96,9 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             (bootstrap SMC).
         ess_threshold: resample a prompt when ``ESS < ess_threshold * N`` (1 = every step, 0 = never).
         resampling: ``systematic`` | ``stratified`` | ``multinomial`` | ``residual``.
-        temperature, top_k: proposal shaping (the weights correct for it).
+        temperature, top_k: proposal shaping (the weights correct for it). ``top_k > 0`` never proposes a
+            token outside the k most likely under ``p0 * psi``: the particles and ``Zhat`` then describe
+            ``sigma`` restricted to such completions (``Z`` times their share of sigma's mass), not ``sigma``.
         eos_token_id, pad_token_id: default from the model's generation config.
         seed: all randomness is a function of ``(seed, step, row)``.
         cache: ``dynamic`` | ``static`` | ``none`` (recompute; the oracle).
