@@ -600,8 +600,9 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     """Sample completions from ``p0^alpha`` by block-wise Metropolis-Hastings with KV reuse (SPEC §5).
 
     Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (or ``[P]``), padding via
-    ``attention_mask`` ``[B, P]`` (left; right padding is left-aligned first). ``num_chains`` independent chains run per prompt, all
-    ``M = B * num_chains`` of them batched in one forward pass per token.
+    ``attention_mask`` ``[B, P]`` (left; right padding is left-aligned first). ``num_chains``
+    independent chains run per prompt, all ``M = B * num_chains`` of them batched in one forward
+    pass per token.
 
     Args:
         alpha: power of the target ``p0^alpha`` (> 0); the proposal is the model at temperature ``1/alpha``.

@@ -470,11 +470,11 @@ class ModelTwistHead(TwistHead):
             self._bound, self._cache, self._prev = old
 
     def _backbone(self, ids, mask, position_ids, cache=None, **kw):
-        """``(last hidden states, cache)``; ``cache`` (updated in place) is passed under the keyword the backbone takes."""
+        """Last hidden states; ``cache`` (filled in place) goes under the keyword the backbone takes."""
         if cache is not None:
             kw[cache_kwarg(self.backbone)] = cache
         out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, return_dict=True, **kw)
-        return out.last_hidden_state, cache
+        return out.last_hidden_state
 
     @staticmethod
     def _positions(mask):
@@ -500,15 +500,15 @@ class ModelTwistHead(TwistHead):
             ids = torch.cat([prompt, completion_ids], 1)
             mask = torch.cat([pmask, torch.ones_like(completion_ids)], 1)
             self._cache = DynamicCache(config=self.backbone.config)
-            h, self._cache = self._backbone(ids, mask, self._positions(mask), cache=self._cache, use_cache=True)
+            h = self._backbone(ids, mask, self._positions(mask), cache=self._cache, use_cache=True)
         else:
             if not bool((src == torch.arange(M, device=src.device)).all()):
                 self._cache.reorder_cache(src)
             P = prompt.shape[1]
             mask = torch.cat([pmask, torch.ones(M, t, dtype=pmask.dtype, device=pmask.device)], 1)
             pos = (pmask.sum(1) + t - 1).unsqueeze(1)
-            h, self._cache = self._backbone(completion_ids[:, t - 1:], mask, pos, cache=self._cache,
-                                            use_cache=True, cache_position=torch.tensor([P + t - 1], device=self.device))
+            h = self._backbone(completion_ids[:, t - 1:], mask, pos, cache=self._cache, use_cache=True,
+                               cache_position=torch.tensor([P + t - 1], device=self.device))
         self._prev = completion_ids.clone()
         return self._activate(self.out(h[:, -1]))
 
@@ -535,7 +535,7 @@ class ModelTwistHead(TwistHead):
         L = inputs.hidden.shape[1] if inputs.hidden is not None else inputs.ids.shape[1] - inputs.prompt_len
         ids = inputs.ids.to(self.device)
         mask = inputs.mask.to(device=self.device, dtype=torch.long)
-        h, _ = self._backbone(ids, mask, self._positions(mask), use_cache=False)
+        h = self._backbone(ids, mask, self._positions(mask), use_cache=False)
         P = inputs.prompt_len
         return h[:, P - 1: P - 1 + L]
 
