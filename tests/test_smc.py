@@ -160,6 +160,34 @@ def test_other_architectures(arch):
     check_against_target(out, e, tv_tol=TV_TOL)
 
 
+def test_model_in_training_mode_is_sampled_in_eval_mode():
+    """Dropout (GPT-2's default 0.1, model built from a config: training mode) must not reach the
+    samplers: the same run as in eval mode, a warning, and every module's mode restored."""
+    import transformers
+
+    from tsmc_kernels import power_sample
+    from tsmc_kernels.twist.losses import teacher_force
+
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=2, n_head=2,
+                                                             n_positions=32, bos_token_id=0, eos_token_id=EOS))
+    m.transformer.h[1].eval()  # a mixed state, to be restored as it was
+    modes = [x.training for x in m.modules()]
+    ids = torch.tensor([[1, 2, 3]])
+    seed = fresh_seed()
+    calls = (lambda: smc_generate(m, ids, num_particles=4, max_new_tokens=3, seed=seed).log_p0,
+             lambda: power_sample(m, ids, num_chains=2, max_new_tokens=3, block_size=1, n_mcmc=2, seed=seed).log_p0,
+             lambda: teacher_force(m, ids, None, torch.tensor([[[1, 2, 0]]]), torch.tensor([[3]]))["log_p0"])
+    for call in calls:
+        with pytest.warns(UserWarning, match="training mode"):
+            got = call()
+        assert [x.training for x in m.modules()] == modes
+        m.eval()
+        want = call()
+        for x, mode in zip(m.modules(), modes):
+            x.training = mode
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 def test_output_shapes_and_helpers(model):
     out = smc_generate(model, torch.tensor([[0, 1], [2, 3], [1, 1]]), num_particles=5, max_new_tokens=4,
                        potential=potential, seed=1)

@@ -59,7 +59,8 @@ import torch
 
 from . import ops, rng
 from .sampler.attention import with_packed_decode_attention
-from .sampler.inputs import cache_kwarg, check_int, check_positions, check_prompts, eos_ids, is_any_of, pad_id
+from .sampler.inputs import (cache_kwarg, check_int, check_positions, check_prompts, eos_ids, in_eval_mode, is_any_of,
+                             pad_id)
 
 __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 
@@ -590,6 +591,7 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="move")
 
 
+@in_eval_mode
 @torch.no_grad()
 @with_packed_decode_attention
 def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, alpha: float = 4.0,
@@ -692,6 +694,7 @@ class _Recompute:
         return _Scores(f(s.logp), f(s.logq), f(s.entropy), length)
 
 
+@in_eval_mode
 @torch.no_grad()
 def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                            alpha: float = 4.0, cut: str = "entropy", cut_power: float = 4.0, num_chains: int = 1,

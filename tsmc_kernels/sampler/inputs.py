@@ -1,7 +1,9 @@
 """Checks and defaults shared by every sampler that takes HF-style prompts (SMC, power MH, bounds)."""
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 
 import torch
 
@@ -10,6 +12,29 @@ def cache_kwarg(model) -> str:
     """The keyword a model's ``forward`` takes its KV cache by: ``cache`` (transformers >= 5.24,
     which deprecates the old name) or ``past_key_values`` (earlier 5.x)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def in_eval_mode(sampler):
+    """Decorator: run ``sampler(model, ...)`` with ``model`` in eval mode, each module's mode restored after.
+
+    The samplers need the model's inference distribution: in training mode dropout makes every
+    forward pass random, so ``log p0``, the weights and the acceptance ratios would be noisy and a
+    seed would not reproduce a run. A model found training is switched for the call, with a warning.
+    """
+    @functools.wraps(sampler)
+    def wrapped(model, *args, **kwargs):
+        if not getattr(model, "training", False):
+            return sampler(model, *args, **kwargs)
+        warnings.warn(f"{sampler.__name__}: the model is in training mode (dropout would make sampling random); "
+                      "it runs in eval mode for this call. Call model.eval() first to silence this.", stacklevel=2)
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            return sampler(model, *args, **kwargs)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+    return wrapped
 
 
 def check_int(name: str, value, low: int, why: str = "") -> None:

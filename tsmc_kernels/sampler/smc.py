@@ -32,7 +32,7 @@ import torch
 from .. import ops
 from ..potentials.base import as_potential, check_log_phi
 from .attention import with_packed_decode_attention
-from .inputs import check_int, check_prompts, eos_ids, is_any_of, pad_id
+from .inputs import check_int, check_prompts, eos_ids, in_eval_mode, is_any_of, pad_id
 from .lm import CACHE_MODES, ParticleLM
 from .output import SMCOutput
 
@@ -73,6 +73,7 @@ def _check_graph_twist(twist) -> None:
                          f"TwistHead); {type(twist).__name__} reads token ids on the host: use cuda_graph=False")
 
 
+@in_eval_mode
 @torch.no_grad()
 @with_packed_decode_attention
 def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

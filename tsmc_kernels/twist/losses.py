@@ -51,7 +51,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .. import ops
-from ..sampler.inputs import cache_kwarg, left_align
+from ..sampler.inputs import cache_kwarg, in_eval_mode, left_align
 from .heads import TwistInputs
 
 __all__ = ["LOSSES", "TwistBatch", "PrefixQuantities", "teacher_force", "prefix_quantities", "twist_loss",
@@ -110,6 +110,7 @@ class PrefixQuantities(NamedTuple):
 
 # ----------------------------------------------------------------------------- the base pass
 
+@in_eval_mode
 @torch.no_grad()
 def teacher_force(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, completions: torch.Tensor,
                   lengths: torch.Tensor, *, keep_logits: bool = False, chunk_size: int = 64,
