@@ -604,7 +604,7 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (or ``[P]``), padding via
     ``attention_mask`` ``[B, P]`` (left; right padding is left-aligned first). ``num_chains``
     independent chains run per prompt, all ``M = B * num_chains`` of them batched in one forward
-    pass per token.
+    pass per token. The model runs in eval mode (switched for the call, with a warning, if training).
 
     Args:
         alpha: power of the target ``p0^alpha`` (> 0); the proposal is the model at temperature ``1/alpha``.

@@ -88,6 +88,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
     Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]``, padding via ``attention_mask`` (left;
     right padding, a tokenizer's default, is left-aligned first: every prompt continues after its last token).
+    The model runs in eval mode (a model in training mode is switched for the call, with a warning).
 
     Args:
         potential: final ``log phi`` (see :mod:`tsmc_kernels.potentials`): called on the completions
