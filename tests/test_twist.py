@@ -330,6 +330,24 @@ def test_teacher_forcing_matches_sampling_with_padding(model, kind, padding):
     torch.testing.assert_close((batch.log_q_sample * batch.mask).sum(1).view(3, 4), out.log_q, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_model_head_from_other_architectures_runs_in_eval_mode(arch):
+    """from_model keeps per-layer config lists (Qwen2's layer_types) as long as the kept layers (it
+    raised); a new head is in training mode, and GPT-2's dropout made same-seed runs differ: the
+    sampler runs the twist in eval mode (and restores its mode)."""
+    m = tiny_random_model(V, arch=arch, seed=1)
+    head = randomize_(ModelTwistHead.from_model(m, num_layers=1), seed=2, scale=0.3)
+    assert head.training and head.backbone.config.num_hidden_layers == 1
+    ids = torch.tensor([[0, 1, 2]])
+    runs = []
+    for _ in range(2):
+        with head.bind(ids, None, 4):
+            runs.append(smc_generate(m, ids, num_particles=4, max_new_tokens=T, twist=head, seed=3,
+                                     potential=positive_potential))
+    assert head.training
+    assert torch.equal(runs[0].sequences, runs[1].sequences) and torch.equal(runs[0].log_z, runs[1].log_z)
+
+
 def test_model_head_needs_bound_prompts(model):
     head = make_head("model", model)
     with pytest.raises(RuntimeError, match="bind"):

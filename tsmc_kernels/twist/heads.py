@@ -424,10 +424,15 @@ class ModelTwistHead(TwistHead):
             copy_weights: initialise the backbone from the base model (else random init).
         """
         cfg = _text_config(model).to_dict()
+        layers = int(cfg.get("num_hidden_layers", cfg.get("n_layer", num_layers)))
         cfg["num_hidden_layers"] = int(num_layers)
         for key in ("n_layer", "num_layers"):
             if key in cfg:
                 cfg[key] = int(num_layers)
+        # Per-layer lists (Qwen2's layer_types, ...) describe the kept first layers only.
+        for key, value in list(cfg.items()):
+            if isinstance(value, list) and len(value) == layers and "layer" in key:
+                cfg[key] = value[: int(num_layers)]
         cfg.pop("transformers_version", None)
         head = cls(model_config=cfg, vocab_size=model_vocab_size(model), hidden_size=model_hidden_size(model),
                    activation=activation)
