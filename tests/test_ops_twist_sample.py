@@ -175,6 +175,12 @@ def test_ops_validates_arguments():
         ops.twist_sample(x, step=-1)
     with pytest.raises(ValueError, match=r"integer tensor \[2\]"):
         ops.twist_sample(x, step=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="top_k"):
+        ops.twist_score(x, None, torch.tensor([0, 1]), top_k=-1)
+    for bad in (5, -1):
+        with pytest.raises(ValueError, match=r"tokens must be in \[0, 5\)"):
+            ops.twist_score(x, None, torch.tensor([0, bad]))
+    ops.twist_score(x, None, torch.tensor([0, 4]))
 
 
 def test_ops_under_torch_compile_fullgraph(gen, monkeypatch):

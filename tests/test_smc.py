@@ -434,6 +434,15 @@ def test_all_particles_dead_gives_minus_inf_not_nan(model):
     (dict(resampling="bogus"), "scheme"),
     (dict(cache="bogus"), "cache"),
     (dict(cuda_graph=True), "CUDA"),
+    (dict(ess_threshold=float("nan")), "ess_threshold"),
+    (dict(top_k=2.5), "top_k"),
+    (dict(pad_token_id=V), "pad_token_id"),
+    (dict(pad_token_id=-1), "pad_token_id"),
+    (dict(intermediate_potential=potential, intermediate_every=0), "intermediate_every"),
+    (dict(intermediate_every=2), "intermediate_potential"),
+    (dict(intermediate_delimiters=[1]), "intermediate_potential"),
+    (dict(reference_completions=torch.tensor([[0, V]])), "reference_completions .*vocabulary"),
+    (dict(reference_completions=torch.zeros(1, 0, dtype=torch.long)), "T >= 1"),
 ])
 def test_bad_arguments(model, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -447,6 +456,8 @@ def test_bad_inputs(model):
         smc_generate(model, replicas(2), torch.ones(2, 5, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(TypeError, match="input_ids"):
         smc_generate(model, [[0, 1]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="reference_completions"):
+        smc_generate(model, replicas(1), max_new_tokens=2, reference_completions=[[0, 1]])
 
 
 @pytest.mark.parametrize("cache,match", [("static", "static cache"), ("dynamic", "run past"), ("none", "run past")])
@@ -464,9 +475,14 @@ def test_twist_vocab_mismatch_is_an_error(model):
                      twist=lambda h, c: torch.zeros(h.shape[0], V + 1))
 
 
-def test_nan_logits_are_an_error(model):
-    bad = lambda h, c: torch.full((h.shape[0], V), float("nan"))  # noqa: E731
-    with pytest.raises(FloatingPointError, match="NaN"):
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_twist_is_an_error(model, value):
+    """+inf once gave NaN log_z and weights silently (log Zpi = +inf, log q = inf - inf)."""
+    def bad(h, c):
+        out = torch.zeros(h.shape[0], V)
+        out[:, 1] = value
+        return out
+    with pytest.raises(FloatingPointError, match=r"NaN or \+inf"):
         smc_generate(model, replicas(1), num_particles=2, max_new_tokens=2, twist=bad)
 
 

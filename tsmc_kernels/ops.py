@@ -197,12 +197,13 @@ def _(logits, log_twist, tokens, temperature, top_k):
 
 
 def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: torch.Tensor, *,
-                temperature: float = 1.0, top_k: int = 0) -> TwistSampleOutput:
+                temperature: float = 1.0, top_k: int = 0, validate: bool = True) -> TwistSampleOutput:
     """:func:`twist_sample`'s outputs for given ``tokens`` (int64 ``[M]``): teacher forcing, no randomness.
 
     Used by conditional SMC (a forced particle) and twist training. Shapes as in
     :func:`twist_sample`; a token outside the top-k has ``logq = -inf``. (PyTorch path on every
-    device: it runs on few rows or off the hot path.)
+    device: it runs on few rows or off the hot path.) ``validate``: also check that every token is
+    in ``[0, V)`` (a host synchronisation; skipped under capture / compile).
     """
     _check_tensor("logits", logits, 2, _FLOATS)
     _check_tensor("tokens", tokens, 1, (torch.int64, torch.int32))
@@ -213,6 +214,10 @@ def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: to
     _check_same_device("logits", logits, tokens=tokens, log_twist=log_twist)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if validate and _values_checkable() and tokens.numel() and bool(((tokens < 0) | (tokens >= logits.shape[1])).any()):
+        raise ValueError(f"tokens must be in [0, {logits.shape[1]}) (the vocabulary of logits)")
     return TwistSampleOutput(tokens.long(), *_twist_score_op(logits, log_twist, tokens.long(), float(temperature), int(top_k)))
 
 

@@ -1,8 +1,10 @@
 """Checks and defaults shared by every sampler that takes HF-style prompts (SMC, power MH, bounds)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import operator
 import warnings
 
 import torch
@@ -14,26 +16,39 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@contextlib.contextmanager
+def eval_mode(module):
+    """Within the block ``module`` (a ``torch.nn.Module``; anything else passes) is in eval mode;
+    every submodule's own mode is restored after."""
+    if not isinstance(module, torch.nn.Module) or not module.training:
+        yield
+        return
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 def in_eval_mode(sampler):
-    """Decorator: run ``sampler(model, ...)`` with ``model`` in eval mode, each module's mode restored after.
+    """Decorator: run ``sampler(model, ..., twist=/head=...)`` with the model and the twist head in
+    :func:`eval_mode`.
 
     The samplers need the model's inference distribution: in training mode dropout makes every
     forward pass random, so ``log p0``, the weights and the acceptance ratios would be noisy and a
-    seed would not reproduce a run. A model found training is switched for the call, with a warning.
+    seed would not reproduce a run. A model found training is switched for the call, with a
+    warning; a twist head (``twist=`` / ``head=``: a new module is in training mode) silently.
     """
     @functools.wraps(sampler)
     def wrapped(model, *args, **kwargs):
-        if not getattr(model, "training", False):
+        if getattr(model, "training", False):
+            warnings.warn(f"{sampler.__name__}: the model is in training mode (dropout would make sampling "
+                          "random); it runs in eval mode for this call. Call model.eval() first to silence this.",
+                          stacklevel=2)
+        with eval_mode(model), eval_mode(kwargs.get("twist")), eval_mode(kwargs.get("head")):
             return sampler(model, *args, **kwargs)
-        warnings.warn(f"{sampler.__name__}: the model is in training mode (dropout would make sampling random); "
-                      "it runs in eval mode for this call. Call model.eval() first to silence this.", stacklevel=2)
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        try:
-            return sampler(model, *args, **kwargs)
-        finally:
-            for m, mode in modes:
-                m.training = mode
     return wrapped
 
 
@@ -73,10 +88,34 @@ def is_any_of(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (tokens.unsqueeze(-1) == ids).any(-1)
 
 
+def model_vocab(model) -> int | None:
+    """The size of the model's output vocabulary (rows of its output embedding), or None if unknown."""
+    emb = model.get_output_embeddings()
+    return emb.weight.shape[0] if emb is not None else None
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab: int | None) -> None:
+    """Raise ``TypeError`` / ``ValueError`` naming ``name`` unless ``ids`` is an integer tensor of ids in ``[0, vocab)``."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got {ids.dtype}")
+    if vocab is not None and ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"{name} contain ids outside the model's vocabulary [0, {vocab})")
+
+
 def pad_id(model, pad_token_id, eos: list[int]) -> int:
-    """Padding id after EOS: ``pad_token_id``, else the model's, else the first EOS id, else 0."""
+    """Padding id after EOS: ``pad_token_id`` (must be in the vocabulary), else the model's, else the
+    first EOS id, else 0."""
     if pad_token_id is not None:
-        return int(pad_token_id)
+        vocab = model_vocab(model)
+        try:
+            pad = operator.index(pad_token_id)  # ints, numpy and 0-dim torch integers
+        except TypeError:
+            pad = -1
+        if pad < 0 or (vocab is not None and pad >= vocab):
+            raise ValueError(f"pad_token_id must be an id in the model's vocabulary [0, {vocab}), got {pad_token_id!r}")
+        return pad
     gen = getattr(model, "generation_config", None)
     pad = getattr(gen, "pad_token_id", None) if gen is not None else None
     if pad is None:
@@ -121,10 +160,7 @@ def check_prompts(model, input_ids, attention_mask=None):
         if bool((attention_mask.sum(1) == 0).any()):
             raise ValueError("attention_mask has a prompt with no tokens (all padding)")
         input_ids, attention_mask = left_align(input_ids, attention_mask)
-    emb = model.get_output_embeddings()
-    vocab = emb.weight.shape[0] if emb is not None else None
-    if vocab is not None and bool(((input_ids >= vocab) | (input_ids < 0)).any()):
-        raise ValueError(f"input_ids contain ids outside the model's vocabulary [0, {vocab})")
+    check_token_ids("input_ids", input_ids, model_vocab(model))
     return input_ids, attention_mask
 
 

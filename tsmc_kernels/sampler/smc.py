@@ -32,7 +32,8 @@ import torch
 from .. import ops
 from ..potentials.base import as_potential, check_log_phi
 from .attention import with_packed_decode_attention
-from .inputs import check_int, check_prompts, eos_ids, in_eval_mode, is_any_of, pad_id
+from .inputs import (check_int, check_prompts, check_token_ids, eos_ids, in_eval_mode, is_any_of, model_vocab,
+                     pad_id)
 from .lm import CACHE_MODES, ParticleLM
 from .output import SMCOutput
 
@@ -46,12 +47,11 @@ def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, e
     for name, value in (("num_particles", num_particles), ("max_new_tokens", max_new_tokens),
                         ("sync_every", sync_every)):
         check_int(name, value, 1)
-    if ess_threshold < 0:
+    if not ess_threshold >= 0:  # also refuses NaN
         raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    check_int("top_k", top_k, 0)
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if cuda_graph and input_ids.device.type != "cuda":
@@ -59,8 +59,10 @@ def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, e
     if cuda_graph and cache == "none":
         raise ValueError("cuda_graph=True needs a KV cache (cache='static'), not cache='none'")
     if reference_completions is not None:
-        if reference_completions.dim() != 2 or reference_completions.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"reference_completions must be [B, T] with B = {input_ids.shape[0]}, "
+        check_token_ids("reference_completions", reference_completions, model_vocab(model))
+        if reference_completions.dim() != 2 or reference_completions.shape[0] != input_ids.shape[0] or \
+                reference_completions.shape[1] == 0:
+            raise ValueError(f"reference_completions must be [B, T] with B = {input_ids.shape[0]} and T >= 1, "
                              f"got {tuple(reference_completions.shape)}")
     return input_ids, attention_mask
 
@@ -128,6 +130,10 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     ops._check_scheme(resampling)
     phi_fn = as_potential(potential) if potential is not None else None
     inter_fn = as_potential(intermediate_potential) if intermediate_potential is not None else None
+    if intermediate_every is not None:
+        check_int("intermediate_every", intermediate_every, 1)
+    if inter_fn is None and (intermediate_every is not None or intermediate_delimiters):
+        raise ValueError("intermediate_every / intermediate_delimiters need an intermediate_potential")
     if inter_fn is not None and not intermediate_every and not intermediate_delimiters:
         intermediate_every = 1
     for fn in (phi_fn, inter_fn):
@@ -277,7 +283,7 @@ class _SMCRun:
         if self.conditional:
             rows = self.forced_rows
             forced = ops.twist_score(logits[rows], log_twist[rows] if log_twist is not None else None,
-                                     self.ref.index_select(1, self.t).squeeze(1), **self.sample_kw)
+                                     self.ref.index_select(1, self.t).squeeze(1), validate=False, **self.sample_kw)
             tok, logp, logq, log_psi = (x.index_copy(0, rows, y) for x, y in
                                         ((tok, forced.token), (logp, forced.logp), (logq, forced.logq),
                                          (log_psi, forced.log_psi)))
@@ -290,7 +296,8 @@ class _SMCRun:
         self.sum_logp += torch.where(active, logp, 0.0)
         self.sum_logq += torch.where(active, logq, 0.0)
         self.decoded += active.sum()
-        self.nan |= torch.isnan(out.log_zpi) & active
+        # NaN or +inf logits / twists: log Zpi is NaN or +inf, log q NaN (inf - inf); -inf is a dead row.
+        self.nan |= ~((out.log_zpi < math.inf) & ~torch.isnan(out.logq)) & active
         if self.delim_t.numel():
             self.delim_hit.copy_(is_any_of(tok, self.delim_t) & active & ~terminal)
         self.finished |= terminal
@@ -359,7 +366,7 @@ class _SMCRun:
         if flags[2]:
             rows = torch.nonzero(self.nan).flatten().tolist()[:8]
             when = f"step {t}" if before_weigh else f"steps {t + 1 - self.sync_every}..{t}"
-            raise FloatingPointError(f"NaN in the model logits or twist at {when} (rows {rows})")
+            raise FloatingPointError(f"NaN or +inf in the model logits or twist at {when} (rows {rows})")
         if flags[1]:
             idx = torch.nonzero(inter_due).flatten()
             new = _call_potential(self.inter_fn, self.tokens[idx, : t + 1], idx // N, self.tokenizer)
