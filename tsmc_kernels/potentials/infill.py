@@ -103,6 +103,7 @@ class InfillPotential(Potential):
                  max_batch_rows: int | None = None, name: str = "infill"):
         self.name = name
         self.model = model
+        self._cache_kw = cache_kwarg(model)
         prompts = _as_id_list(prompt_ids, "prompt", name, tokenizer)
         if attention_mask is not None:
             if not isinstance(prompt_ids, torch.Tensor):
@@ -289,7 +290,7 @@ class InfillPotential(Potential):
         pos = (lm.prompt_len[rows] + t).unsqueeze(1) + torch.arange(K, device=device)
         logits = self._forward_logits(input_ids=inp, attention_mask=mask, position_ids=pos,
                                       cache_position=torch.arange(L, L + K, device=device), use_cache=True,
-                                      **{cache_kwarg(self.model): cache}).float()
+                                      **{self._cache_kw: cache}).float()
         lp = torch.log_softmax(logits, -1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
         valid = torch.arange(K, device=device).unsqueeze(0) < torch.tensor(ks, device=device).unsqueeze(1)
         out = torch.where(valid, lp, torch.zeros_like(lp)).sum(1).to(completion_ids.device)

@@ -407,6 +407,7 @@ class ModelTwistHead(TwistHead):
         super().__init__(vocab_size=vocab_size, hidden_size=hidden_size or width, activation=activation)
         self.model_config = cfg.to_dict()
         self.backbone = AutoModel.from_config(cfg)
+        self._cache_kw = cache_kwarg(self.backbone)
         self.out = nn.Linear(width, vocab_size)
         _zero_(self.out)
         if dtype is not None:
@@ -477,7 +478,7 @@ class ModelTwistHead(TwistHead):
     def _backbone(self, ids, mask, position_ids, cache=None, **kw):
         """Last hidden states; ``cache`` (filled in place) goes under the keyword the backbone takes."""
         if cache is not None:
-            kw[cache_kwarg(self.backbone)] = cache
+            kw[self._cache_kw] = cache
         out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, return_dict=True, **kw)
         return out.last_hidden_state
 
