@@ -88,6 +88,22 @@ def test_eval_on_gsm8k_file(tiny_model_dir, capsys, tmp_path):
     (["eval", "--task", "nosuchtask"], "unknown task"),
     (["eval", "--task", "gsm8k"], "--data"),
     (["eval", "--task", "gsm8k", "--data", "/nonexistent.jsonl"], "nonexistent"),
+    # the library's argument checks and early checks of the command line: one line, status 2, no traceback
+    (["run", "--prompt", "x", "--particles", "0"], "num_particles"),
+    (["run", "--prompt", "x", "--temperature", "0"], "temperature"),
+    (["run", "--prompt", "x", "--seed", "-1"], "seed"),
+    (["run", "--prompt", "x", "--max-new-tokens", "100000"], "positions"),
+    (["run", "--prompt", "x", "--method", "power", "--alpha", "0"], "alpha"),
+    (["run", "--prompt", "x", "--method", "power", "--temperature", "0.5"], "not used by --method power"),
+    (["run", "--prompt", "x", "--n-mcmc", "3"], "for --method power"),
+    (["run", "--prompt", ""], "empty"),
+    (["run", "-n", "0"], "num-problems"),
+    (["run", "--prompt", "x", "--device", "bogus"], "--device bogus"),
+    (["eval", "--json", "/nonexistent_dir/r.json"], "does not exist"),
+    (["train-twist", "--loss", "bogus", "--out", "/tmp/tsmc_unused_head"], "unknown twist loss"),
+    (["train-twist", "--lr", "nan", "--out", "/tmp/tsmc_unused_head"], "--lr"),
+    (["demo", "--particles", "0"], "--particles"),
+    (["demo", "--out", "/nonexistent_dir/x.png"], "does not exist"),
 ])
 def test_documented_errors(argv, match, capsys, tiny_model_dir):
     if "--model" not in argv:

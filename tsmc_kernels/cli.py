@@ -8,6 +8,7 @@ that is not JSONL, an unknown task) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -18,6 +19,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class CLIError(Exception):
     """An input error reported as one line and exit status 2."""
+
+
+@contextlib.contextmanager
+def _input_errors():
+    """The library's argument checks (``ValueError``: a bad particle count, temperature, ...) as :class:`CLIError`."""
+    try:
+        yield
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise CLIError(f"--device {device}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: no CUDA device is available (use --device cpu)")
+
+
+def _check_output_file(path: str | None, flag: str) -> None:
+    """Fail before any work when ``path`` cannot be written (its folder is missing)."""
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise CLIError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -39,8 +64,8 @@ def _load_model(args):
     from .models import load_model
     try:
         return load_model(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None)
-    except (FileNotFoundError, ModuleNotFoundError, OSError) as exc:
-        raise CLIError(str(exc)) from exc
+    except (FileNotFoundError, ModuleNotFoundError, OSError, ValueError) as exc:  # ValueError: not a model folder
+        raise CLIError(f"could not load --model {args.model}: {exc}" if args.model else str(exc)) from exc
 
 
 def _load_task(args):
@@ -52,6 +77,8 @@ def _load_task(args):
         options["path"] = args.data
     elif args.task.startswith("arithmetic"):
         options["difficulty"] = args.difficulty
+    if args.num_problems < 1:
+        raise CLIError(f"-n/--num-problems must be >= 1, got {args.num_problems}")
     try:
         task = get_task(args.task, **options)
         problems = task.problems(n=args.num_problems, seed=args.seed)
@@ -104,6 +131,18 @@ def cmd_run(args) -> int:
         raise CLIError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     if args.sync_every < 1:
         raise CLIError(f"--sync-every must be >= 1, got {args.sync_every}")
+    if args.method == "power":  # power MH targets p0^alpha: SMC's options would be ignored
+        smc_only = [flag for flag, given in (("--potential", args.potential), ("--head", args.head),
+                                             ("--temperature", args.temperature != 1.0),
+                                             ("--ess-threshold", args.ess_threshold != 0.5),
+                                             ("--sync-every", args.sync_every != 1)) if given]
+        if smc_only:
+            raise CLIError(f"{', '.join(smc_only)}: not used by --method power (it samples p0^alpha; "
+                           "see --alpha, --cut, --block-size, --n-mcmc)")
+    elif args.block_size is not None or args.n_mcmc is not None:
+        raise CLIError("--block-size / --n-mcmc are for --method power")
+    if args.prompt and not all(p.strip() for p in args.prompt):
+        raise CLIError("--prompt must not be empty")
     prompt_potential = _prompt_potential(args.potential, args.beta)  # input errors before the model loads
     task_info = None if args.prompt else _load_task(args)
     model, tok = _load_model(args)
@@ -118,9 +157,11 @@ def cmd_run(args) -> int:
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
     if args.method == "power":
         from .power import power_sample
-        out = power_sample(model, enc.input_ids, enc.attention_mask, alpha=args.alpha, cut=args.cut,
-                           num_chains=args.particles, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True,
-                           cuda_graph=args.cuda_graph)
+        power_kw = {k: v for k, v in (("block_size", args.block_size), ("n_mcmc", args.n_mcmc)) if v is not None}
+        with _input_errors():
+            out = power_sample(model, enc.input_ids, enc.attention_mask, alpha=args.alpha, cut=args.cut,
+                               num_chains=args.particles, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                               progress=True, cuda_graph=args.cuda_graph, **power_kw)
         for b, prompt in enumerate(prompts):
             print(f"=== prompt {b}")
             for c in range(args.particles):
@@ -129,11 +170,12 @@ def cmd_run(args) -> int:
         print(f"tokens decoded: {out.tokens_decoded}")
         return 0
     twist = _load_head(args.head, model)
-    out = smc_generate(model, enc.input_ids, enc.attention_mask, num_particles=args.particles,
-                       max_new_tokens=args.max_new_tokens, potential=potential if args.method != "sample" else None,
-                       twist=twist, tokenizer=tok, seed=args.seed, ess_threshold=args.ess_threshold,
-                       temperature=args.temperature, cuda_graph=args.cuda_graph, sync_every=args.sync_every,
-                       progress=True)
+    with _input_errors():
+        out = smc_generate(model, enc.input_ids, enc.attention_mask, num_particles=args.particles,
+                           max_new_tokens=args.max_new_tokens, potential=potential if args.method != "sample" else None,
+                           twist=twist, tokenizer=tok, seed=args.seed, ess_threshold=args.ess_threshold,
+                           temperature=args.temperature, cuda_graph=args.cuda_graph, sync_every=args.sync_every,
+                           progress=True)
     for b in range(len(prompts)):
         print(f"=== prompt {b}: log Zhat {float(out.log_z[b]):.3f}, final ESS {float(out.ess[b, -1]):.2f}, "
               f"resampled {int(out.resampled[b].sum())}/{out.steps} steps")
@@ -147,16 +189,15 @@ def cmd_run(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
+    _check_output_file(args.json, "--json")
     task, problems, popts = _load_task(args)
     model, tok = _load_model(args)
     methods = args.methods.split(",")
     twist = _load_head(args.head, model)
-    try:
+    with _input_errors():
         report = evaluate(model, tok, args.task, problems, task=task, methods=methods, num_particles=args.particles,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, twist=twist, potential_options=popts,
                           power_options=dict(block_size=args.block_size, n_mcmc=args.n_mcmc))
-    except ValueError as exc:
-        raise CLIError(str(exc)) from exc
     print(report.table())
     if args.json:
         with open(args.json, "w") as f:
@@ -167,13 +208,21 @@ def cmd_eval(args) -> int:
 
 def cmd_train_twist(args) -> int:
     from .twist import MLPTwistHead, fit_twist
+    from .twist.losses import loss_needs
+    if os.path.exists(args.out) and not os.path.isdir(args.out):  # save_pretrained makes missing folders
+        raise CLIError(f"--out {args.out}: exists and is not a folder")
+    if not args.lr > 0:
+        raise CLIError(f"--lr must be > 0, got {args.lr}")
+    with _input_errors():
+        loss_needs(args.loss)  # an unknown loss name, before the model loads
     task, problems, popts = _load_task(args)
     model, tok = _load_model(args)
     prompts = [task.build_prompt(tok, p.question) for p in problems]
     potential = task.potential([p.gold for p in problems], **popts)
     head = MLPTwistHead.for_model(model)
-    fit_twist(model, head, prompts, potential, tokenizer=tok, loss=args.loss, num_particles=args.particles,
-              steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True)
+    with _input_errors():
+        fit_twist(model, head, prompts, potential, tokenizer=tok, loss=args.loss, num_particles=args.particles,
+                  steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True)
     head.save_pretrained(args.out)
     print(f"saved twist head to {args.out}")
     return 0
@@ -187,12 +236,11 @@ def cmd_bounds(args) -> int:
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
     potential = task.potential([p.gold for p in problems], **{"mode": "indicator", **popts})
     try:
-        res = log_z_bounds(model, enc.input_ids, attention_mask=enc.attention_mask, potential=potential,
-                           twist=_load_head(args.head, model), num_particles=args.particles, num_runs=args.runs,
-                           max_new_tokens=args.max_new_tokens, tokenizer=tok, seed=args.seed,
-                           max_proposals=args.max_proposals, progress=True)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from exc
+        with _input_errors():
+            res = log_z_bounds(model, enc.input_ids, attention_mask=enc.attention_mask, potential=potential,
+                               twist=_load_head(args.head, model), num_particles=args.particles, num_runs=args.runs,
+                               max_new_tokens=args.max_new_tokens, tokenizer=tok, seed=args.seed,
+                               max_proposals=args.max_proposals, progress=True)
     except RuntimeError as exc:  # too few exact samples is an input problem; anything else is a bug
         if not str(exc).startswith("rejection sampling"):
             raise
@@ -214,9 +262,14 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     if args.data and not os.path.isfile(args.data):
         raise CLIError(f"GSM8K file not found: {args.data}")
+    _check_output_file(args.out, "--out")
+    for flag, value in (("-n/--num-problems", args.num_problems), ("--particles", args.particles)):
+        if value < 1:
+            raise CLIError(f"{flag} must be >= 1, got {value}")
     loaded = _load_model(args) if args.model or args.dtype else None  # else run_demo loads the default
-    return run_demo(data=args.data, out=args.out, seed=args.seed, device=args.device, loaded=loaded,
-                    num_problems=args.num_problems, num_particles=args.particles)
+    with _input_errors():
+        return run_demo(data=args.data, out=args.out, seed=args.seed, device=args.device, loaded=loaded,
+                        num_problems=args.num_problems, num_particles=args.particles)
 
 
 # ------------------------------------------------------------------------------------- parser
@@ -246,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SMC: the host looks at the particles every K steps (potentials applied up to K late)")
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--cut", choices=["entropy", "uniform"], default="entropy")
+    p.add_argument("--block-size", type=int, default=None, help="power: tokens per block (default: 16 blocks)")
+    p.add_argument("--n-mcmc", type=int, default=None, help="power: MH moves per block (default 10)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("eval", help="compare samplers on a task at a comparable token budget")
@@ -305,6 +360,8 @@ def main(argv=None) -> int:
         build_parser().parse_args(argv)  # reports the unknown arguments and exits with status 2
     args.pytest_args = extra
     try:
+        if hasattr(args, "device"):
+            _check_device(args.device)
         return args.fn(args)
     except CLIError as exc:
         print(f"tsmc {args.command}: error: {exc}", file=sys.stderr)
