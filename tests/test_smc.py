@@ -438,6 +438,8 @@ def test_all_particles_dead_gives_minus_inf_not_nan(model):
     (dict(top_k=2.5), "top_k"),
     (dict(pad_token_id=V), "pad_token_id"),
     (dict(pad_token_id=-1), "pad_token_id"),
+    (dict(eos_token_id=V), "eos_token_id"),  # an id the model cannot sample silently meant "no EOS"
+    (dict(eos_token_id=[EOS, -1]), "eos_token_id"),
     (dict(intermediate_potential=potential, intermediate_every=0), "intermediate_every"),
     (dict(intermediate_every=2), "intermediate_potential"),
     (dict(intermediate_delimiters=[1]), "intermediate_potential"),
@@ -456,6 +458,8 @@ def test_bad_inputs(model):
         smc_generate(model, replicas(2), torch.ones(2, 5, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(TypeError, match="input_ids"):
         smc_generate(model, [[0, 1]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="eos_token_id"):
+        smc_generate(model, replicas(1), max_new_tokens=2, eos_token_id="4")
     with pytest.raises(TypeError, match="reference_completions"):
         smc_generate(model, replicas(1), max_new_tokens=2, reference_completions=[[0, 1]])
 

@@ -69,15 +69,32 @@ def check_positions(model, prompt_len: int, max_new_tokens: int, why: str) -> No
 
 
 def eos_ids(model, eos_token_id=None) -> list[int]:
-    """EOS ids: ``eos_token_id`` (int or list), else the model's generation config, else its config."""
+    """EOS ids: ``eos_token_id`` (an id, a list / tuple / tensor of ids, ``[]`` for none), else the
+    model's generation config, else its config. Given ids must be integers in the vocabulary
+    (``TypeError`` / ``ValueError`` otherwise: an id the model cannot sample would mean "no EOS")."""
     if eos_token_id is None:
         gen = getattr(model, "generation_config", None)
         eos_token_id = getattr(gen, "eos_token_id", None) if gen is not None else None
         if eos_token_id is None:
             eos_token_id = getattr(model.config, "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+        if eos_token_id is None:
+            return []
+        return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
+    if isinstance(eos_token_id, torch.Tensor):
+        items = eos_token_id.reshape(-1).tolist()
+    else:
+        items = list(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]
+    vocab = model_vocab(model)
+    ids = []
+    for e in items:
+        try:
+            i = operator.index(e)
+        except TypeError:
+            raise TypeError(f"eos_token_id must be integer token ids, got {e!r}") from None
+        if i < 0 or (vocab is not None and i >= vocab):
+            raise ValueError(f"eos_token_id {i} is outside the model's vocabulary [0, {vocab})")
+        ids.append(i)
+    return ids
 
 
 def is_any_of(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
