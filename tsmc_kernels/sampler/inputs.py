@@ -85,16 +85,19 @@ def eos_ids(model, eos_token_id=None) -> list[int]:
     else:
         items = list(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]
     vocab = model_vocab(model)
-    ids = []
-    for e in items:
-        try:
-            i = operator.index(e)
-        except TypeError:
-            raise TypeError(f"eos_token_id must be integer token ids, got {e!r}") from None
-        if i < 0 or (vocab is not None and i >= vocab):
-            raise ValueError(f"eos_token_id {i} is outside the model's vocabulary [0, {vocab})")
-        ids.append(i)
-    return ids
+    return [_token_id("eos_token_id", e, vocab) for e in items]
+
+
+def _token_id(name: str, value, vocab: int | None) -> int:
+    """``value`` as an int id in ``[0, vocab)`` (ints, numpy and 0-dim torch integers), else
+    ``TypeError`` / ``ValueError`` naming ``name``."""
+    try:
+        i = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be integer token ids, got {value!r}") from None
+    if i < 0 or (vocab is not None and i >= vocab):
+        raise ValueError(f"{name} {i} is outside the model's vocabulary [0, {vocab})")
+    return i
 
 
 def is_any_of(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -125,14 +128,7 @@ def pad_id(model, pad_token_id, eos: list[int]) -> int:
     """Padding id after EOS: ``pad_token_id`` (must be in the vocabulary), else the model's, else the
     first EOS id, else 0."""
     if pad_token_id is not None:
-        vocab = model_vocab(model)
-        try:
-            pad = operator.index(pad_token_id)  # ints, numpy and 0-dim torch integers
-        except TypeError:
-            pad = -1
-        if pad < 0 or (vocab is not None and pad >= vocab):
-            raise ValueError(f"pad_token_id must be an id in the model's vocabulary [0, {vocab}), got {pad_token_id!r}")
-        return pad
+        return _token_id("pad_token_id", pad_token_id, model_vocab(model))
     gen = getattr(model, "generation_config", None)
     pad = getattr(gen, "pad_token_id", None) if gen is not None else None
     if pad is None:
