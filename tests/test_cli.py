@@ -69,9 +69,13 @@ def test_eval_writes_json(tiny_model_dir, capsys, tmp_path):
                         "--particles", "2", "--max-new-tokens", "3", "--methods", "sample,smc",
                         "--json", str(report)], capsys)
     assert code == 0 and "| sample |" in out and "| smc |" in out
-    data = json.loads(report.read_text())
+    def refuse(constant):  # strict JSON: NaN / Infinity are not JSON (plain sampling has no log Zhat)
+        raise AssertionError(f"{constant} in the report")
+
+    data = json.loads(report.read_text(), parse_constant=refuse)
     assert [r["method"] for r in data["results"]] == ["sample", "smc"]
     assert all(r["tokens_decoded"] > 0 for r in data["results"])
+    assert data["results"][0]["mean_log_z"] is None
 
 
 def test_eval_on_gsm8k_file(tiny_model_dir, capsys, tmp_path):

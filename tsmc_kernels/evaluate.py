@@ -59,7 +59,19 @@ class EvalReport:
         return "\n".join([head, *rows])
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        """The report as strict JSON: NaN / infinite numbers (no log Zhat for plain sampling, a prompt
+        whose particles all died) become ``null``."""
+        return json.dumps(_finite_or_none(asdict(self)), indent=2, allow_nan=False)
+
+
+def _finite_or_none(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_none(v) for v in x]
+    return x
 
 
 def _answer_key(task_name: str, text: str) -> str | None:
@@ -101,7 +113,7 @@ def evaluate(model, tokenizer, task_name: str, problems, *, task=None, methods=(
         model, tokenizer: an HF causal LM and its tokenizer (left padding is set here).
         task_name: a name known to :func:`tsmc_kernels.tasks.get_task`; ``task``: the Task object.
         problems: list of problems with ``.question`` and ``.gold``.
-        methods: subset of :data:`METHODS`.
+        methods: subset of :data:`METHODS` (or one method name).
         twist: twist head for ``twisted``. potential_options: kwargs for ``task.potential``.
         power_options: kwargs for :func:`tsmc_kernels.power.power_sample`.
     Returns:
@@ -110,6 +122,10 @@ def evaluate(model, tokenizer, task_name: str, problems, *, task=None, methods=(
     from .tasks import get_task
 
     task = task or get_task(task_name)
+    if isinstance(methods, str):
+        methods = [methods]
+    if len(problems) == 0:
+        raise ValueError("evaluate needs at least one problem")
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; known: {METHODS}")
