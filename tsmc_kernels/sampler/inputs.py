@@ -72,18 +72,20 @@ def eos_ids(model, eos_token_id=None) -> list[int]:
     """EOS ids: ``eos_token_id`` (an id, a list / tuple / tensor of ids, ``[]`` for none), else the
     model's generation config, else its config. Given ids must be integers in the vocabulary
     (``TypeError`` / ``ValueError`` otherwise: an id the model cannot sample would mean "no EOS")."""
-    if eos_token_id is None:
+    given = eos_token_id is not None
+    if not given:
         gen = getattr(model, "generation_config", None)
         eos_token_id = getattr(gen, "eos_token_id", None) if gen is not None else None
         if eos_token_id is None:
             eos_token_id = getattr(model.config, "eos_token_id", None)
         if eos_token_id is None:
             return []
-        return [int(e) for e in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
     if isinstance(eos_token_id, torch.Tensor):
         items = eos_token_id.reshape(-1).tolist()
     else:
         items = list(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]
+    if not given:  # the config's ids are taken as they are
+        return [int(e) for e in items]
     vocab = model_vocab(model)
     return [_token_id("eos_token_id", e, vocab) for e in items]
 
