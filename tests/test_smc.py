@@ -231,7 +231,8 @@ def test_deferred_potentials_match_target(model, exact, sync_every):
 
 @pytest.mark.parametrize("sync_every", [2, 8])
 def test_deferred_potentials_with_random_twist_match_target(model, exact, sync_every):
-    out = smc_generate(model, replicas(2048), num_particles=8, max_new_tokens=T, potential=potential,
+    # 4096 replicas: at 2048 a correct sampler's TV (mean 0.028, 300 seeds) reached 0.061 once in a fresh-clone run.
+    out = smc_generate(model, replicas(4096), num_particles=8, max_new_tokens=T, potential=potential,
                        twist=random_twist(fresh_seed()), ess_threshold=1.0, sync_every=sync_every, seed=fresh_seed())
     check_against_target(out, exact, tv_tol=0.05)
 
