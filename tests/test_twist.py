@@ -390,6 +390,13 @@ def test_vocab_mismatch_is_a_clear_error(model, tmp_path):
         TwistHead.from_pretrained(tmp_path, model=model)
 
 
+@pytest.mark.parametrize("cls, size", [(MLPTwistHead, "hidden_size"), (EmbeddingTwistHead, "embedding_size"),
+                                       (EmbeddingTwistHead, "vocab_size")])
+def test_for_model_refuses_the_sizes_it_takes_from_the_model(model, cls, size):
+    with pytest.raises(ValueError, match=f"takes {size} from the model"):
+        cls.for_model(model, **{size: 7})
+
+
 def test_base_model_is_untouched(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -98,6 +98,14 @@ def model_hidden_size(model) -> int:
     raise ValueError(f"cannot find the hidden size of {type(model).__name__}")
 
 
+def _refuse_model_sizes(cls, kwargs: dict, sizes: tuple[str, ...]) -> None:
+    """``for_model`` takes these sizes from the model: a caller's value is an error, not ignored."""
+    given = [k for k in sizes if k in kwargs]
+    if given:
+        raise ValueError(f"{cls.__name__}.for_model takes {', '.join(given)} from the model; "
+                         f"build {cls.__name__}(...) directly to choose them")
+
+
 def _text_config(model):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -288,6 +296,7 @@ class MLPTwistHead(TwistHead):
     @classmethod
     def for_model(cls, model, **kwargs) -> "MLPTwistHead":
         """A head sized for ``model`` (on its device); ``kwargs`` as the constructor."""
+        _refuse_model_sizes(cls, kwargs, ("vocab_size", "hidden_size"))
         kwargs.setdefault("dtype", torch.float32)
         head = cls(vocab_size=model_vocab_size(model), hidden_size=model_hidden_size(model), **kwargs)
         return head.to(next(model.parameters()).device)
@@ -337,6 +346,8 @@ class EmbeddingTwistHead(TwistHead):
 
     @classmethod
     def for_model(cls, model, **kwargs) -> "EmbeddingTwistHead":
+        """A head sized for ``model``, attached to its output embedding; ``kwargs`` as the constructor."""
+        _refuse_model_sizes(cls, kwargs, ("vocab_size", "hidden_size", "embedding_size"))
         kwargs.setdefault("dtype", torch.float32)
         w = model.get_output_embeddings().weight
         head = cls(vocab_size=w.shape[0], hidden_size=model_hidden_size(model), embedding_size=w.shape[1], **kwargs)
