@@ -22,6 +22,13 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
+def fresh_seed() -> int:
+    """A fresh 31-bit sampler seed, printed (pytest shows it with a failure: pass it as ``seed=`` to replay)."""
+    seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    print(f"fresh_seed -> {seed}")
+    return seed
+
+
 def random_data(gen, shape, dtype, device="cpu"):
     """Random bytes viewed as ``dtype`` (bool: random 0/1): every bit pattern, NaNs included."""
     if dtype == torch.bool:

@@ -13,7 +13,6 @@ What is compared for the KLs:
   and without resampling be at most the single-particle KLs (the IWAE bounds tighten with ``N``).
 """
 import math
-import os
 
 import pytest
 import torch
@@ -21,6 +20,8 @@ import torch
 from tsmc_kernels.bounds import enumeration_samples, iwae_bounds, log_z_bounds, rejection_samples
 from tsmc_kernels.exact import TableTwist, enumerate_completions
 from tsmc_kernels.models import tiny_random_model
+
+from conftest import fresh_seed
 
 V, T, EOS = 5, 3, 4
 PROMPTS = torch.tensor([[0, 1, 2], [3, 1, 0]])
@@ -63,9 +64,6 @@ def enums(model):
             lambda c, pot=pot, i=i: pot(c, prompt_index=torch.full((c.shape[0],), i))) for i, p in enumerate(PROMPTS)]
     return out
 
-
-def fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
 
 
 def random_twist(seed: int, scale: float = 1.0) -> TableTwist:

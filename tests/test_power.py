@@ -17,7 +17,6 @@ Three kinds of checks:
   same completions and accept decisions, with left padding, several blocks, compaction and growth.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from tsmc_kernels.exact import enumerate_completions
 from tsmc_kernels.models import tiny_random_model
 from tsmc_kernels.power import PowerOutput, power_sample, power_sample_reference
 
-from conftest import fullgraph, no_host_sync, step_test_model
+from conftest import fresh_seed, fullgraph, no_host_sync, step_test_model
 
 V, EOS, T = 5, 4, 3
 
@@ -41,9 +40,6 @@ def toy(seed: int, scale: float = 1.0):
         m.get_output_embeddings().weight.mul_(scale)
     return m
 
-
-def fresh_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
 
 
 def tv_to_target(out: PowerOutput, model, prompt, alpha: float) -> float:
