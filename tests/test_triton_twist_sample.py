@@ -229,18 +229,37 @@ def test_top_k_larger_than_finite_entries(gen):
     check_against_reference(x, t, top_k=2, temperature=0.6, seed=2, step=2)
 
 
-def test_nan_rows_are_flagged(gen):
-    x, t = make_inputs(gen, 4, 33)
+@pytest.mark.parametrize("block_v", [None, 8])
+def test_nan_rows_are_flagged(gen, block_v):
+    x, t = make_inputs(gen, 6, 33)
     x[1, 7] = float("nan")
     t[2, 20] = float("nan")
-    out = run_kernel(x, t, seed=1, step=1)
+    x[4, 30] = math.inf
+    x[5, 3] = x[5, 11] = math.inf
+    out = run_kernel(x, t, seed=1, step=1, block_v=block_v)
     ref = reference.twist_sample(x, t, seed=1, step=1)
     assert math.isnan(out[3][1]) and math.isnan(ref.log_zpi[1])
     assert math.isnan(out[3][2]) and math.isnan(ref.log_zpi[2])
-    assert math.isnan(out[5][1])  # entropy of NaN logits
+    for m in (1, 4, 5):  # NaN / +inf logits poison the row: token 0, NaN values
+        assert out[0][m] == 0 and all(math.isnan(out[k][m]) for k in (1, 2, 3, 5)), [o[m] for o in out]
     for m in (0, 3):  # clean rows unaffected
         assert out[0][m] == ref.token[m]
         assert abs(float(out[3][m] - ref.log_zpi[m])) < ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("twist", [False, True])
+def test_rows_masked_with_finfo_min(gen, dtype, twist):
+    """Masks written as ``finfo.min`` (not ``-inf``) before the live entries: with several masked
+    entries per lane the entropy's rescaling ``(m - m') * s`` overflowed to ``inf`` (NaN entropy)."""
+    V, block = 300, 16
+    x, t = make_inputs(gen, 4, V, dtype=dtype, twist=twist)
+    x[:, : 5 * block] = torch.finfo(dtype).min  # 5 masked entries in every lane before a live one
+    x[1, 200:] = torch.finfo(dtype).min
+    # (A row masked everywhere is out of reach: fp32 r + g at 3e38 cannot hold the noise.)
+    check_against_reference(x, t, seed=9, step=1, block_v=block, num_splits=1)
+    check_against_reference(x[:2], t[:2] if twist else None, temperature=0.7, top_k=7, seed=9, step=1,
+                            block_v=block)
 
 
 # ----------------------------------------------------------------------------- statistics

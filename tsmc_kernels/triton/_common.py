@@ -121,6 +121,11 @@ if is_interpreter() or torch.version.hip is not None:
     @helper
     def fast_div(x, y):
         return x / y
+
+    @helper
+    def exp_neg_abs(x):
+        """``exp(-|x|)`` (interpreter / ROCm: ``tl.exp``)."""
+        return tl.exp(-tl.abs(x))
 else:
     from triton.language.extra import libdevice
 
@@ -133,6 +138,13 @@ else:
     def fast_div(x, y):
         """``div.approx`` (2 ulp)."""
         return libdevice.fast_dividef(x, y)
+
+    @helper
+    def exp_neg_abs(x):
+        """``exp(-|x|)`` by ``ex2.approx.ftz``: results below 2**-126 flush to 0 (they only ever enter
+        sums that hold a 1), which saves the denormal fix-up (3 instructions) ``tl.exp`` gets."""
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [tl.abs(x) * -1.4426950408889634],
+                                         dtype=tl.float32, is_pure=True, pack=1)
 
 
 @helper

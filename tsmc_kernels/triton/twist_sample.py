@@ -1,17 +1,24 @@
 """Fused twist scoring + Gumbel-max sampling (SPEC §6.1), one pass over the vocabulary per row.
 
 Each program streams a range of vocabulary tiles of one row, reading every logit and twist
-once. Every lane keeps online accumulators (one ``exp`` per element and quantity: see
-:func:`_online`; no cross-lane reduction inside the loop), reduced once at the end, for
+once, two tiles per iteration with the next two already being loaded. Every lane keeps online
+accumulators (one ``exp`` per element and quantity: see :func:`_online`; no cross-lane reduction
+inside the loop but the Gumbel skip test, once per two tiles), reduced once at the end, for
 
 * ``logsumexp(x)`` (max ``m0``, sum ``S0``) and the entropy of ``p0``: ``A0 = sum e^(x-m0) (x-m0)``
-  (rescaled as ``A <- e^(m-m')(A + (m-m') S)``; ``-inf`` entries are masked out so that
-  ``0 * inf`` never appears), giving ``H = log S0 - A0 / S0``;
+  (rescaled as ``A <- e^(m-m')(A + (m-m') S)``; maxima start at ``-FLT_MAX`` and ``x - m`` is
+  clamped at ``-1e30`` so that ``-inf`` entries add exactly 0 and ``0 * inf`` never appears),
+  giving ``H = log S0 - A0 / S0``;
 * ``logsumexp(x + log psi)`` (``m1, S1``), giving ``log Zpi = (m1 - m0) + log S1 - log S0``;
 * ``logsumexp`` of the tempered, top-k-restricted proposal ``r = (x + log psi) / T`` (``m2, S2``);
   with ``T == 1`` and no top-k, ``r`` is ``x + log psi`` and the third sum is not computed;
 * the Gumbel-max winner ``argmax_v r_v + g_v`` (per-lane running maxima, earliest index wins
   ties, like ``torch.argmax``), together with its logit and twist.
+
+Compiled for sm_90 (bf16 inputs, 1024-wide tiles, 8 warps; ``exp`` is ``ex2.approx.ftz``), the loop
+issues 21-22 SASS instructions per element without a twist and 34-37 with one (Triton 3.9 / 3.6;
+the single-tile loop before took 34-38 and 53-60), about what an H100 issues while it streams 2 / 4
+bytes per element at HBM speed.
 
 Everything is fp32 inside (the final cross-lane / cross-split sums in fp64); inputs may be
 fp32/bf16/fp16/fp64.
@@ -20,7 +27,7 @@ row = particle row, counter = vocabulary index) in ``tl.uint32`` arithmetic: the
 the reference, so tokens agree with it except at fp32-level near-ties of ``r + g``.
 ``step`` is read from a device tensor inside the kernel (CUDA-graph safe, no host sync).
 
-When there are few rows (``M < 2 * #SMs``) the vocabulary is split across several programs per
+When there are few rows (``M < 4 * #SMs``) the vocabulary is split across several programs per
 row that write partial accumulators; a second tiny kernel combines them (no atomics, the result
 does not depend on the split). With one split the first kernel writes the outputs directly.
 
@@ -43,7 +50,8 @@ import triton
 import triton.language as tl
 
 from .. import rng
-from ._common import helper, rmax, rmin, rsum, gumbel_f32, host_key_base, num_sms, row_key, step_tensor
+from ._common import (exp_neg_abs, gumbel_f32, helper, host_key_base, num_sms, rmax, rmin, row_key, rsum,
+                      step_tensor)
 
 __all__ = ["twist_sample_triton"]
 
@@ -51,6 +59,8 @@ _NF = 10  # fp64 fields per partial: m0 S0 A0 m1 S1 m2 S2 best_val bad_x bad_tw
 
 
 _NEG_INF = tl.constexpr(float("-inf"))
+_FLOOR = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: the running max of a lane with no finite value yet
+_D_MIN = tl.constexpr(-1e30)  # v - m is clamped here: exp(-1e30) = 0 and 0 * -1e30 = 0
 _POS_INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
 # Upper bound of the kernel's Gumbel noise: u <= 1 - 2**-25 gives g <= 25 log 2 = 17.33.
@@ -61,32 +71,40 @@ _G_MAX = tl.constexpr(17.5)
 def _online(m, s, v):
     """Per-lane online (max, sum e^(v-max)) update with ONE exp per element.
 
-    ``e = exp(-|v - m|)`` serves both cases: a new maximum rescales the old sum by ``e``, any
-    other finite value adds ``e``. ``-inf`` entries change nothing (and never make NaN).
+    ``m`` starts at ``-FLT_MAX`` (finite: no ``-inf - -inf``), ``s`` at 0. ``e = exp(-|d|)`` with
+    ``d = max(v - m, -1e30)`` serves both cases: a new maximum rescales the old sum by ``e``, any
+    other value adds ``e``. A ``-inf`` entry gives ``d = -1e30``, ``e = 0``: no change (and
+    ``e * d = 0``, not NaN). A NaN entry makes ``s`` NaN (the clamp keeps NaN), a ``+inf`` one
+    makes ``m`` ``+inf``: :func:`_lanes_to_scalar` and the kernel flag both from the final state.
     """
-    fin = v != _NEG_INF
     gt = v > m
-    delta = v - m
-    e = tl.exp(-tl.abs(delta))
-    s_new = tl.where(gt, s * e + 1.0, tl.where(fin, s + e, s))
-    return tl.where(gt, v, m), s_new, delta, e, gt, fin
+    d = tl.maximum(v - m, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
+    e = exp_neg_abs(d)
+    s_new = tl.where(gt, s * e + 1.0, s + e)
+    return tl.where(gt, v, m), s_new, d, e, gt
 
 
 @helper
 def _online_entropy(m, s, a, v):
-    """:func:`_online` plus ``a = sum e^(v-m) (v-m)`` (rescaled as ``a <- e^(m-m')(a + (m-m') s)``)."""
-    m_new, s_new, delta, e, gt, fin = _online(m, s, v)
-    a_gt = tl.where(m == _NEG_INF, 0.0, e * (a - delta * s))
-    a_new = tl.where(gt, a_gt, tl.where(fin, a + e * delta, a))
+    """:func:`_online` plus ``a = sum e^(v-m) (v-m)`` (rescaled as ``a <- e^(m-m')(a + (m-m') s)``).
+
+    On a new maximum ``a' = e a - (e d) s``: ``e d`` is formed first, so that when ``d`` is huge
+    (the lane's first finite value after ``-FLT_MAX``-level entries, e.g. ``finfo.min`` masks) it is
+    ``0 * d = 0`` rather than ``0 * (d s) = 0 * inf``.
+    """
+    m_new, s_new, d, e, gt = _online(m, s, v)
+    ed = e * d
+    a_new = tl.where(gt, e * a - ed * s, a + ed)
     return m_new, s_new, a_new
 
 
 @helper
 def _lanes_to_scalar(m, s, a, WITH_A: tl.constexpr):
-    """Combine per-lane (max, sum[, entropy sum]) into one: fp32 max, fp64 sums."""
-    mm = rmax(m, axis=0)
+    """Combine per-lane (max, sum[, entropy sum]) into one: fp32 max (``-inf`` when no lane saw a
+    finite value), fp64 sums (NaN when a lane saw a NaN)."""
+    live = s != 0.0
+    mm = rmax(tl.where(live, m, _NEG_INF), axis=0)
     safe = tl.where(mm == _NEG_INF, 0.0, mm)
-    live = m != _NEG_INF
     sc = tl.where(live, tl.exp(m - safe), 0.0).to(tl.float64)
     ss = rsum(sc * s.to(tl.float64), axis=0)
     if WITH_A:
@@ -104,7 +122,9 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
               HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr):
     row64 = row.to(tl.int64)
     no_draw = best_val == _NEG_INF  # the proposal has no finite entry: token 0
-    tok = tl.where(no_draw, 0, best_idx)
+    bx = bad_x != 0
+    bt = bad_tw != 0
+    tok = tl.where(no_draw | bx, 0, best_idx)
     # The winner's logit and twist are read again here (two scalar loads, cached).
     tx = tl.load(logits_ptr + row64 * stride_l + tok).to(tl.float32)
     if HAS_TWIST:
@@ -124,10 +144,7 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
         r_tok = r_tok * inv_temp
     log_s2 = tl.log(tl.where(s2 == 0.0, 1.0, s2)).to(tl.float32)
     logq = tl.where(no_draw, _NEG_INF, (r_tok - m2) - log_s2)
-    # Bad values: NaN / +inf logits poison the row, NaN / +inf twists its log Zpi and logq.
-    bx = bad_x != 0
-    bt = bad_tw != 0
-    tok = tl.where(bx, 0, tok)
+    # Bad values: NaN / +inf logits poison the row (token 0), NaN / +inf twists its log Zpi and logq.
     logp = tl.where(bx, _NAN, logp)
     entropy = tl.where(bx, _NAN, entropy)
     log_zpi = tl.where(bx | bt, _NAN, log_zpi)
@@ -138,6 +155,38 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
     tl.store(lzpi_ptr + row, log_zpi)
     tl.store(lpsi_ptr + row, tt)
     tl.store(ent_ptr + row, entropy)
+
+
+@helper
+def _tile_stats(x, tw, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2, bad_tw,
+                HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr):
+    """One tile's update of the per-lane accumulators; returns them and the proposal ``r``."""
+    # NaN / +inf logits are not masked: they surface in m0 / s0 (see _online).
+    m0, s0, a0 = _online_entropy(m0, s0, a0, x)  # log p0 and its entropy
+    if HAS_TWIST:
+        okt = tw < _POS_INF  # False for NaN and +inf: drawn among the other entries, flagged
+        bad_tw = bad_tw | (~okt)
+        u = tl.where(okt, x + tw, _NEG_INF)
+        m1, s1, _d1, _e1, _g1 = _online(m1, s1, u)  # log p0 + log psi
+    else:
+        u = x
+    r = u  # the proposal actually sampled from
+    if TEMPERED:
+        r = r * inv_temp
+    if TOPK:
+        r = tl.where(u >= thr, r, _NEG_INF)
+    if not SAME_R:
+        m2, s2, _d2, _e2, _g2 = _online(m2, s2, r)
+    return m0, s0, a0, m1, s1, m2, s2, bad_tw, r
+
+
+@helper
+def _tile_draw(key, r, offs, bv, bi, best):
+    """Gumbel-max over one tile: per-lane running maxima ``bv`` of ``r + g`` at indices ``bi``."""
+    g = gumbel_f32(key, offs)
+    val = tl.where(r == _NEG_INF, _NEG_INF, r + g)
+    upd = val > bv
+    return tl.where(upd, val, bv), tl.where(upd, offs, bi), tl.maximum(best, rmax(val, axis=0))
 
 
 @triton.jit(do_not_specialize=["key_base", "inv_temp", "tiles_per_split"])
@@ -155,17 +204,18 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     t_base = twist_ptr + row64 * stride_t
     if TOPK:
         thr = tl.load(thr_ptr + row)
+    else:
+        thr = 0.0
 
     # Per-lane accumulators: no cross-lane reduction inside the loop.
     zero = tl.full((BLOCK,), 0, tl.float32)
-    m0 = zero + _NEG_INF
+    m0 = zero + _FLOOR
     s0 = zero
     a0 = zero
-    m1 = zero + _NEG_INF
+    m1 = zero + _FLOOR
     s1 = zero
-    m2 = zero + _NEG_INF
+    m2 = zero + _FLOOR
     s2 = zero
-    bad_x = lanes < 0
     bad_tw = lanes < 0
     bv = zero + _NEG_INF  # per-lane running max of r + g
     bi = tl.full((BLOCK,), 0, tl.int32)
@@ -173,39 +223,44 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
 
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, (V + BLOCK - 1) // BLOCK)
-    for t in range(t_begin, t_end):
+    v_end = tl.minimum(t_end * BLOCK, V)
+    # Two tiles per iteration, one Gumbel skip test (a block-wide reduction) for both. The next
+    # pair is loaded while this one is reduced (registers, double-buffered): otherwise every
+    # iteration would wait out a full memory latency with one load per program in flight.
+    offs = t_begin * BLOCK + lanes
+    xa_next = tl.load(l_base + offs, mask=offs < v_end, other=_NEG_INF)
+    xb_next = tl.load(l_base + offs + BLOCK, mask=offs + BLOCK < v_end, other=_NEG_INF)
+    if HAS_TWIST:
+        ta_next = tl.load(t_base + offs, mask=offs < v_end, other=0.0)
+        tb_next = tl.load(t_base + offs + BLOCK, mask=offs + BLOCK < v_end, other=0.0)
+    else:
+        ta_next = xa_next
+        tb_next = xb_next
+    for t in range(t_begin, t_end, 2):
         offs = t * BLOCK + lanes
-        inb = offs < V
-        x = tl.load(l_base + offs, mask=inb, other=_NEG_INF).to(tl.float32)
-        ok = x < _POS_INF  # False for NaN and +inf
-        bad_x = bad_x | (~ok)
-        x = tl.where(ok, x, _NEG_INF)
-        m0, s0, a0 = _online_entropy(m0, s0, a0, x)  # log p0 and its entropy
+        xa = xa_next.to(tl.float32)
+        xb = xb_next.to(tl.float32)
+        nxt = offs + 2 * BLOCK
+        xa_next = tl.load(l_base + nxt, mask=nxt < v_end, other=_NEG_INF)
+        xb_next = tl.load(l_base + nxt + BLOCK, mask=nxt + BLOCK < v_end, other=_NEG_INF)
         if HAS_TWIST:
-            tw = tl.load(t_base + offs, mask=inb, other=0.0).to(tl.float32)
-            okt = tw < _POS_INF
-            bad_tw = bad_tw | (~okt)
-            u = tl.where(okt, x + tw, _NEG_INF)
-            m1, s1, _d1, _e1, _g1, _f1 = _online(m1, s1, u)  # log p0 + log psi
+            ta = ta_next.to(tl.float32)
+            tb = tb_next.to(tl.float32)
+            ta_next = tl.load(t_base + nxt, mask=nxt < v_end, other=0.0)
+            tb_next = tl.load(t_base + nxt + BLOCK, mask=nxt + BLOCK < v_end, other=0.0)
         else:
-            u = x
-        r = u  # the proposal actually sampled from
-        if TEMPERED:
-            r = r * inv_temp
-        if TOPK:
-            r = tl.where(u >= thr, r, _NEG_INF)
-        if not SAME_R:
-            m2, s2, _d2, _e2, _g2, _f2 = _online(m2, s2, r)
-        # Gumbel-max. The kernel's Gumbel noise is < G_MAX, so a tile whose best r is more
-        # than G_MAX below the best r + g seen so far cannot hold the winner: skip its noise
-        # (most of an LM's vocabulary, after the first tiles). The result is unchanged.
-        if rmax(r, axis=0) + _G_MAX > best:
-            g = gumbel_f32(key, offs)
-            val = tl.where(r == _NEG_INF, _NEG_INF, r + g)
-            upd = val > bv
-            bv = tl.where(upd, val, bv)
-            bi = tl.where(upd, offs, bi)
-            best = tl.maximum(best, rmax(val, axis=0))
+            ta = xa
+            tb = xb
+        m0, s0, a0, m1, s1, m2, s2, bad_tw, ra = _tile_stats(xa, ta, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
+                                                             bad_tw, HAS_TWIST, TEMPERED, TOPK, SAME_R)
+        m0, s0, a0, m1, s1, m2, s2, bad_tw, rb = _tile_stats(xb, tb, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
+                                                             bad_tw, HAS_TWIST, TEMPERED, TOPK, SAME_R)
+        # Gumbel-max. The kernel's Gumbel noise is < G_MAX, so tiles whose best r is more than
+        # G_MAX below the best r + g seen so far cannot hold the winner: skip their noise (most
+        # of an LM's vocabulary, after the first tiles). The result is unchanged.
+        if rmax(tl.maximum(ra, rb), axis=0) + _G_MAX > best:
+            bv, bi, best = _tile_draw(key, ra, offs, bv, bi, best)
+            bv, bi, best = _tile_draw(key, rb, offs + BLOCK, bv, bi, best)
 
     m0, s0, a0 = _lanes_to_scalar(m0, s0, a0, True)
     if HAS_TWIST:
@@ -218,7 +273,7 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
         s2 = s1
     else:
         m2, s2, _a2 = _lanes_to_scalar(m2, s2, s2, False)
-    bad_x = rmax(bad_x.to(tl.int32), axis=0)
+    bad_x = ((m0 == _POS_INF) | (s0 != s0)).to(tl.int32)  # a +inf / NaN logit (see _online)
     bad_tw = rmax(bad_tw.to(tl.int32), axis=0)
     best_val = rmax(bv, axis=0)
     best_idx = rmin(tl.where(bv == best_val, bi, 2147483647), axis=0)
@@ -360,7 +415,7 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
         block_v = min(cap, max(16, triton.next_power_of_2(V)))
     n_tiles = triton.cdiv(V, block_v)
     splits = _default_splits(M, n_tiles, dev) if num_splits is None else max(1, min(int(num_splits), n_tiles))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
+    tiles_per_split = 2 * triton.cdiv(n_tiles, 2 * splits)  # even: the kernel takes tiles in pairs
     splits = triton.cdiv(n_tiles, tiles_per_split)
     if num_warps is None:
         num_warps = max(1, min(8, block_v // 128))
