@@ -1,6 +1,8 @@
 // torch / pybind11 bindings of the C++ kernels: module tsmc_kernels._C.
 //
 //   resample(log_w, mask, scheme, seed, step) -> ancestors   (CPU; see resample.h)
+//   twist_sample(logits, log_twist, temperature, top_k, seed32, step, tokens) -> 6 tensors
+//                                                            (CPU; see twist_sample.h)
 //   kv_gather_(tensors, ancestors) -> None                   (CPU; see gather.h)
 //   kv_gather_cuda_(tensors, ancestors) -> None              (CUDA, when built with it)
 //   with_cuda: bool
@@ -14,12 +16,14 @@
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "gather.h"
 #include "resample.h"
 #include "rng.h"
+#include "twist_sample.h"
 
 #ifdef TSMC_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -72,6 +76,56 @@ at::Tensor resample(const at::Tensor& log_w, const at::Tensor& mask, const std::
   const int64_t grain = std::max<int64_t>(1, 4096 / N);
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     tsmc::resample_rows(w, m, B, N, sch, seed32, step, a, b0, b1);
+  });
+  return out;
+}
+
+// A [M, V] float32 view with unit stride along V (a copy for other dtypes or strides).
+at::Tensor float_rows(const at::Tensor& t) {
+  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  return f.stride(1) == 1 ? f : f.contiguous();
+}
+
+std::vector<at::Tensor> twist_sample(const at::Tensor& logits, const std::optional<at::Tensor>& log_twist,
+                                     double temperature, int64_t top_k, int64_t seed32, const at::Tensor& step,
+                                     const std::optional<at::Tensor>& tokens) {
+  if (logits.dim() != 2) value_error("logits must have 2 dimensions [M, V], got shape " + shape_str(logits));
+  if (!logits.is_floating_point()) type_error("logits must be a floating tensor, got " + std::string(c10::toString(logits.scalar_type())));
+  if (!logits.device().is_cpu()) value_error("logits must be on the CPU, got " + logits.device().str());
+  const int64_t M = logits.size(0), V = logits.size(1);
+  if (V < 1) value_error("logits must have a non-empty vocabulary dimension");
+  if (log_twist && (log_twist->sizes() != logits.sizes() || !log_twist->device().is_cpu() || !log_twist->is_floating_point())) {
+    value_error("log_twist must be a floating CPU tensor of the logits' shape " + shape_str(logits) + ", got " +
+                shape_str(*log_twist));
+  }
+  if (!(temperature > 0)) value_error("temperature must be > 0, got " + std::to_string(temperature));
+  if (top_k < 0) value_error("top_k must be >= 0, got " + std::to_string(top_k));
+  if (seed32 < 0 || seed32 > 0xFFFFFFFFll) value_error("seed32 must be a folded 32-bit seed, got " + std::to_string(seed32));
+  const at::Tensor st = step.to(at::kLong).reshape({-1}).contiguous();
+  if (!(st.numel() == 1 || st.numel() == M)) value_error("step must have 1 or M elements, got shape " + shape_str(step));
+  at::Tensor given;
+  if (tokens) {
+    if (tokens->dim() != 1 || tokens->size(0) != M) value_error("tokens must have shape [M], got " + shape_str(*tokens));
+    given = tokens->to(at::kLong).contiguous();
+    const int64_t* g = given.data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m) {
+      if (g[m] < 0 || g[m] >= V) value_error("tokens[" + std::to_string(m) + "] = " + std::to_string(g[m]) + " is not in [0, " + std::to_string(V) + ")");
+    }
+  }
+  const at::Tensor x = float_rows(logits);
+  const at::Tensor t = log_twist ? float_rows(*log_twist) : at::Tensor();
+  std::vector<at::Tensor> out;
+  out.push_back(at::empty({M}, logits.options().dtype(at::kLong)));
+  for (int k = 0; k < 5; ++k) out.push_back(at::empty({M}, logits.options().dtype(at::kFloat)));
+  tsmc::TwistSampleArgs args{x.data_ptr<float>(), x.stride(0), t.defined() ? t.data_ptr<float>() : nullptr,
+                             t.defined() ? t.stride(0) : 0, M, V, temperature, top_k,
+                             static_cast<uint32_t>(seed32), st.data_ptr<int64_t>(), st.numel() == 1 ? 0 : 1,
+                             given.defined() ? given.data_ptr<int64_t>() : nullptr, out[0].data_ptr<int64_t>(),
+                             out[1].data_ptr<float>(), out[2].data_ptr<float>(), out[3].data_ptr<float>(),
+                             out[4].data_ptr<float>(), out[5].data_ptr<float>()};
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<double> scratch(2 * V);
+    tsmc::twist_sample_rows(args, m0, m1, scratch.data());
   });
   return out;
 }
@@ -208,9 +262,13 @@ void kv_gather_cuda(const std::vector<at::Tensor>& tensors, const at::Tensor& an
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "tsmc_kernels C++ kernels: CPU resampling and KV gather, CUDA KV gather";
+  m.doc() = "tsmc_kernels C++ kernels: CPU twist sampling, resampling and KV gather, CUDA KV gather";
   m.def("resample", &resample, py::arg("log_w"), py::arg("mask"), py::arg("scheme"), py::arg("seed"), py::arg("step"),
         "Ancestors int64 [B, N] of reference.resample from float64 log weights [B, N] and a bool mask [B] (CPU).");
+  m.def("twist_sample", &twist_sample, py::arg("logits"), py::arg("log_twist"), py::arg("temperature"),
+        py::arg("top_k"), py::arg("seed32"), py::arg("step"), py::arg("tokens") = py::none(),
+        "reference.twist_sample (tokens=None) or reference.twist_score (tokens [M]) on CPU tensors [M, V]: "
+        "[token int64, logp, logq, log_zpi, log_psi, entropy fp32] (see csrc/twist_sample.h).");
   m.def("kv_gather_", &kv_gather_cpu, py::arg("tensors"), py::arg("ancestors"),
         "In place t[i] = t[a[i]] for rows with a[i] != i of every CPU tensor (ancestors [M] or [B, N]).");
 #ifdef TSMC_WITH_CUDA

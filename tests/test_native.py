@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tsmc_kernels import ops, reference
+from tsmc_kernels import ops, reference, rng
 
 SKIP = os.environ.get("TSMC_BUILD_EXT") == "0"
 pytestmark = pytest.mark.skipif(SKIP, reason="TSMC_BUILD_EXT=0: the C++ extension is not built")
@@ -45,8 +45,8 @@ def test_extension_loaded():
     assert ops.native_available(), "tsmc_kernels._C did not load: build it with `pip install --no-build-isolation -e .`"
     assert isinstance(ops._C.with_cuda, bool)
     assert hasattr(ops._C, "kv_gather_cuda_") == ops._C.with_cuda
-    assert ops.backend_for(torch.device("cpu"), "resample") == "native"
-    assert ops.backend_for(torch.device("cpu"), "kv_gather") == "native"
+    for op in ("resample", "kv_gather", "twist_sample", "twist_score"):
+        assert ops.backend_for(torch.device("cpu"), op) == "native"
 
 
 # Log weights: finite values (with deliberate ties), -inf entries and all -inf rows.
@@ -99,6 +99,108 @@ def test_resample_counts_equal_reference_offspring_counts(C, batch, scheme, seed
     counts = torch.zeros_like(anc).scatter_add_(1, anc, torch.ones_like(anc))
     assert torch.equal(counts, reference.offspring_counts(lw, scheme=scheme, seed=seed, step=3))
     assert torch.equal(anc, reference.ancestors_from_counts(counts))
+
+
+# ----------------------------------------------------------------------------- twist_sample / twist_score
+
+def _native_twist_sample(C, x, t, temperature, top_k, seed, step, tokens=None):
+    step_t = torch.as_tensor(step, dtype=torch.int64)
+    return C.twist_sample(x, t, temperature, top_k, rng.fold_seed(seed), step_t, tokens)
+
+
+@st.composite
+def twist_rows(draw):
+    M, V = draw(st.integers(1, 5)), draw(st.integers(1, 200))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    x = torch.randn(M, V, generator=g) * draw(st.sampled_from([0.5, 3.0, 10.0]))
+    x = x.masked_fill(torch.rand(M, V, generator=g) < draw(st.sampled_from([0.0, 0.3, 0.95, 1.0])), -math.inf)
+    if draw(st.booleans()):  # exact ties
+        x = x.round()
+    t = None
+    if draw(st.booleans()):
+        t = torch.randn(M, V, generator=g).masked_fill(torch.rand(M, V, generator=g) < draw(st.sampled_from([0.0, 0.5])),
+                                                       -math.inf).to(dtype)
+    return x.to(dtype), t
+
+
+@given(rows=twist_rows(), temperature=st.sampled_from([1.0, 0.6, 2.5]), top_k=st.integers(0, 8),
+       seed=st.integers(0, 2**63 - 1), step=st.integers(0, 2**40), per_row=st.booleans())
+@HYP
+def test_twist_sample_equals_reference(C, rows, temperature, top_k, seed, step, per_row):
+    """fp64 like the reference, same noise: the same tokens (no near-tie allowance) and values."""
+    x, t = rows
+    steps = (torch.arange(x.shape[0]) * 7919 + step) if per_row else step
+    got = _native_twist_sample(C, x, t, temperature, top_k, seed, steps)
+    ref = reference.twist_sample(x, t, temperature=temperature, top_k=top_k, seed=seed, step=steps)
+    assert got[0].dtype == torch.int64 and all(v.dtype == torch.float32 for v in got[1:])
+    assert torch.equal(got[0], ref.token), (got[0], ref.token)
+    for name, a, b in zip(reference.TwistSampleOutput._fields[1:], got[1:], ref[1:]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    tokens = torch.randint(0, x.shape[1], (x.shape[0],))
+    got = _native_twist_sample(C, x, t, temperature, top_k, seed, steps, tokens)
+    ref = reference.twist_score(x, t, tokens, temperature=temperature, top_k=top_k)
+    assert torch.equal(got[0], tokens)
+    for name, a, b in zip(reference.TwistSampleOutput._fields[1:], got[1:], ref[1:]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, equal_nan=True, msg=lambda m: f"score {name}: {m}")
+
+
+def test_twist_sample_large_vocab_parallel(C):
+    """Rows split over threads; realistic LM-like logits (most entries far below the max: the noise is skipped)."""
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    x = (torch.randn(6, 49152, generator=g) * 8).to(torch.bfloat16)
+    t = torch.randn(6, 49152, generator=g)
+    for tw, kw in ((None, {}), (t, dict(temperature=0.7, top_k=50))):
+        got = _native_twist_sample(C, x, tw, kw.get("temperature", 1.0), kw.get("top_k", 0), 5, 3)
+        ref = reference.twist_sample(x, tw, seed=5, step=3, **kw)
+        assert torch.equal(got[0], ref.token)
+        for a, b in zip(got[1:], ref[1:]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
+
+
+def test_twist_sample_bad_rows(C):
+    """NaN / +inf logits: token 0 and NaN values (log_psi the twist at token 0); a NaN / +inf twist:
+    NaN logq and log Zpi, token 0; a row without a finite proposal entry: token 0, logq -inf."""
+    x = torch.randn(5, 16)
+    t = torch.randn(5, 16)
+    x[0, 3] = float("nan")
+    x[1, 9] = math.inf
+    t[2, 4] = float("nan")
+    t[3, 5] = math.inf
+    t[4] = -math.inf
+    tok, logp, logq, lzpi, lpsi, ent = _native_twist_sample(C, x, t, 1.0, 0, 1, 1)
+    assert tok.tolist() == [0] * 5
+    for m in (0, 1):
+        assert all(math.isnan(v[m]) for v in (logp, logq, lzpi, ent)) and lpsi[m] == t[m, 0]
+    for m in (2, 3):
+        assert math.isnan(logq[m]) and math.isnan(lzpi[m]) and math.isfinite(logp[m]) and math.isfinite(ent[m])
+    assert logq[4] == -math.inf and lzpi[4] == -math.inf and math.isfinite(logp[4])
+    ref = reference.twist_sample(x[4:], t[4:], seed=1, step=1)
+    for a, b in zip((tok, logp, logq, lzpi, lpsi, ent), ref):
+        torch.testing.assert_close(a[4:], b, atol=1e-6, rtol=1e-6)
+
+
+def test_twist_sample_validation(C):
+    x = torch.randn(2, 5)
+    st0 = torch.zeros((), dtype=torch.int64)
+    with pytest.raises(ValueError, match="logits"):
+        C.twist_sample(torch.randn(5), None, 1.0, 0, 0, st0, None)
+    with pytest.raises(ValueError, match="log_twist"):
+        C.twist_sample(x, torch.randn(2, 6), 1.0, 0, 0, st0, None)
+    with pytest.raises(ValueError, match="temperature"):
+        C.twist_sample(x, None, 0.0, 0, 0, st0, None)
+    with pytest.raises(ValueError, match="top_k"):
+        C.twist_sample(x, None, 1.0, -1, 0, st0, None)
+    with pytest.raises(ValueError, match="step"):
+        C.twist_sample(x, None, 1.0, 0, 0, torch.zeros(3, dtype=torch.int64), None)
+    with pytest.raises(ValueError, match="tokens"):
+        C.twist_sample(x, None, 1.0, 0, 0, st0, torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="seed32"):
+        C.twist_sample(x, None, 1.0, 0, 2**32, st0, None)
+    # Strided rows are accepted (copied).
+    wide = torch.randn(2, 10)[:, ::2]
+    got = C.twist_sample(wide, None, 1.0, 0, 3, st0, None)
+    assert torch.equal(got[0], reference.twist_sample(wide, None, seed=3, step=0).token)
 
 
 def test_resample_many_prompts_parallel(C):

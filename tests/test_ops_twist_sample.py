@@ -19,7 +19,7 @@ from conftest import requires_cuda
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CPU_BACKENDS = ["reference"] + (["triton"] if INTERPRETED else [])
+CPU_BACKENDS = ["reference"] + (["native"] if ops.native_available() else []) + (["triton"] if INTERPRETED else [])
 
 
 @pytest.fixture(params=CPU_BACKENDS)
@@ -157,10 +157,11 @@ def test_ops_backends_agree(gen, monkeypatch):
     x = torch.randn(4, 64, generator=gen) * 2
     t = torch.randn(4, 64, generator=gen)
     outs = {}
-    for b in ("reference", "triton"):
+    for b in CPU_BACKENDS:
         monkeypatch.setenv("TSMC_BACKEND", b)
         outs[b] = ops.twist_sample(x, t, temperature=1.2, seed=5, step=6)
-    _assert_matches(outs["triton"], outs["reference"])
+    for b in CPU_BACKENDS[1:]:
+        _assert_matches(outs[b], outs["reference"])
 
 
 def test_ops_validates_arguments():

@@ -73,7 +73,7 @@ def backend_for(device: torch.device, op: str = "") -> str:
         if op == "kv_gather" and native_available(cuda=True):
             return "native"
         return "triton"
-    if op in ("resample", "kv_gather") and native_available():
+    if op in ("resample", "kv_gather", "twist_sample", "twist_score") and native_available():
         return "native"
     return "reference"
 
@@ -134,11 +134,19 @@ def _check_scheme(scheme: str) -> None:
 def _twist_sample_op(logits: torch.Tensor, log_twist: Optional[torch.Tensor], temperature: float, top_k: int,
                      seed: int, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                              torch.Tensor, torch.Tensor]:
-    if backend_for(logits.device, "twist_sample") == "triton":
+    backend = backend_for(logits.device, "twist_sample")
+    if backend == "triton":
         from .triton.twist_sample import twist_sample_triton
         return tuple(twist_sample_triton(logits, log_twist, temperature=temperature, top_k=top_k, seed=seed, step=step))
+    if backend == "native" and _native_twist_inputs(logits, log_twist):
+        return tuple(_C.twist_sample(logits, log_twist, temperature, top_k, seed, step, None))
     out = reference.twist_sample(logits, log_twist, temperature=temperature, top_k=top_k, seed=seed, step=step)
     return tuple(t.contiguous() for t in out)
+
+
+def _native_twist_inputs(logits: torch.Tensor, log_twist: torch.Tensor | None) -> bool:
+    """The C++ CPU kernel reads fp32 (bf16 / fp16 widened exactly); fp64 inputs keep the reference."""
+    return logits.device.type == "cpu" and all(t is None or t.dtype != torch.float64 for t in (logits, log_twist))
 
 
 @_twist_sample_op.register_fake
@@ -186,6 +194,9 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
 @torch.library.custom_op("tsmc::twist_score", mutates_args=())
 def _twist_score_op(logits: torch.Tensor, log_twist: Optional[torch.Tensor], tokens: torch.Tensor, temperature: float,
                     top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend_for(logits.device, "twist_score") == "native" and _native_twist_inputs(logits, log_twist):
+        step = torch.zeros(1, dtype=torch.int64)  # unused: no noise when scoring
+        return tuple(_C.twist_sample(logits, log_twist, temperature, top_k, 0, step, tokens)[1:])
     out = reference.twist_score(logits, log_twist, tokens, temperature=temperature, top_k=top_k)
     return tuple(t.contiguous() for t in out[1:])
 
@@ -201,8 +212,8 @@ def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: to
     """:func:`twist_sample`'s outputs for given ``tokens`` (int64 ``[M]``): teacher forcing, no randomness.
 
     Used by conditional SMC (a forced particle) and twist training. Shapes as in
-    :func:`twist_sample`; a token outside the top-k has ``logq = -inf``. (PyTorch path on every
-    device: it runs on few rows or off the hot path.) ``validate``: also check that every token is
+    :func:`twist_sample`; a token outside the top-k has ``logq = -inf``. (CPU: the C++ kernel; CUDA:
+    the PyTorch reference, since it runs on few rows or off the hot path.) ``validate``: also check that every token is
     in ``[0, V)`` (a host synchronisation; skipped under capture / compile).
     """
     _check_tensor("logits", logits, 2, _FLOATS)

@@ -1,4 +1,4 @@
-// Unit tests of the torch-free C++ core (rng.h, resample.cpp, gather.cpp). No framework: each
+// Unit tests of the torch-free C++ core (rng.h, resample.cpp, gather.cpp, twist_sample.cpp). No framework: each
 // CHECK prints the failing expression and the process exits nonzero if any failed.
 #include <cmath>
 #include <cstdint>
@@ -11,6 +11,7 @@
 #include "gather.h"
 #include "resample.h"
 #include "rng.h"
+#include "twist_sample.h"
 
 static int g_failures = 0;
 static int g_checks = 0;
@@ -258,6 +259,61 @@ static void test_gather() {
   CHECK(tsmc::check_ancestors(chain, 3, &why) == 0 && why == 2);
 }
 
+// One row of twist_sample against closed forms: p0 = (1, 2, 3, 0) / 6, and the token against a
+// brute-force Gumbel-max over every entry (no skipping).
+struct TwistRow {
+  int64_t token;
+  float logp, logq, log_zpi, log_psi, entropy;
+};
+
+static TwistRow run_twist_row(const std::vector<float>& x, const std::vector<float>* tw, double temperature,
+                              int64_t top_k, int64_t step, const int64_t* given = nullptr) {
+  const int64_t V = static_cast<int64_t>(x.size());
+  TwistRow r{};
+  std::vector<double> scratch(2 * V);
+  tsmc::TwistSampleArgs a{x.data(), V, tw ? tw->data() : nullptr, V, 1, V, temperature, top_k,
+                          tsmc::rng::fold_seed(7), &step, 0, given, &r.token, &r.logp, &r.logq,
+                          &r.log_zpi, &r.log_psi, &r.entropy};
+  tsmc::twist_sample_rows(a, 0, 1, scratch.data());
+  return r;
+}
+
+static void test_twist_sample() {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const std::vector<float> x = {0.0f, std::log(2.0f), std::log(3.0f), ninf};
+  const double p[4] = {1.0 / 6, 2.0 / 6, 3.0 / 6, 0.0};
+  double h = 0.0;
+  for (double pv : p) h -= pv > 0 ? pv * std::log(pv) : 0.0;
+  for (int64_t step = 0; step < 200; ++step) {
+    const TwistRow r = run_twist_row(x, nullptr, 1.0, 0, step);
+    const uint32_t key = tsmc::rng::row_key(tsmc::rng::fold_seed(7), step, tsmc::rng::kStreamToken, 0);
+    int64_t best = -1;
+    double best_val = -INFINITY;
+    for (int64_t v = 0; v < 3; ++v) {
+      const double val = std::log(p[v]) - std::log(-std::log(tsmc::rng::uniform(key, v)));
+      if (val > best_val) best_val = val, best = v;
+    }
+    CHECK(r.token == best);
+    CHECK(std::fabs(r.logp - std::log(p[r.token])) < 1e-6 && r.logq == r.logp);
+    CHECK(std::fabs(r.entropy - h) < 1e-6 && std::fabs(r.log_zpi) < 1e-6 && r.log_psi == 0.0f);
+  }
+  // A twist that kills entry 2 and a top-1 proposal: the only candidate is entry 1.
+  const std::vector<float> tw = {0.0f, 0.0f, ninf, 0.0f};
+  const TwistRow k = run_twist_row(x, &tw, 0.5, 1, 3);
+  CHECK(k.token == 1 && std::fabs(k.logq) < 1e-6 && std::fabs(k.log_zpi - std::log(3.0 / 6)) < 1e-6);
+  // Teacher forcing: the given token's values; outside the top-k, logq = -inf.
+  const int64_t given = 0;
+  const TwistRow f = run_twist_row(x, &tw, 0.5, 1, 3, &given);
+  CHECK(f.token == 0 && f.logq == ninf && std::fabs(f.logp - std::log(p[0])) < 1e-6);
+  // No finite proposal entry: token 0, logq -inf. A NaN logit: token 0, NaN values.
+  const std::vector<float> dead = {ninf, ninf};
+  const TwistRow d = run_twist_row(dead, nullptr, 1.0, 0, 0);
+  CHECK(d.token == 0 && d.logq == ninf && d.logp == ninf && d.entropy == 0.0f);
+  const std::vector<float> nan_row = {0.0f, std::numeric_limits<float>::quiet_NaN(), 1.0f};
+  const TwistRow n = run_twist_row(nan_row, nullptr, 1.0, 0, 0);
+  CHECK(n.token == 0 && std::isnan(n.logp) && std::isnan(n.logq) && std::isnan(n.entropy));
+}
+
 int main() {
   test_hash_known_answers();
   test_resample_known_answers();
@@ -265,6 +321,7 @@ int main() {
   test_identity_cases();
   test_ancestors_from_counts();
   test_gather();
+  test_twist_sample();
   if (g_failures) {
     std::fprintf(stderr, "%d of %d checks failed\n", g_failures, g_checks);
     return 1;

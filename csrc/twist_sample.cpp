@@ -1,0 +1,132 @@
+// See twist_sample.h for the contract; the passes below mirror reference._proposal / twist_sample.
+#include "twist_sample.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+
+#include "rng.h"
+
+namespace tsmc {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+// Upper bound of the Gumbel noise: u <= 1 - 2**-25 gives g = -log(-log u) <= 25 log 2 = 17.33.
+constexpr double kGumbelMax = 17.5;
+
+// torch.logsumexp of the n values f(0..n-1) given their max: shift by the max (0 when it is +-inf).
+template <typename F>
+double logsumexp_given_max(F f, int64_t n, double max) {
+  const double shift = std::isinf(max) ? 0.0 : max;
+  double s = 0.0;
+  for (int64_t v = 0; v < n; ++v) s += std::exp(f(v) - shift);
+  return std::log(s) + shift;
+}
+
+void write_row(const TwistSampleArgs& a, int64_t m, int64_t token, double logp, double logq, double log_zpi,
+               double log_psi, double entropy) {
+  a.token[m] = token;
+  a.logp[m] = static_cast<float>(logp);
+  a.logq[m] = static_cast<float>(logq);
+  a.log_zpi[m] = static_cast<float>(log_zpi);
+  a.log_psi[m] = static_cast<float>(log_psi);
+  a.entropy[m] = static_cast<float>(entropy);
+}
+
+void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
+  const int64_t V = a.V;
+  const float* x = a.logits + m * a.ld_logits;
+  const float* tw = a.twist != nullptr ? a.twist + m * a.ld_twist : nullptr;
+  auto twist = [&](int64_t v) { return tw != nullptr ? static_cast<double>(tw[v]) : 0.0; };
+
+  // Pass 1: max of the logits, and bad values (NaN / +inf).
+  double m0 = -kInf;
+  bool bad_x = false, bad_t = false;
+  for (int64_t v = 0; v < V; ++v) {
+    const double xv = x[v];
+    bad_x |= !(xv < kInf);
+    m0 = xv > m0 ? xv : m0;
+  }
+  if (tw != nullptr) {
+    for (int64_t v = 0; v < V; ++v) bad_t |= !(tw[v] < std::numeric_limits<float>::infinity());
+  }
+  const int64_t tok0 = a.given != nullptr ? a.given[m] : 0;
+  if (bad_x) {
+    write_row(a, m, tok0, kNaN, kNaN, kNaN, twist(tok0), kNaN);
+    return;
+  }
+
+  // Pass 2: lse0 and the entropy (S0 = sum e^(x - m0), A0 = sum e^(x - m0) (x - m0)).
+  const double shift0 = std::isinf(m0) ? 0.0 : m0;
+  double s0 = 0.0, a0 = 0.0;
+  for (int64_t v = 0; v < V; ++v) {
+    const double d = static_cast<double>(x[v]) - shift0;
+    const double e = std::exp(d);
+    s0 += e;
+    a0 += e > 0.0 ? e * d : 0.0;
+  }
+  const double lse0 = std::log(s0) + shift0;
+  const bool dead0 = lse0 == -kInf;
+  const double entropy = dead0 ? 0.0 : std::log(s0) - a0 / s0;
+  auto logp0 = [&](int64_t v) { return dead0 ? -kInf : static_cast<double>(x[v]) - lse0; };
+  if (bad_t) {
+    write_row(a, m, tok0, logp0(tok0), kNaN, kNaN, twist(tok0), entropy);
+    return;
+  }
+
+  // Pass 3: r = (logp0 + tw) / T, its max (and top-k threshold), the max of s = logp0 + tw.
+  const bool same_r = a.temperature == 1.0 && !(a.top_k > 0 && a.top_k < V);
+  double ms = -kInf, mr = -kInf;
+  for (int64_t v = 0; v < V; ++v) {
+    const double s = logp0(v) + twist(v);
+    ms = s > ms ? s : ms;
+    r[v] = s / a.temperature;
+  }
+  if (a.top_k > 0 && a.top_k < V) {
+    std::copy(r, r + V, kth_buf);
+    std::nth_element(kth_buf, kth_buf + (a.top_k - 1), kth_buf + V, std::greater<double>());
+    const double kth = kth_buf[a.top_k - 1];
+    for (int64_t v = 0; v < V; ++v) r[v] = r[v] >= kth ? r[v] : -kInf;
+  }
+  for (int64_t v = 0; v < V; ++v) mr = r[v] > mr ? r[v] : mr;
+
+  // Pass 4: log Zpi = logsumexp(s), lse_r = logsumexp(r). Without a twist s = logp0, whose
+  // logsumexp is lse0 - lse0 = 0 (the reference's own sum gives 0 within an ulp): no second pass.
+  const double log_zpi = tw == nullptr ? (dead0 ? -kInf : 0.0)
+                                       : logsumexp_given_max([&](int64_t v) { return logp0(v) + twist(v); }, V, ms);
+  const double lse_r = same_r ? log_zpi : logsumexp_given_max([&](int64_t v) { return r[v]; }, V, mr);
+  if (a.given != nullptr) {  // teacher forcing: the reference's values at the given token
+    write_row(a, m, tok0, logp0(tok0), r[tok0] - lse_r, log_zpi, twist(tok0), entropy);
+    return;
+  }
+  if (lse_r == -kInf) {  // no finite proposal entry: token 0, logq = -inf
+    write_row(a, m, 0, logp0(0), -kInf, log_zpi, twist(0), entropy);
+    return;
+  }
+
+  // Pass 5: Gumbel-max over logq + g, noise only where it can still win (earliest index on ties).
+  const int64_t step = a.steps[m * a.step_stride];
+  const uint32_t key = rng::row_key(a.seed32, step, rng::kStreamToken, m);
+  double best = -kInf;
+  int64_t token = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    const double lq = r[v] - lse_r;
+    if (lq == -kInf || lq + kGumbelMax <= best) continue;
+    const double val = lq + -std::log(-std::log(rng::uniform(key, v)));
+    if (val > best) {
+      best = val;
+      token = v;
+    }
+  }
+  write_row(a, m, token, logp0(token), r[token] - lse_r, log_zpi, twist(token), entropy);
+}
+
+}  // namespace
+
+void twist_sample_rows(const TwistSampleArgs& args, int64_t m_begin, int64_t m_end, double* scratch) {
+  for (int64_t m = m_begin; m < m_end; ++m) one_row(args, m, scratch, scratch + args.V);
+}
+
+}  // namespace tsmc
