@@ -106,7 +106,8 @@ def test_twist_sample(benchmark, gpu, impl, variant, M, V):
 
 
 @pytest.mark.benchmark(group="twist_sample_tuning")
-@pytest.mark.parametrize("block_v,num_warps", [(512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16)])
+@pytest.mark.parametrize("block_v,num_warps", [(512, 4), (512, 8), (1024, 4), (1024, 8), (2048, 8), (2048, 16),
+                                             (4096, 16)])
 @pytest.mark.parametrize("M,V,splits", [(256, 151936, None), (1024, 151936, None), (16, 151936, None),
                                         (16, 151936, 1)])
 def test_twist_sample_configs(benchmark, gpu, block_v, num_warps, M, V, splits):

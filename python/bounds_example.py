@@ -148,7 +148,7 @@ def main():
             print(f"twisted SMC skipped (tsmc_kernels.twist is not importable: {exc}); bootstrap only")
         else:
             t = time.perf_counter()
-            head = MLPTwistHead.for_model(model)
+            head = MLPTwistHead.for_model(model, seed=args.seed)
             hist = fit_twist(model, head, ids, phi, attention_mask=mask, loss="ctl", steps=args.twist_steps,
                              num_particles=args.twist_particles, max_new_tokens=T, tokenizer=tok, seed=args.seed + 2)
             head.eval()

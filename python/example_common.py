@@ -124,7 +124,7 @@ def train_ctl_head(model, ids, mask, phi, args, tokenizer, smc_kwargs=None):
     from tsmc_kernels.twist import MLPTwistHead, fit_twist
 
     t = time.perf_counter()
-    head = MLPTwistHead.for_model(model)
+    head = MLPTwistHead.for_model(model, seed=args.seed)  # seeded: the same head (and table) on every run
     k = min(2, ids.shape[0])
     hist = fit_twist(model, head, ids[:k], phi, attention_mask=mask[:k], loss="ctl", steps=args.twist_steps,
                      lr=args.twist_lr, num_particles=args.particles, max_new_tokens=args.max_new_tokens,

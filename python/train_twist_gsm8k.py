@@ -61,15 +61,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def build_head(kind: str, model, layers: int, loss: str):
+def build_head(kind: str, model, layers: int, loss: str, seed: int):
     from tsmc_kernels.twist import EmbeddingTwistHead, MLPTwistHead, ModelTwistHead
 
     activation = "logsigmoid" if loss == "fudge" else "none"
     if kind == "embedding":
-        return EmbeddingTwistHead.for_model(model, num_layers=layers, activation=activation)
+        return EmbeddingTwistHead.for_model(model, num_layers=layers, activation=activation, seed=seed)
     if kind == "mlp":
-        return MLPTwistHead.for_model(model, num_layers=layers, activation=activation)
-    return ModelTwistHead.from_model(model, num_layers=layers, activation=activation)
+        return MLPTwistHead.for_model(model, num_layers=layers, activation=activation, seed=seed)
+    return ModelTwistHead.from_model(model, num_layers=layers, activation=activation, seed=seed)
 
 
 def main(argv=None):
@@ -96,7 +96,7 @@ def main(argv=None):
     dataset = PromptDataset(prompts, tokenizer)
     print(f"{len(dataset)} GSM8K questions from {args.data}; model {args.model or 'SmolLM2-135M (embedded)'} on {device}")
 
-    head = build_head(args.head, model, args.head_layers, args.loss)
+    head = build_head(args.head, model, args.head_layers, args.loss, args.seed)
     print(f"{type(head).__name__}: {head.num_trainable_parameters():,} trainable parameters; loss {args.loss}")
 
     targs = TrainingArguments(

@@ -115,7 +115,7 @@ def main(argv=None):
     print(f"bootstrap evaluation: {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU")
 
     Head = EmbeddingTwistHead if args.head == "embedding" else MLPTwistHead
-    head = Head.for_model(model)
+    head = Head.for_model(model, seed=args.seed)
     start, cpu0 = time.perf_counter(), time.process_time()
 
     def on_step(step, rec, head):

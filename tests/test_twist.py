@@ -397,6 +397,20 @@ def test_for_model_refuses_the_sizes_it_takes_from_the_model(model, cls, size):
         cls.for_model(model, **{size: 7})
 
 
+def test_seeded_heads_are_reproducible_and_leave_the_global_rng(model):
+    from tsmc_kernels.twist import ModelTwistHead
+
+    builds = (lambda seed: MLPTwistHead.for_model(model, seed=seed),
+              lambda seed: EmbeddingTwistHead.for_model(model, seed=seed),
+              lambda seed: ModelTwistHead.from_model(model, copy_weights=False, seed=seed))
+    for build in builds:
+        state = torch.random.get_rng_state()
+        a, b, c = build(3), build(3), build(4)
+        assert torch.equal(torch.random.get_rng_state(), state)  # forked, not advanced
+        pa, pb, pc = (torch.cat([p.detach().flatten() for p in h.parameters()]) for h in (a, b, c))
+        assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
 def test_base_model_is_untouched(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}

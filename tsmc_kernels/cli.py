@@ -219,7 +219,7 @@ def cmd_train_twist(args) -> int:
     model, tok = _load_model(args)
     prompts = [task.build_prompt(tok, p.question) for p in problems]
     potential = task.potential([p.gold for p in problems], **popts)
-    head = MLPTwistHead.for_model(model)
+    head = MLPTwistHead.for_model(model, seed=args.seed)
     with _input_errors():
         fit_twist(model, head, prompts, potential, tokenizer=tok, loss=args.loss, num_particles=args.particles,
                   steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True)

@@ -1,6 +1,6 @@
 """Twist learning (SPEC §3): heads (:mod:`.heads`), losses (:mod:`.losses`), training (:mod:`.trainer`).
 
-    head = EmbeddingTwistHead.for_model(model)             # or MLPTwistHead / ModelTwistHead
+    head = EmbeddingTwistHead.for_model(model, seed=0)     # or MLPTwistHead / ModelTwistHead.from_model
     history = fit_twist(model, head, prompts, potential, loss="ctl", steps=50, tokenizer=tok)
     out = smc_generate(model, ids, mask, twist=head, potential=potential, num_particles=16)
     head.save_pretrained("twist"); head = TwistHead.from_pretrained("twist", model=model)

@@ -125,6 +125,18 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int | None):
+    """Within the block, new layers draw their random initial weights from ``seed`` (CPU RNG,
+    forked: the global generator is left as it was). ``None``: torch's global RNG, unchanged."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
 def _zero_(linear: nn.Linear) -> None:
     with torch.no_grad():
         linear.weight.zero_()
@@ -294,11 +306,13 @@ class MLPTwistHead(TwistHead):
             self.to(dtype)
 
     @classmethod
-    def for_model(cls, model, **kwargs) -> "MLPTwistHead":
-        """A head sized for ``model`` (on its device); ``kwargs`` as the constructor."""
+    def for_model(cls, model, *, seed: int | None = None, **kwargs) -> "MLPTwistHead":
+        """A head sized for ``model`` (on its device); ``kwargs`` as the constructor; ``seed``: the
+        random initial weights (default: torch's global RNG)."""
         _refuse_model_sizes(cls, kwargs, ("vocab_size", "hidden_size"))
         kwargs.setdefault("dtype", torch.float32)
-        head = cls(vocab_size=model_vocab_size(model), hidden_size=model_hidden_size(model), **kwargs)
+        with seeded_init(seed):
+            head = cls(vocab_size=model_vocab_size(model), hidden_size=model_hidden_size(model), **kwargs)
         return head.to(next(model.parameters()).device)
 
     def get_config(self) -> dict:
@@ -345,12 +359,15 @@ class EmbeddingTwistHead(TwistHead):
             self.attach(model)
 
     @classmethod
-    def for_model(cls, model, **kwargs) -> "EmbeddingTwistHead":
-        """A head sized for ``model``, attached to its output embedding; ``kwargs`` as the constructor."""
+    def for_model(cls, model, *, seed: int | None = None, **kwargs) -> "EmbeddingTwistHead":
+        """A head sized for ``model``, attached to its output embedding; ``kwargs`` as the constructor;
+        ``seed``: the random initial weights (default: torch's global RNG)."""
         _refuse_model_sizes(cls, kwargs, ("vocab_size", "hidden_size", "embedding_size"))
         kwargs.setdefault("dtype", torch.float32)
         w = model.get_output_embeddings().weight
-        head = cls(vocab_size=w.shape[0], hidden_size=model_hidden_size(model), embedding_size=w.shape[1], **kwargs)
+        with seeded_init(seed):
+            head = cls(vocab_size=w.shape[0], hidden_size=model_hidden_size(model), embedding_size=w.shape[1],
+                       **kwargs)
         return head.to(w.device).attach(model)
 
     def get_config(self) -> dict:
@@ -429,11 +446,12 @@ class ModelTwistHead(TwistHead):
 
     @classmethod
     def from_model(cls, model, *, num_layers: int = 2, copy_weights: bool = True, activation: str = "none",
-                   dtype: torch.dtype | None = torch.float32) -> "ModelTwistHead":
+                   dtype: torch.dtype | None = torch.float32, seed: int | None = None) -> "ModelTwistHead":
         """A head whose backbone is the base model truncated to its first ``num_layers`` layers.
 
         Args:
             copy_weights: initialise the backbone from the base model (else random init).
+            seed: the random initial weights (default: torch's global RNG).
         """
         cfg = _text_config(model).to_dict()
         layers = int(cfg.get("num_hidden_layers", cfg.get("n_layer", num_layers)))
@@ -446,8 +464,9 @@ class ModelTwistHead(TwistHead):
             if isinstance(value, list) and len(value) == layers and "layer" in key:
                 cfg[key] = value[: int(num_layers)]
         cfg.pop("transformers_version", None)
-        head = cls(model_config=cfg, vocab_size=model_vocab_size(model), hidden_size=model_hidden_size(model),
-                   activation=activation)
+        with seeded_init(seed):
+            head = cls(model_config=cfg, vocab_size=model_vocab_size(model), hidden_size=model_hidden_size(model),
+                       activation=activation)
         if copy_weights:
             src = model.base_model.state_dict()
             own = head.backbone.state_dict()
