@@ -101,11 +101,13 @@ std::vector<at::Tensor> twist_sample(const at::Tensor& logits, const std::option
   if (!(temperature > 0)) value_error("temperature must be > 0, got " + std::to_string(temperature));
   if (top_k < 0) value_error("top_k must be >= 0, got " + std::to_string(top_k));
   if (seed32 < 0 || seed32 > 0xFFFFFFFFll) value_error("seed32 must be a folded 32-bit seed, got " + std::to_string(seed32));
+  if (!step.device().is_cpu()) value_error("step must be on the CPU, got " + step.device().str());
   const at::Tensor st = step.to(at::kLong).reshape({-1}).contiguous();
   if (!(st.numel() == 1 || st.numel() == M)) value_error("step must have 1 or M elements, got shape " + shape_str(step));
   at::Tensor given;
   if (tokens) {
     if (tokens->dim() != 1 || tokens->size(0) != M) value_error("tokens must have shape [M], got " + shape_str(*tokens));
+    if (!tokens->device().is_cpu()) value_error("tokens must be on the CPU, got " + tokens->device().str());
     given = tokens->to(at::kLong).contiguous();
     const int64_t* g = given.data_ptr<int64_t>();
     for (int64_t m = 0; m < M; ++m) {

@@ -26,6 +26,7 @@ from conftest import fresh_seed
 V, T, EOS = 5, 3, 4
 PROMPTS = torch.tensor([[0, 1, 2], [3, 1, 0]])
 SE = 3.0  # tolerance in standard errors
+KL_SE = 5.0  # for the KL estimates at N = 4 (heavy-tailed errors, see test_kl_estimates_many_particles)
 
 
 def _per_prompt(c: torch.Tensor, prompt_index) -> torch.Tensor:
@@ -191,8 +192,13 @@ def test_kl_estimates_many_particles(model, enums, ess_threshold):
     kl_qs, kl_sq = exact_kls(model, PROMPTS[0:1], e, twist)
     b = log_z_bounds(model, PROMPTS[:1], potential=positive_potential, twist=twist, num_particles=4, num_runs=600,
                      max_new_tokens=T, ess_threshold=ess_threshold, exact_samples=e, log_z=e.log_z, seed=fresh_seed())
-    assert abs(float(b.kl_q_sigma) - kl_qs) <= SE * float(b.kl_q_sigma_se) + 1e-3, (float(b.kl_q_sigma), kl_qs)
-    assert abs(float(b.kl_sigma_q) - kl_sq) <= SE * float(b.kl_sigma_q_se) + 1e-3, (float(b.kl_sigma_q), kl_sq)
+    # The estimates' errors have heavier tails than a normal's under a scale-1 random twist: over 300
+    # seeds |error| > 3 SE for 0.3-0.7% of checks (that was a CI failure every ~50 runs), and one
+    # seed pair (twist 141801362, sampler 2046589971) gives -4.7 SE. Weighting log phi by 0.9 in the
+    # log weights moves KL(q || sigma) by 8 SE on average (5.6 to 10 over 5 seeds): still caught.
+    tol = KL_SE
+    assert abs(float(b.kl_q_sigma) - kl_qs) <= tol * float(b.kl_q_sigma_se) + 1e-3, (float(b.kl_q_sigma), kl_qs)
+    assert abs(float(b.kl_sigma_q) - kl_sq) <= tol * float(b.kl_sigma_q_se) + 1e-3, (float(b.kl_sigma_q), kl_sq)
     for name in ("smc_kl_q_sigma", "smc_kl_sigma_q"):
         assert float(getattr(b, name)) >= -SE * float(getattr(b, name + "_se")), name
     torch.testing.assert_close(b.smc_kl_q_sigma + b.smc_kl_sigma_q, b.gap, atol=1e-9, rtol=0)

@@ -197,6 +197,10 @@ def test_twist_sample_validation(C):
         C.twist_sample(x, None, 1.0, 0, 0, st0, torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="seed32"):
         C.twist_sample(x, None, 1.0, 0, 2**32, st0, None)
+    with pytest.raises(ValueError, match="step must be on the CPU"):
+        C.twist_sample(x, None, 1.0, 0, 0, st0.to("meta"), None)
+    with pytest.raises(ValueError, match="tokens must be on the CPU"):
+        C.twist_sample(x, None, 1.0, 0, 0, st0, torch.tensor([0, 1], device="meta"))
     # Strided rows are accepted (copied).
     wide = torch.randn(2, 10)[:, ::2]
     got = C.twist_sample(wide, None, 1.0, 0, 3, st0, None)

@@ -257,6 +257,8 @@ def test_rows_masked_with_finfo_min(gen, dtype, twist):
     x[:, : 5 * block] = torch.finfo(dtype).min  # 5 masked entries in every lane before a live one
     x[1, 200:] = torch.finfo(dtype).min
     # (A row masked everywhere is out of reach: fp32 r + g at 3e38 cannot hold the noise.)
+    if not twist:  # (with a twist, fp32 x + tw at 2e31 cannot hold tw: log Zpi is off for any kernel)
+        x[3, 250] = 2e31  # huge but finite: v - m must not overflow (an earlier floor of -FLT_MAX did)
     check_against_reference(x, t, seed=9, step=1, block_v=block, num_splits=1)
     check_against_reference(x[:2], t[:2] if twist else None, temperature=0.7, top_k=7, seed=9, step=1,
                             block_v=block)

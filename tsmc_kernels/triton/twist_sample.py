@@ -6,9 +6,10 @@ accumulators (one ``exp`` per element and quantity: see :func:`_online`; no cros
 inside the loop but the Gumbel skip test, once per two tiles), reduced once at the end, for
 
 * ``logsumexp(x)`` (max ``m0``, sum ``S0``) and the entropy of ``p0``: ``A0 = sum e^(x-m0) (x-m0)``
-  (rescaled as ``A <- e^(m-m')(A + (m-m') S)``; maxima start at ``-FLT_MAX`` and ``x - m`` is
-  clamped at ``-1e30`` so that ``-inf`` entries add exactly 0 and ``0 * inf`` never appears),
-  giving ``H = log S0 - A0 / S0``;
+  (rescaled as ``A <- e^(m-m')(A + (m-m') S)``; maxima start at ``-1e30`` and ``x - m`` is
+  clamped there, so that ``-inf`` entries add exactly 0 and ``0 * inf`` never appears; entries
+  below ``-1e30`` count as ``-inf``, and a row with nothing above it as a row without a finite
+  entry), giving ``H = log S0 - A0 / S0``;
 * ``logsumexp(x + log psi)`` (``m1, S1``), giving ``log Zpi = (m1 - m0) + log S1 - log S0``;
 * ``logsumexp`` of the tempered, top-k-restricted proposal ``r = (x + log psi) / T`` (``m2, S2``);
   with ``T == 1`` and no top-k, ``r`` is ``x + log psi`` and the third sum is not computed;
@@ -59,7 +60,10 @@ _NF = 10  # fp64 fields per partial: m0 S0 A0 m1 S1 m2 S2 best_val bad_x bad_tw
 
 
 _NEG_INF = tl.constexpr(float("-inf"))
-_FLOOR = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: the running max of a lane with no finite value yet
+# The running max of a lane that has seen nothing yet. Finite, so v - m is never -inf - -inf, and
+# far enough from FLT_MAX that v - m cannot overflow for any finite v. Entries below it act as -inf:
+# next to any ordinary logit their weight e^(v - max) is 0 anyway (finfo.min masks, for instance).
+_FLOOR = tl.constexpr(-1e30)
 _D_MIN = tl.constexpr(-1e30)  # v - m is clamped here: exp(-1e30) = 0 and 0 * -1e30 = 0
 _POS_INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
@@ -71,7 +75,7 @@ _G_MAX = tl.constexpr(17.5)
 def _online(m, s, v):
     """Per-lane online (max, sum e^(v-max)) update with ONE exp per element.
 
-    ``m`` starts at ``-FLT_MAX`` (finite: no ``-inf - -inf``), ``s`` at 0. ``e = exp(-|d|)`` with
+    ``m`` starts at ``_FLOOR = -1e30`` (finite: no ``-inf - -inf``), ``s`` at 0. ``e = exp(-|d|)`` with
     ``d = max(v - m, -1e30)`` serves both cases: a new maximum rescales the old sum by ``e``, any
     other value adds ``e``. A ``-inf`` entry gives ``d = -1e30``, ``e = 0``: no change (and
     ``e * d = 0``, not NaN). A NaN entry makes ``s`` NaN (the clamp keeps NaN), a ``+inf`` one
@@ -89,8 +93,8 @@ def _online_entropy(m, s, a, v):
     """:func:`_online` plus ``a = sum e^(v-m) (v-m)`` (rescaled as ``a <- e^(m-m')(a + (m-m') s)``).
 
     On a new maximum ``a' = e a - (e d) s``: ``e d`` is formed first, so that when ``d`` is huge
-    (the lane's first finite value after ``-FLT_MAX``-level entries, e.g. ``finfo.min`` masks) it is
-    ``0 * d = 0`` rather than ``0 * (d s) = 0 * inf``.
+    (a lane's first ordinary value after entries at the floor) it is ``0 * d = 0`` rather than
+    ``0 * (d s) = 0 * inf``.
     """
     m_new, s_new, d, e, gt = _online(m, s, v)
     ed = e * d

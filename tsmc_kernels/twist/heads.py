@@ -127,13 +127,14 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
 
 @contextlib.contextmanager
 def seeded_init(seed: int | None):
-    """Within the block, new layers draw their random initial weights from ``seed`` (CPU RNG,
-    forked: the global generator is left as it was). ``None``: torch's global RNG, unchanged."""
+    """Within the block, new layers draw their random initial weights from ``seed`` (the CPU
+    generator, forked: left as it was; heads are built on the CPU, and the CUDA generators are not
+    touched). ``None``: torch's global RNG, unchanged."""
     if seed is None:
         yield
         return
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+        torch.random.default_generator.manual_seed(int(seed))  # not torch.manual_seed: it reseeds CUDA too
         yield
 
 
