@@ -13,7 +13,8 @@ Backends, chosen per call by device (override with ``TSMC_BACKEND=reference|trit
 
 * CUDA: Triton kernels (``tsmc_kernels.triton``); the KV gather uses the CUDA C++ kernel when the
   extension was built with CUDA.
-* CPU: the C++ extension ``tsmc_kernels._C`` for resampling and the gather, the PyTorch reference
+* CPU: the C++ extension ``tsmc_kernels._C`` for twist sampling / scoring (fp64, the reference's
+  arithmetic and noise), resampling and the gather, the PyTorch reference
   (:mod:`tsmc_kernels.reference`) for the rest. ``TSMC_BACKEND=triton`` with
   ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors (how CI tests them).
 
