@@ -1,4 +1,5 @@
-"""Shared set-up of the GPU microbenchmarks (pytest-benchmark). Everything here skips without CUDA.
+"""Shared set-up of the microbenchmarks (pytest-benchmark). Everything but the ``cpu_bench`` ones
+(``test_bench_cpu.py``) skips without CUDA.
 
 Timing conventions (used by ``bench/test_bench_kernels.py``):
 
@@ -32,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU")
     for item in items:
-        if "bench" in str(item.fspath):
+        if "bench" in str(item.fspath) and item.get_closest_marker("cpu_bench") is None:
             item.add_marker(skip)
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run every GPU microbenchmark in bench/ and write bench/results/<device>.json
+# Run every microbenchmark in bench/ and write bench/results/<device>.json
 # (pytest-benchmark's JSON plus a "tsmc" block: device name, capability, torch / triton / CUDA
 # versions, git commit). Extra arguments go to pytest, e.g. `bench/run_all.sh -k twist_sample`;
 # BENCH_PATHS=bench/test_bench_kernels.py runs one file; BENCH_TAG=smc writes <device>-smc.json.
-# On a machine without CUDA every benchmark is skipped and no result file is written.
+# On a machine without CUDA only the CPU benchmarks (test_bench_cpu.py) run; results go to cpu[-TAG].json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"; elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi

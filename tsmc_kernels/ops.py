@@ -213,9 +213,9 @@ def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: to
     """:func:`twist_sample`'s outputs for given ``tokens`` (int64 ``[M]``): teacher forcing, no randomness.
 
     Used by conditional SMC (a forced particle) and twist training. Shapes as in
-    :func:`twist_sample`; a token outside the top-k has ``logq = -inf``. (CPU: the C++ kernel; CUDA:
-    the PyTorch reference, since it runs on few rows or off the hot path.) ``validate``: also check that every token is
-    in ``[0, V)`` (a host synchronisation; skipped under capture / compile).
+    :func:`twist_sample`; a token outside the top-k has ``logq = -inf``. (CPU: the C++ kernel;
+    CUDA: the PyTorch reference, since it runs on few rows or off the hot path.) ``validate``: also
+    check that every token is in ``[0, V)`` (a host synchronisation; skipped under capture / compile).
     """
     _check_tensor("logits", logits, 2, _FLOATS)
     _check_tensor("tokens", tokens, 1, (torch.int64, torch.int32))
