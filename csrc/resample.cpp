@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include "logsumexp.h"
 #include "rng.h"
 
 namespace tsmc {
@@ -33,17 +34,14 @@ const char* scheme_name(Scheme scheme) {
 
 namespace {
 
-// torch.logsumexp: shift by the max (0 when the max is +-inf), sum exp, log, add the shift.
+// torch.logsumexp of an array (NaN if any entry is NaN).
 double logsumexp(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) {
     if (std::isnan(x[i])) return x[i];
     m = std::max(m, x[i]);
   }
-  if (std::isinf(m)) m = 0.0;
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - m);
-  return std::log(s) + m;
+  return logsumexp_given_max([x](int64_t i) { return x[i]; }, n, m);
 }
 
 // cw[i] = (w[0] + ... + w[i]) / (w[0] + ... + w[n-1]), sequential as torch.cumsum on CPU.

@@ -6,6 +6,7 @@
 #include <functional>
 #include <limits>
 
+#include "logsumexp.h"
 #include "rng.h"
 
 namespace tsmc {
@@ -15,15 +16,6 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // Upper bound of the Gumbel noise: u <= 1 - 2**-25 gives g = -log(-log u) <= 25 log 2 = 17.33.
 constexpr double kGumbelMax = 17.5;
-
-// torch.logsumexp of the n values f(0..n-1) given their max: shift by the max (0 when it is +-inf).
-template <typename F>
-double logsumexp_given_max(F f, int64_t n, double max) {
-  const double shift = std::isinf(max) ? 0.0 : max;
-  double s = 0.0;
-  for (int64_t v = 0; v < n; ++v) s += std::exp(f(v) - shift);
-  return std::log(s) + shift;
-}
 
 void write_row(const TwistSampleArgs& a, int64_t m, int64_t token, double logp, double logq, double log_zpi,
                double log_psi, double entropy) {

@@ -56,7 +56,7 @@ import torch
 
 from .exact import Enumeration
 from .potentials.base import Potential, as_potential
-from .sampler.inputs import check_int, check_prompts, eos_ids, pad_id
+from .sampler.inputs import check_int, check_prompts, eos_ids, model_vocab, pad_id
 from .sampler.smc import smc_generate
 
 __all__ = ["LogZBounds", "RejectionStats", "log_z_bounds", "iwae_bounds", "rejection_samples",
@@ -301,11 +301,6 @@ def _check_exact(exact: torch.Tensor, B: int, R: int, T: int, eos: list[int], pa
     return _pad_to(exact, T, pad)
 
 
-def _model_vocab(model) -> int | None:
-    emb = model.get_output_embeddings()
-    return emb.weight.shape[0] if emb is not None else None
-
-
 # ------------------------------------------------------------------------------ exact samples
 
 def enumeration_samples(enumeration: Enumeration, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -513,7 +508,7 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     exact, log_z_mc = _resolve_exact(exact_samples, model, input_ids, attention_mask, fn, num_runs=R,
                                      max_new_tokens=T, seed=seed, tokenizer=tokenizer, eos=eos, pad=pad,
                                      max_rows=max_rows, max_proposals=max_proposals, smc_kw=smc_kwargs)
-    exact = _check_exact(exact, B, R, T, eos, pad, _model_vocab(model)).to(input_ids.device)
+    exact = _check_exact(exact, B, R, T, eos, pad, model_vocab(model)).to(input_ids.device)
 
     # Lower bound: plain SMC runs (and, without resampling, the proposal's log w for the ELBO).
     lz_lo = torch.empty(B, R, dtype=torch.float64)

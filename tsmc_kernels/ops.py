@@ -103,6 +103,14 @@ def _check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
 
 
+def _check_proposal_options(temperature: float, top_k: int) -> None:
+    """The proposal's temperature and top-k, as twist_sample and twist_score take them."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+
 def _step_tensor(step, device: torch.device, rows: int | None = None) -> torch.Tensor:
     """``step`` as an int64 0-dim tensor, or ``[rows]`` (one step per row) when ``rows`` allows it."""
     if isinstance(step, torch.Tensor):
@@ -184,10 +192,7 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
                 raise ValueError(f"log_twist shape {tuple(log_twist.shape)} does not match logits {tuple(logits.shape)}"
                                  " (vocab mismatch between the twist head and the model?)")
             _check_same_device("logits", logits, log_twist=log_twist)
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        _check_proposal_options(temperature, top_k)
     step_t = _step_tensor(step, logits.device, rows=logits.shape[0])
     return TwistSampleOutput(*_twist_sample_op(logits, log_twist, float(temperature), int(top_k), _seed32(seed), step_t))
 
@@ -224,10 +229,7 @@ def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: to
     if log_twist is not None and log_twist.shape != logits.shape:
         raise ValueError(f"log_twist shape {tuple(log_twist.shape)} does not match logits {tuple(logits.shape)}")
     _check_same_device("logits", logits, tokens=tokens, log_twist=log_twist)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    _check_proposal_options(temperature, top_k)
     if validate and _values_checkable() and tokens.numel() and bool(((tokens < 0) | (tokens >= logits.shape[1])).any()):
         raise ValueError(f"tokens must be in [0, {logits.shape[1]}) (the vocabulary of logits)")
     return TwistSampleOutput(tokens.long(), *_twist_score_op(logits, log_twist, tokens.long(), float(temperature), int(top_k)))

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from ..sampler.inputs import cache_kwarg, eos_ids
+from ..sampler.inputs import cache_kwarg, eos_ids, model_vocab
 from .base import Potential
 
 __all__ = ["InfillPotential"]
@@ -121,7 +121,7 @@ class InfillPotential(Potential):
         if len(suffixes) not in (1, len(prompts)):
             raise ValueError(f"potential {name!r}: got {len(suffixes)} suffixes for {len(prompts)} prompts "
                              "(give one shared suffix or one per prompt)")
-        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+        vocab = model_vocab(model)
         for what, seqs in (("prompt", prompts), ("suffix", suffixes)):
             for s in seqs:
                 if vocab is not None and bool(((s < 0) | (s >= vocab)).any()):

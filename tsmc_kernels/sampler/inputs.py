@@ -112,8 +112,8 @@ def is_any_of(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def model_vocab(model) -> int | None:
     """The size of the model's output vocabulary (rows of its output embedding), or None if unknown."""
-    emb = model.get_output_embeddings()
-    return emb.weight.shape[0] if emb is not None else None
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return int(emb.weight.shape[0]) if emb is not None and getattr(emb, "weight", None) is not None else None
 
 
 def check_token_ids(name: str, ids: torch.Tensor, vocab: int | None) -> None:

@@ -185,6 +185,13 @@ def _tile_stats(x, tw, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2, bad_tw,
 
 
 @helper
+def _load_pair(base, offs, v_end, other, BLOCK: tl.constexpr):
+    """The tiles at ``offs`` and ``offs + BLOCK`` (entries at or past ``v_end`` read as ``other``)."""
+    return (tl.load(base + offs, mask=offs < v_end, other=other),
+            tl.load(base + offs + BLOCK, mask=offs + BLOCK < v_end, other=other))
+
+
+@helper
 def _tile_draw(key, r, offs, bv, bi, best):
     """Gumbel-max over one tile: per-lane running maxima ``bv`` of ``r + g`` at indices ``bi``."""
     g = gumbel_f32(key, offs)
@@ -232,11 +239,9 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     # pair is loaded while this one is reduced (registers, double-buffered): otherwise every
     # iteration would wait out a full memory latency with one load per program in flight.
     offs = t_begin * BLOCK + lanes
-    xa_next = tl.load(l_base + offs, mask=offs < v_end, other=_NEG_INF)
-    xb_next = tl.load(l_base + offs + BLOCK, mask=offs + BLOCK < v_end, other=_NEG_INF)
+    xa_next, xb_next = _load_pair(l_base, offs, v_end, _NEG_INF, BLOCK)
     if HAS_TWIST:
-        ta_next = tl.load(t_base + offs, mask=offs < v_end, other=0.0)
-        tb_next = tl.load(t_base + offs + BLOCK, mask=offs + BLOCK < v_end, other=0.0)
+        ta_next, tb_next = _load_pair(t_base, offs, v_end, 0.0, BLOCK)
     else:
         ta_next = xa_next
         tb_next = xb_next
@@ -244,14 +249,11 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
         offs = t * BLOCK + lanes
         xa = xa_next.to(tl.float32)
         xb = xb_next.to(tl.float32)
-        nxt = offs + 2 * BLOCK
-        xa_next = tl.load(l_base + nxt, mask=nxt < v_end, other=_NEG_INF)
-        xb_next = tl.load(l_base + nxt + BLOCK, mask=nxt + BLOCK < v_end, other=_NEG_INF)
+        xa_next, xb_next = _load_pair(l_base, offs + 2 * BLOCK, v_end, _NEG_INF, BLOCK)
         if HAS_TWIST:
             ta = ta_next.to(tl.float32)
             tb = tb_next.to(tl.float32)
-            ta_next = tl.load(t_base + nxt, mask=nxt < v_end, other=0.0)
-            tb_next = tl.load(t_base + nxt + BLOCK, mask=nxt + BLOCK < v_end, other=0.0)
+            ta_next, tb_next = _load_pair(t_base, offs + 2 * BLOCK, v_end, 0.0, BLOCK)
         else:
             ta = xa
             tb = xb

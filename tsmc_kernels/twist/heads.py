@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..sampler.inputs import cache_kwarg, left_align
+from ..sampler.inputs import cache_kwarg, left_align, model_vocab
 
 __all__ = ["TwistHead", "MLPTwistHead", "EmbeddingTwistHead", "ModelTwistHead", "TwistInputs", "HEADS",
            "CONFIG_NAME", "WEIGHTS_NAME", "model_vocab_size", "model_hidden_size", "bind_prompts"]
@@ -84,10 +84,8 @@ class TwistInputs(NamedTuple):
 
 def model_vocab_size(model) -> int:
     """The width of the model's logits (rows of its output embedding, else ``config.vocab_size``)."""
-    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return int(emb.weight.shape[0])
-    return int(_text_config(model).vocab_size)
+    vocab = model_vocab(model)
+    return vocab if vocab is not None else int(_text_config(model).vocab_size)
 
 
 def model_hidden_size(model) -> int:
