@@ -25,7 +25,12 @@ from conftest import fresh_seed
 
 V, T, EOS = 5, 3, 4
 PROMPTS = torch.tensor([[0, 1, 2], [3, 1, 0]])
-SE = 3.0  # tolerance in standard errors
+SE = 3.0  # tolerance in standard errors (one-sided bound checks)
+# Two-sided checks of an unbiased estimate against its exact value fail 0.27% of the time at 3 SE even
+# for a correct sampler; with several per test that was a CI failure every ~50 runs. At 4 SE it is 6e-5
+# per check. Calibrated on the one-particle KLs (400 seeds: z-scores with sd 0.98-1.04, 0.25% beyond
+# 3 SE); a 5% error in the proposal's log q moves KL(sigma || q) by -8.2 SE on average (sd 0.85).
+EQ_SE = 4.0
 KL_SE = 5.0  # for the KL estimates at N = 4 (heavy-tailed errors, see test_kl_estimates_many_particles)
 
 
@@ -171,7 +176,7 @@ def test_kl_estimates_match_enumeration_one_particle(model, enums, twisted):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
     for est, se, exact, name in ((b.kl_q_sigma, b.kl_q_sigma_se, kl_qs, "KL(q||sigma)"),
                                  (b.kl_sigma_q, b.kl_sigma_q_se, kl_sq, "KL(sigma||q)")):
-        assert abs(float(est) - exact) <= SE * float(se) + 1e-3, \
+        assert abs(float(est) - exact) <= EQ_SE * float(se) + 1e-3, \
             f"{name}: {float(est):.4f} ± {float(se):.4f} vs {exact:.4f}"
         assert float(est) >= -SE * float(se)
     # Without log_z: the pooled estimate log mean Zhat stands in for log Z (its delta-method standard
