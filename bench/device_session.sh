@@ -10,9 +10,10 @@
 # A lease is 15 minutes of device time with the machine's start (a minute or more) in it, so `all`
 # runs every phase in one call under one clock of BUDGET_S seconds (default 540), most needed first:
 # install (builds the CUDA gather), GPU tests, kernels (the grid), SMC at 1 x 64 with 256 new
-# tokens, power MH; then, with the time left, SMC at 8 x 64, the kernel tile sweep, the packed-GQA
-# attention A/B and the whole suite on CUDA. Each phase has a cap and is skipped when the clock
-# cannot fit its minimum; a phase that fails or times out does not stop the next.
+# tokens, power MH; then, with the time left, SMC at 8 x 64, the kernel tile sweep, the compiled
+# decode (compile_decode=True), the packed-GQA attention A/B and the whole suite on CUDA. Each phase
+# has a cap and is skipped when the clock cannot fit its minimum; a phase that fails or times out
+# does not stop the next.
 #
 # Under $OUT (what the tool brings back; at most 8 files): session.log (all output), summary.txt
 # (versions, then one line per phase: rc and seconds), results.jsonl (one line per benchmark, written
@@ -91,11 +92,12 @@ run_phase() {
       phase install 240 30 install
       phase gpu-tests 150 30 gpu_tests
       phase kernels 150 40 'kernels -k "not configs"'
-      phase smc-1x64 150 60 'smc -k "1-64]"'
+      phase smc-1x64 150 60 'smc -k "1-64] and not compiled"'
       phase power 140 60 power
-      phase smc-8x64 150 60 'STAG=smc-8x64 smc -k "8-64]"'
+      phase smc-8x64 150 60 'STAG=smc-8x64 smc -k "8-64] and not compiled"'
       phase kernel-tuning 90 40 'KTAG=kernel-tuning kernels -k configs'
-      phase smc-unpacked-gqa 60 40 'TSMC_PACKED_GQA=0 STAG=smc-unpacked-gqa smc -k "1-64] and graph and not twisted"'
+      phase smc-compiled 150 90 'STAG=smc-compiled smc -k "1-64] and compiled"'
+      phase smc-unpacked-gqa 60 40 'TSMC_PACKED_GQA=0 STAG=smc-unpacked-gqa smc -k "1-64] and graph and not twisted and not compiled"'
       phase all-tests 330 120 all_tests
       ;;
     tests) phase install 240 30 install; phase gpu-tests 200 30 gpu_tests; phase all-tests 330 60 all_tests ;;

@@ -95,10 +95,13 @@ def random_twist_head(model, scale: float = 0.5):
 @pytest.mark.parametrize("B,N", [(1, 16), (1, 64), (1, 256), (8, 16), (8, 64)])
 @pytest.mark.parametrize("method", ["smc_bootstrap", "smc_twisted", "smc_no_resampling",
                                     "smc_bootstrap_graph", "smc_twisted_graph", "smc_no_resampling_graph",
+                                    "smc_bootstrap_graph_compiled", "smc_no_resampling_graph_compiled",
                                     "plain_generate", "naive_smc"])
 def test_smc_throughput(benchmark, qwen_shaped, B, N, method):
     """``smc_no_resampling`` (ESS threshold 0) is plain batched sampling through the same code and
-    cache mode: the reference that SMC's overhead is measured against. ``*_graph``: cuda_graph=True."""
+    cache mode: the reference that SMC's overhead is measured against. ``*_graph``: cuda_graph=True;
+    ``*_compiled``: and compile_decode=True (warmed up at the full length, so the timed run replays
+    compiled code; ``warmup_s`` records what the compile cost)."""
     from tsmc_kernels import smc_generate
 
     model = qwen_shaped
@@ -106,9 +109,9 @@ def test_smc_throughput(benchmark, qwen_shaped, B, N, method):
     T = NEW_TOKENS
     rows = B * N
     if method.startswith("smc_"):
-        graph = method.endswith("_graph")
+        graph = "_graph" in method
         kw = dict(num_particles=N, max_new_tokens=T, eos_token_id=[], ess_threshold=0.5, cuda_graph=graph,
-                  cache="static" if graph else "dynamic")
+                  cache="static" if graph else "dynamic", compile_decode=method.endswith("_compiled"))
         if "twisted" in method:
             kw["twist"] = random_twist_head(model)
         if "no_resampling" in method:
@@ -119,9 +122,11 @@ def test_smc_throughput(benchmark, qwen_shaped, B, N, method):
                                         max_new_tokens=t, min_new_tokens=t, pad_token_id=0)
     else:
         fn = lambda t=T: naive_smc(model, ids, N, t)  # noqa: E731
-    fn(4)  # not timed: Triton compiles its kernels on first use, the graph path captures once
+    # Not timed: Triton compiles its kernels on first use, the graph path captures once; a compiled
+    # decode recompiles for every cache length, so it warms up at the timed one.
+    _, warmup_s = _timed(lambda: fn(T if method.endswith("_compiled") else 4))
     _, seconds = _timed(lambda: benchmark.pedantic(fn, rounds=1, iterations=1))
     benchmark.extra_info.update(dict(rows=rows, new_tokens=T, prompt=PROMPT_LEN, method=method,
-                                     tokens_per_s=rows * T / seconds, ms_per_step=1e3 * seconds / T,
+                                     tokens_per_s=rows * T / seconds, ms_per_step=1e3 * seconds / T, warmup_s=warmup_s,
                                      device=torch.cuda.get_device_name()))
     assert math.isfinite(seconds)

@@ -367,6 +367,32 @@ def test_step_halves_run_without_host_sync(monkeypatch, arch, sync_every):
     assert torch.equal(want.completions, got.completions) and torch.equal(want.ancestors, got.ancestors)
 
 
+def test_compiled_decode_equals_eager():
+    """compile_decode=True (inductor on the decode forward): the same run up to rounding, on a
+    grouped-query model (the packed decode attention is what gets compiled)."""
+    from torch._dynamo.utils import counters
+
+    from tsmc_kernels.twist import MLPTwistHead
+
+    model = step_test_model(V, "qwen2", seed=3)
+    head = MLPTwistHead(vocab_size=V, hidden_size=model.config.hidden_size)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    kw = dict(num_particles=6, max_new_tokens=8, potential=potential, twist=head, ess_threshold=0.7, cache="static",
+              seed=fresh_seed())
+    want = smc_generate(model, ids, mask, **kw)
+    graphs = counters["stats"]["unique_graphs"]
+    got = smc_generate(model, ids, mask, compile_decode=True, **kw)
+    assert counters["stats"]["unique_graphs"] > graphs, "the decode forward was not compiled"
+    assert want.steps > 2 and bool(want.resampled.any()), "the run must resample"
+    assert torch.equal(want.completions, got.completions) and torch.equal(want.ancestors, got.ancestors)
+    torch.testing.assert_close(want.log_weights, got.log_weights, atol=1e-5, rtol=0)
+    torch.testing.assert_close(want.log_z, got.log_z, atol=1e-5, rtol=0)
+
+
 def _init_without_ids(init):
     def wrapped(self, *args, **kwargs):
         init(self, *args, **{**kwargs, "pass_ids": False})
@@ -381,8 +407,9 @@ def test_cuda_graph_needs_a_hidden_state_twist_and_no_intermediate_potential(mod
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("compile_decode", [False, True], ids=["", "compiled"])
 @pytest.mark.parametrize("sync_every", [1, 4])
-def test_cuda_graph_equals_eager(cuda_device, sync_every):
+def test_cuda_graph_equals_eager(cuda_device, sync_every, compile_decode):
     from tsmc_kernels.twist import MLPTwistHead
 
     m = step_test_model(V, "qwen2", seed=3).to(cuda_device)  # grouped-query: packed attention
@@ -395,7 +422,7 @@ def test_cuda_graph_equals_eager(cuda_device, sync_every):
     kw = dict(num_particles=8, max_new_tokens=12, potential=potential, twist=head, ess_threshold=0.7,
               cache="static", sync_every=sync_every, seed=fresh_seed())
     eager = smc_generate(m, ids, mask, **kw)
-    graph = smc_generate(m, ids, mask, cuda_graph=True, **kw)
+    graph = smc_generate(m, ids, mask, cuda_graph=True, compile_decode=compile_decode, **kw)
     assert eager.steps > 3, "the run must outlast the eager warm-up steps"
     assert torch.equal(eager.completions, graph.completions)
     assert torch.equal(eager.ancestors, graph.ancestors)
@@ -443,6 +470,7 @@ def test_all_particles_dead_gives_minus_inf_not_nan(model):
     (dict(intermediate_delimiters=[1]), "intermediate_potential"),
     (dict(reference_completions=torch.tensor([[0, V]])), "reference_completions .*vocabulary"),
     (dict(reference_completions=torch.zeros(1, 0, dtype=torch.long)), "T >= 1"),
+    (dict(compile_decode=True), "compile_decode=True needs fixed shapes"),  # cache="dynamic"
 ])
 def test_bad_arguments(model, kw, match):
     with pytest.raises(ValueError, match=match):

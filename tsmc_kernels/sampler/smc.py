@@ -85,7 +85,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  cache: str = "dynamic", cuda_graph: bool = False, sync_every: int = 1, progress: bool = False,
                  tokenizer=None, intermediate_potential=None, intermediate_every: int | None = None,
                  intermediate_delimiters: Sequence[int] | None = None,
-                 reference_completions: torch.Tensor | None = None) -> SMCOutput:
+                 reference_completions: torch.Tensor | None = None, compile_decode: bool = False) -> SMCOutput:
     """Sample ``num_particles`` completions per prompt from ``sigma ∝ p0 * phi`` by (twisted) SMC.
 
     Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]``, padding via ``attention_mask`` (left;
@@ -121,6 +121,10 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             ``intermediate_delimiters``.
         reference_completions: ``[B, T]`` conditional SMC: particle 0 of each prompt is forced to these
             tokens (padded after EOS) and always survives resampling (upper bounds, SPEC §4).
+        compile_decode: run the model's one-token decode forward through ``torch.compile`` (inductor
+            fuses its small kernels; with ``cuda_graph=True`` the compiled kernels are what the graph
+            replays). Needs ``cache="static"`` (implied by ``cuda_graph``). The first call per shape
+            pays the compile time; the prefill stays eager. Same tokens and weights up to rounding.
     Returns:
         :class:`SMCOutput`.
     """
@@ -152,7 +156,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                   intermediate_delimiters=intermediate_delimiters, ess_threshold=ess_threshold, resampling=resampling,
                   temperature=temperature, top_k=top_k, seed=seed, eos=eos, pad=pad_id(model, pad_token_id, eos),
                   reference_completions=reference_completions, tokenizer=tokenizer, sync_every=sync_every,
-                  pass_ids=not cuda_graph)
+                  pass_ids=not cuda_graph, compile_decode=compile_decode)
     if cuda_graph and run.lm.other_layers():
         raise NotImplementedError(f"cuda_graph=True supports K/V attention caches only; this model's cache also has "
                                   f"{run.lm.other_layers()} layers: use cuda_graph=False")
@@ -216,7 +220,7 @@ class _SMCRun:
 
     def __init__(self, model, input_ids, attention_mask, *, num_particles, max_new_tokens, cache, twist, phi_fn,
                  inter_fn, intermediate_every, intermediate_delimiters, ess_threshold, resampling, temperature, top_k,
-                 seed, eos, pad, reference_completions, tokenizer, sync_every, pass_ids):
+                 seed, eos, pad, reference_completions, tokenizer, sync_every, pass_ids, compile_decode=False):
         B, N, T = input_ids.shape[0], num_particles, max_new_tokens
         M = B * N
         device = input_ids.device
@@ -227,7 +231,7 @@ class _SMCRun:
         self.seed, self.ess_threshold, self.resampling = seed, ess_threshold, resampling
         self.sync_every, self.pass_ids = sync_every, pass_ids
         self.lm = ParticleLM(model, input_ids, attention_mask, num_particles=N, max_new_tokens=T, cache=cache,
-                             need_hidden=twist is not None)
+                             need_hidden=twist is not None, compile_decode=compile_decode)
         self.eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
         self.delim_t = torch.tensor(list(intermediate_delimiters or []), dtype=torch.int64, device=device)
         self.conditional = reference_completions is not None
