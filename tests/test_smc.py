@@ -307,21 +307,29 @@ def test_step_never_reads_the_python_step(model, monkeypatch, sync_every):
     torch.testing.assert_close(want.log_z, got.log_z, atol=0, rtol=0)
 
 
+def twisted_step_setup(arch: str, device="cpu"):
+    """``(model, head, ids, mask)``: a step-test model, an MLP twist head with random weights (so
+    that runs resample), and two prompts, one left-padded."""
+    from tsmc_kernels.twist import MLPTwistHead
+
+    model = step_test_model(V, arch, seed=3).to(device)
+    head = MLPTwistHead(vocab_size=V, hidden_size=model.config.hidden_size).to(device)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3)
+    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]], device=device)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], device=device)
+    return model, head, ids, mask
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_step_halves_compile_without_graph_breaks(monkeypatch, arch):
     """propose() (HF forward on the static cache, MLP twist, sampling) and weigh() (weights,
     resampling, KV gather) each trace as one graph: nothing in them synchronises with the host, as
     CUDA graph capture requires; and the traced halves give the same run."""
     from tsmc_kernels.sampler import smc
-    from tsmc_kernels.twist import MLPTwistHead
 
-    model = step_test_model(V, arch, seed=3)
-    head = MLPTwistHead(vocab_size=V, hidden_size=model.config.hidden_size)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, 0.3)
-    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]])
-    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    model, head, ids, mask = twisted_step_setup(arch)
     kw = dict(num_particles=6, max_new_tokens=8, potential=potential, twist=head, ess_threshold=0.7, cache="static",
               sync_every=2, seed=fresh_seed())
     want = smc_generate(model, ids, mask, **kw)
@@ -372,15 +380,7 @@ def test_compiled_decode_equals_eager():
     grouped-query model (the packed decode attention is what gets compiled)."""
     from torch._dynamo.utils import counters
 
-    from tsmc_kernels.twist import MLPTwistHead
-
-    model = step_test_model(V, "qwen2", seed=3)
-    head = MLPTwistHead(vocab_size=V, hidden_size=model.config.hidden_size)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, 0.3)
-    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]])
-    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    model, head, ids, mask = twisted_step_setup("qwen2")
     kw = dict(num_particles=6, max_new_tokens=8, potential=potential, twist=head, ess_threshold=0.7, cache="static",
               seed=fresh_seed())
     want = smc_generate(model, ids, mask, **kw)
@@ -410,15 +410,7 @@ def test_cuda_graph_needs_a_hidden_state_twist_and_no_intermediate_potential(mod
 @pytest.mark.parametrize("compile_decode", [False, True], ids=["", "compiled"])
 @pytest.mark.parametrize("sync_every", [1, 4])
 def test_cuda_graph_equals_eager(cuda_device, sync_every, compile_decode):
-    from tsmc_kernels.twist import MLPTwistHead
-
-    m = step_test_model(V, "qwen2", seed=3).to(cuda_device)  # grouped-query: packed attention
-    head = MLPTwistHead(vocab_size=V, hidden_size=m.config.hidden_size).to(cuda_device)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, 0.3)
-    ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2]], device=cuda_device)
-    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]], device=cuda_device)
+    m, head, ids, mask = twisted_step_setup("qwen2", cuda_device)  # grouped-query: packed attention
     kw = dict(num_particles=8, max_new_tokens=12, potential=potential, twist=head, ess_threshold=0.7,
               cache="static", sync_every=sync_every, seed=fresh_seed())
     eager = smc_generate(m, ids, mask, **kw)
