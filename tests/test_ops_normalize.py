@@ -134,8 +134,11 @@ def test_bad_input_raises_naming_the_argument():
         ops.normalize_log_weights(torch.tensor([[0.0, float("nan")]]))
     with pytest.raises(ValueError, match=r"\+inf"):
         ops.normalize_log_weights(lw, torch.full((2, 4), math.inf))
-    with pytest.raises(ValueError, match="ess_threshold"):
-        ops.normalize_log_weights(lw, ess_threshold=-0.1)
+    for bad in (-0.1, float("nan")):  # NaN would never resample
+        with pytest.raises(ValueError, match="ess_threshold"):
+            ops.normalize_log_weights(lw, ess_threshold=bad)
+        with pytest.raises(ValueError, match="ess_threshold"):
+            ops.reweight(lw, lw, ess_threshold=bad)
     with pytest.raises(ValueError, match="log_w_inc.*meta|meta.*log_w_inc"):
         ops.normalize_log_weights(lw, torch.zeros(2, 4, device="meta"))
     with pytest.raises(ValueError, match="log_w"):

@@ -182,6 +182,14 @@ def test_ops_validates_arguments():
         with pytest.raises(ValueError, match=r"tokens must be in \[0, 5\)"):
             ops.twist_score(x, None, torch.tensor([0, bad]))
     ops.twist_score(x, None, torch.tensor([0, 4]))
+    # Not silently truncated: a float or bool top_k / step is a type error.
+    for kw in (dict(top_k=2.7), dict(top_k=True), dict(step=1.5)):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be an int"):
+            ops.twist_sample(x, **kw)
+    with pytest.raises(TypeError, match="log_twist must have dtype"):
+        ops.twist_score(x, torch.zeros(2, 5, dtype=torch.int64), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="temperature"):
+        ops.twist_score(x, None, torch.tensor([0, 1]), temperature=float("nan"))
 
 
 def test_ops_under_torch_compile_fullgraph(gen, monkeypatch):

@@ -382,8 +382,12 @@ def test_bad_inputs_raise():
     model = tiny_random_model(V, seed=0)
     with pytest.raises(ValueError, match="input_ids must be"):
         power_sample(model, torch.zeros(1, 0, dtype=torch.long))
-    with pytest.raises(TypeError, match="int64"):
+    with pytest.raises(TypeError, match="integer token ids"):
         power_sample(model, torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="only 0 .*and 1"):
+        power_sample(model, torch.tensor([[1, 2]]), torch.full((1, 2), 0.5))
+    with pytest.raises(ValueError, match="alpha must be a finite Python number"):
+        power_sample(model, torch.tensor([[1, 2]]), alpha=torch.tensor(2.0))
     with pytest.raises(ValueError, match="vocabulary"):
         power_sample(model, torch.tensor([[1, V]]))
     with pytest.raises(ValueError, match="attention_mask shape"):
@@ -404,12 +408,17 @@ def test_prompt_too_long_for_the_model(sampler):
     getattr(power, sampler)(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), max_new_tokens=2, n_mcmc=1)  # fits
 
 
+@pytest.mark.parametrize("bad", ["nan", "+inf", "all -inf"])
 @pytest.mark.parametrize("sampler", ["power_sample", "power_sample_reference"])
-def test_nan_logits_are_an_error(sampler):
+def test_bad_logits_are_an_error(sampler, bad):
     model = tiny_random_model(8, seed=0)
-    with torch.no_grad():
-        model.lm_head.weight[3] = float("nan")  # every logit row has a NaN
-    with pytest.raises(FloatingPointError, match="NaN in the model logits"):
+
+    def spoil(module, args, logits):
+        if bad == "all -inf":
+            return torch.full_like(logits, -math.inf)
+        return logits.index_fill(-1, torch.tensor([3]), float(bad.lstrip("+")))
+    model.lm_head.register_forward_hook(spoil)
+    with pytest.raises(FloatingPointError, match=r"NaN, \+inf or all -inf logits"):
         getattr(power, sampler)(model, torch.tensor([[1, 2]]), max_new_tokens=4, block_size=2, n_mcmc=1)
 
 

@@ -489,6 +489,68 @@ def test_prompt_too_long_for_the_model(cache, match):
     with pytest.raises(ValueError, match=f"exceeds the model's 8 positions .*{match}"):
         smc_generate(m, torch.zeros(1, 6, dtype=torch.long), max_new_tokens=4, cache=cache)
     smc_generate(m, torch.zeros(1, 6, dtype=torch.long), max_new_tokens=2, cache=cache)  # exactly fits
+    # Padding takes no position (padding="max_length"): 2 real tokens + 6 new fit in 8 positions.
+    ids, mask = torch.zeros(2, 7, dtype=torch.long), torch.tensor([[0] * 5 + [1] * 2, [0] * 6 + [1]])
+    out = smc_generate(m, ids, mask, max_new_tokens=6, cache=cache, eos_token_id=[])
+    assert out.completions.shape == (2, 16, 6)
+    with pytest.raises(ValueError, match="prompt length 2 .*exceeds the model's 8 positions"):
+        smc_generate(m, ids, mask, max_new_tokens=7, cache=cache)
+
+
+def test_bad_potential_outputs(model):
+    """Each names the potential; bools are refused (log phi in {0, 1} would silently be phi in {1, e})."""
+    def run(fn):
+        return smc_generate(model, replicas(1), num_particles=2, max_new_tokens=2, potential=fn)
+    with pytest.raises(TypeError, match="returned bools.*log phi"):
+        run(lambda c: (c == 2).any(1))
+    with pytest.raises(TypeError, match="<lambda>.*returned NoneType"):
+        run(lambda c: None)
+    with pytest.raises(ValueError, match="meta tensor"):
+        run(lambda c: torch.zeros(c.shape[0], device="meta"))
+    assert run(lambda c: -(c == 3).sum(1)).log_phi.dtype == torch.float32  # integers are log phi values
+
+
+def test_attention_mask_must_be_zeros_and_ones(model):
+    ids = torch.tensor([[0, 1, 2], [3, 1, 2]])
+    for bad in (torch.full((2, 3), 2), torch.full((2, 3), 0.5)):
+        with pytest.raises(ValueError, match="only 0 .*and 1"):
+            smc_generate(model, ids, bad, max_new_tokens=2)
+    a = smc_generate(model, ids, torch.ones(2, 3, dtype=torch.bool), max_new_tokens=2, seed=4)
+    b = smc_generate(model, ids, torch.ones(2, 3), max_new_tokens=2, seed=4)
+    assert torch.equal(a.completions, b.completions)
+
+
+def test_twist_returning_none_is_an_error(model):
+    with pytest.raises(TypeError, match="returned NoneType, expected log psi"):
+        smc_generate(model, replicas(1), max_new_tokens=2, twist=lambda h, c: None)
+
+
+def test_short_reference_completions_must_end(model):
+    """Columns missing from a reference would be forced to the pad id: only ended rows may be short."""
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] contain no EOS"):
+        smc_generate(model, replicas(2), max_new_tokens=4, reference_completions=torch.tensor([[1, EOS], [1, 2]]))
+    out = smc_generate(model, replicas(2), max_new_tokens=4, reference_completions=torch.tensor([[1, EOS], [2, EOS]]))
+    assert out.completions[:, 0, :2].tolist() == [[1, EOS], [2, EOS]]
+
+
+def test_intermediate_delimiters_are_checked_token_ids(model):
+    kw = dict(max_new_tokens=3, intermediate_potential=lambda c: torch.zeros(c.shape[0]), seed=2)
+    a = smc_generate(model, replicas(1), intermediate_delimiters=torch.tensor([2, 3]), **kw)
+    b = smc_generate(model, replicas(1), intermediate_delimiters=[2, 3], **kw)
+    assert torch.equal(a.completions, b.completions)
+    with pytest.raises(TypeError, match="intermediate_delimiters"):
+        smc_generate(model, replicas(1), intermediate_delimiters=[2.5], **kw)
+    with pytest.raises(ValueError, match="intermediate_delimiters 300 is outside"):
+        smc_generate(model, replicas(1), intermediate_delimiters=[300], **kw)
+
+
+def test_config_ids_outside_the_vocabulary_are_ignored():
+    """A config reused at another vocabulary size (GPT-2's 50256 on a 32-token model): no EOS, pad 0."""
+    m = tiny_random_model(V, arch="gpt2")
+    m.config.eos_token_id = m.config.pad_token_id = 50256
+    m.generation_config.eos_token_id = m.generation_config.pad_token_id = 50256
+    out = smc_generate(m, replicas(1), num_particles=2, max_new_tokens=3)
+    assert out.completions.shape == (1, 2, 3) and int(out.completions.max()) < V
 
 
 def test_twist_vocab_mismatch_is_an_error(model):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import operator
 import os
 import warnings
 from typing import List, NamedTuple, Optional, Sequence
@@ -103,12 +104,28 @@ def _check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move them to one device")
 
 
+def _as_int(name: str, value) -> int:
+    """``value`` as an int (Python, numpy or 0-dim torch integers; not bools or floats), else ``TypeError``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+
+
 def _check_proposal_options(temperature: float, top_k: int) -> None:
     """The proposal's temperature and top-k, as twist_sample and twist_score take them."""
-    if not temperature > 0:
+    if not temperature > 0:  # also refuses NaN
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k < 0:
+    if _as_int("top_k", top_k) < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+
+def check_ess_threshold(ess_threshold: float) -> None:
+    """Raise ``ValueError`` unless ``ess_threshold >= 0`` (NaN, which would never resample, included)."""
+    if not ess_threshold >= 0:
+        raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
 
 
 def _step_tensor(step, device: torch.device, rows: int | None = None) -> torch.Tensor:
@@ -121,9 +138,10 @@ def _step_tensor(step, device: torch.device, rows: int | None = None) -> torch.T
         if step.device != device:
             raise ValueError(f"step is on {step.device} but the data is on {device}")
         return step.to(torch.int64) if per_row else step.reshape(()).to(torch.int64)
-    if int(step) < 0:
+    step = _as_int("step", step)
+    if step < 0:
         raise ValueError(f"step must be non-negative, got {step}")
-    return torch.full((), int(step), dtype=torch.int64, device=device)  # a fill: capturable, unlike torch.tensor
+    return torch.full((), step, dtype=torch.int64, device=device)  # a fill: capturable, unlike torch.tensor
 
 
 def _seed32(seed: int) -> int:
@@ -226,8 +244,10 @@ def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: to
     _check_tensor("tokens", tokens, 1, (torch.int64, torch.int32))
     if tokens.shape[0] != logits.shape[0]:
         raise ValueError(f"tokens has {tokens.shape[0]} rows but logits has {logits.shape[0]}")
-    if log_twist is not None and log_twist.shape != logits.shape:
-        raise ValueError(f"log_twist shape {tuple(log_twist.shape)} does not match logits {tuple(logits.shape)}")
+    if log_twist is not None:
+        _check_tensor("log_twist", log_twist, 2, _FLOATS)
+        if log_twist.shape != logits.shape:
+            raise ValueError(f"log_twist shape {tuple(log_twist.shape)} does not match logits {tuple(logits.shape)}")
     _check_same_device("logits", logits, tokens=tokens, log_twist=log_twist)
     _check_proposal_options(temperature, top_k)
     if validate and _values_checkable() and tokens.numel() and bool(((tokens < 0) | (tokens >= logits.shape[1])).any()):
@@ -283,8 +303,7 @@ def normalize_log_weights(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = 
         all ``-inf`` gets ``-inf`` weights, ``ess = 0``, ``log_z_inc = -inf`` and no resampling.
     """
     _check_weights(log_w, log_w_inc, validate)
-    if ess_threshold < 0:
-        raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
+    check_ess_threshold(ess_threshold)
     return NormalizeOutput(*_normalize_op(log_w, log_w_inc, float(ess_threshold)))
 
 
@@ -382,8 +401,7 @@ def reweight(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = None, *, ess_
     """
     _check_weights(log_w, log_w_inc, validate)
     _check_scheme(scheme)
-    if ess_threshold < 0:
-        raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
+    check_ess_threshold(ess_threshold)
     return ReweightOutput(*_reweight_op(log_w, log_w_inc, float(ess_threshold), scheme, _seed32(seed),
                                         _step_tensor(step, log_w.device), bool(keep_first)))
 

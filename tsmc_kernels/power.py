@@ -130,15 +130,16 @@ def _validate(model, input_ids, attention_mask, *, alpha, cut, cut_power, num_ch
               n_mcmc, top_k, seed):
     input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+        raise ValueError(f"alpha must be a finite Python number > 0, got {alpha!r}")
     if cut not in CUT_RULES:
         raise ValueError(f"unknown cut rule {cut!r}; expected one of {CUT_RULES}")
-    if not isinstance(cut_power, (int, float)) or not math.isfinite(cut_power) or cut_power <= 0:
-        raise ValueError(f"cut_power must be a finite number > 0, got {cut_power!r}")
+    if isinstance(cut_power, bool) or not isinstance(cut_power, (int, float)) or not math.isfinite(cut_power) \
+            or cut_power <= 0:
+        raise ValueError(f"cut_power must be a finite Python number > 0, got {cut_power!r}")
     for name, value, low in (("num_chains", num_chains, 1), ("max_new_tokens", max_new_tokens, 1),
                              ("block_size", block_size, 1), ("n_mcmc", n_mcmc, 0), ("top_k", top_k, 0)):
         check_int(name, value, low)
-    check_positions(model, input_ids.shape[1], max_new_tokens, "a completion would run past them")
+    check_positions(model, input_ids, attention_mask, max_new_tokens, "a completion would run past them")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return input_ids, attention_mask
@@ -468,7 +469,7 @@ class _Chains:
                          (self.p_ent, out.entropy), (self.p_col, column)):
             buf.scatter_(1, idx, torch.where(live, val.to(buf.dtype), buf.gather(1, idx)[:, 0])[:, None])
         self.decoded += live.sum()
-        self.nan |= live & torch.isnan(out.log_zpi)
+        self.nan |= live & ~torch.isfinite(out.log_zpi)  # NaN / +inf logits (NaN), all -inf (-inf)
         done = is_any_of(out.token, self.eos) | (pos + 1 >= self.limit)
         pos += live.long()
         live &= ~done
@@ -561,7 +562,7 @@ class _Chains:
                 self.running.sum(), self.nan.sum(), torch.where(self.running, self.limit, 0).max(),
                 torch.where(self.running, self.move, self.total_moves).min()]).tolist()
             if nan:
-                _check_no_nan(self.nan, "proposals")
+                _check_logits(self.nan, "proposals")
             if bar is not None and slowest > bar.n:  # moves every chain has completed
                 bar.update(slowest - bar.n)
             if not left:
@@ -577,11 +578,12 @@ class _Chains:
             self._run_step()
 
 
-def _check_no_nan(nan_rows: torch.Tensor, during: str) -> None:
-    """Raise if the model gave NaN logits on some chain row (bool ``[M]``) while decoding ``during``."""
-    if bool(nan_rows.any()):
-        rows = torch.nonzero(nan_rows).flatten().tolist()[:8]
-        raise FloatingPointError(f"NaN in the model logits while decoding {during} (chain rows {rows})")
+def _check_logits(bad_rows: torch.Tensor, during: str) -> None:
+    """Raise if the model gave NaN, +inf or all -inf logits on some chain row (bool ``[M]``) while decoding ``during``."""
+    if bool(bad_rows.any()):
+        rows = torch.nonzero(bad_rows).flatten().tolist()[:8]
+        raise FloatingPointError(f"NaN, +inf or all -inf logits from the model while decoding {during} "
+                                 f"(chain rows {rows})")
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -735,12 +737,12 @@ def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch
             idx = pos.clamp_max(T - 1)[:, None]
             tok.scatter_(1, idx, torch.where(live, out.token, tok.gather(1, idx)[:, 0])[:, None])
             decoded += int(live.sum())
-            nan_rows |= live & torch.isnan(out.log_zpi)
+            nan_rows |= live & ~torch.isfinite(out.log_zpi)
             done = is_any_of(out.token, eos_t) | (pos + 1 >= limit)
             pos = pos + live.long()
             live = live & ~done
             j += 1
-        _check_no_nan(nan_rows, f"proposal {move}")
+        _check_logits(nan_rows, f"proposal {move}")
         new_len = torch.where(active, pos, length)
         return tok.masked_fill(t_idx >= new_len[:, None], pad), new_len
 

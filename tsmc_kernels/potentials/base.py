@@ -40,8 +40,7 @@ class Potential:
             raise ValueError(f"potential {self.name!r} needs decoded text: pass texts= (or a tokenizer to the sampler)")
         if prompt_index is None:
             prompt_index = torch.zeros(completion_ids.shape[0], dtype=torch.int64, device=completion_ids.device)
-        out = torch.as_tensor(self.log_phi(completion_ids, texts, prompt_index), dtype=torch.float32)
-        return check_log_phi(out, completion_ids.shape[0], self.name)
+        return check_log_phi(self.log_phi(completion_ids, texts, prompt_index), completion_ids.shape[0], self.name)
 
     def __mul__(self, other: "Potential") -> "Potential":
         return ProductPotential([self, as_potential(other)])
@@ -51,8 +50,20 @@ class Potential:
 
 
 def check_log_phi(out: torch.Tensor, m: int, name: str) -> torch.Tensor:
-    """Validate a potential's output: shape ``[m]``, no NaN, no ``+inf``. Returns it as fp32."""
-    out = torch.as_tensor(out).float()
+    """Validate a potential's output: real numbers ``[m]`` (not bools: ``log phi``, not ``phi > 0``),
+    no NaN, no ``+inf``. Returns it as fp32."""
+    try:
+        out = torch.as_tensor(out)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"potential {name!r} returned {type(out).__name__}, expected a tensor [{m}] of log phi") from None
+    if out.dtype == torch.bool:
+        raise TypeError(f"potential {name!r} returned bools: it must return log phi (0 where phi = 1, -inf where "
+                        "phi = 0), e.g. torch.where(ok, 0.0, float('-inf'))")
+    if out.dtype.is_complex:
+        raise TypeError(f"potential {name!r} returned {out.dtype}, expected real log phi")
+    if out.device.type == "meta":
+        raise ValueError(f"potential {name!r} returned a meta tensor (no values)")
+    out = out.float()
     if out.shape != (m,):
         raise ValueError(f"potential {name!r} returned shape {tuple(out.shape)}, expected [{m}] (one log phi per row)")
     if bool(torch.isnan(out).any()):

@@ -58,12 +58,19 @@ def check_int(name: str, value, low: int, why: str = "") -> None:
         raise ValueError(f"{name} must be an int >= {low}{why}, got {value!r}")
 
 
-def check_positions(model, prompt_len: int, max_new_tokens: int, why: str) -> None:
-    """Raise ``ValueError`` when ``prompt_len + max_new_tokens`` exceeds the model's position limit
-    (``max_position_embeddings`` or ``n_positions``, when the config has one)."""
+def check_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                    why: str) -> None:
+    """Raise ``ValueError`` when the longest prompt (its real tokens: padding takes no position) plus
+    ``max_new_tokens`` exceeds the model's position limit (``max_position_embeddings`` or
+    ``n_positions``, when the config has one). ``input_ids``, ``attention_mask``: ``[B, P]``."""
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(limit, int) and prompt_len + max_new_tokens > limit:
+    if not isinstance(limit, int):
+        return
+    prompt_len = input_ids.shape[1]
+    if attention_mask is not None and prompt_len + max_new_tokens > limit:
+        prompt_len = int(attention_mask.sum(1).max())
+    if prompt_len + max_new_tokens > limit:
         raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's {limit} "
                          f"positions ({why})")
 
@@ -80,14 +87,22 @@ def eos_ids(model, eos_token_id=None) -> list[int]:
             eos_token_id = getattr(model.config, "eos_token_id", None)
         if eos_token_id is None:
             return []
-    if isinstance(eos_token_id, torch.Tensor):
-        items = eos_token_id.reshape(-1).tolist()
-    else:
-        items = list(eos_token_id) if isinstance(eos_token_id, (list, tuple, set)) else [eos_token_id]
-    if not given:  # the config's ids are taken as they are
-        return [int(e) for e in items]
     vocab = model_vocab(model)
-    return [_token_id("eos_token_id", e, vocab) for e in items]
+    if not given:  # the config's ids: one the model cannot sample (a config reused at another vocab size) is no EOS
+        return [int(e) for e in _id_items(eos_token_id) if vocab is None or 0 <= int(e) < vocab]
+    return token_id_list("eos_token_id", eos_token_id, vocab)
+
+
+def _id_items(ids) -> list:
+    if isinstance(ids, torch.Tensor):
+        return ids.reshape(-1).tolist()
+    return list(ids) if isinstance(ids, (list, tuple, set)) else [ids]
+
+
+def token_id_list(name: str, ids, vocab: int | None) -> list[int]:
+    """``ids`` (an id, a list / tuple / set / tensor of ids) as a list of ints in ``[0, vocab)``,
+    else ``TypeError`` / ``ValueError`` naming ``name``."""
+    return [_token_id(name, i, vocab) for i in _id_items(ids)]
 
 
 def _token_id(name: str, value, vocab: int | None) -> int:
@@ -137,6 +152,9 @@ def pad_id(model, pad_token_id, eos: list[int]) -> int:
         pad = getattr(model.config, "pad_token_id", None)
     if isinstance(pad, (list, tuple)):
         pad = pad[0] if pad else None
+    vocab = model_vocab(model)
+    if pad is not None and vocab is not None and not 0 <= int(pad) < vocab:
+        pad = None  # a config reused at another vocabulary size
     return int(pad) if pad is not None else (eos[0] if eos else 0)
 
 
@@ -158,7 +176,7 @@ def check_prompts(model, input_ids, attention_mask=None):
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [B, P] with B, P >= 1, got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids must be int64 token ids, got {input_ids.dtype}")
+        raise TypeError(f"input_ids must be integer token ids (int64 or int32), got {input_ids.dtype}")
     model_device = next(model.parameters()).device
     if input_ids.device != model_device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {model_device}")
@@ -172,6 +190,8 @@ def check_prompts(model, input_ids, attention_mask=None):
                              f"{tuple(input_ids.shape)}")
         if attention_mask.device != input_ids.device:
             raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}")
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         if bool((attention_mask.sum(1) == 0).any()):
             raise ValueError("attention_mask has a prompt with no tokens (all padding)")
         input_ids, attention_mask = left_align(input_ids, attention_mask)

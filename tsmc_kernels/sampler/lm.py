@@ -73,7 +73,7 @@ class ParticleLM:
         # Fusing norms, rotary, residuals and activations cuts the decode step's ~45 kernels per
         # layer: under CUDA-graph replay the step is bound by their count, not by bytes.
         self._decode_model = torch.compile(model, dynamic=False) if compile_decode else model
-        check_positions(model, P, T, "too long for a static cache" if cache == "static" else
+        check_positions(model, input_ids, attention_mask, T, "too long for a static cache" if cache == "static" else
                         "a completion would run past them")
 
     # ------------------------------------------------------------------ forward passes

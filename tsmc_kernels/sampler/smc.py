@@ -33,7 +33,7 @@ from .. import ops
 from ..potentials.base import as_potential, check_log_phi
 from .attention import with_packed_decode_attention
 from .inputs import (check_int, check_prompts, check_token_ids, eos_ids, in_eval_mode, is_any_of, model_vocab,
-                     pad_id)
+                     pad_id, token_id_list)
 from .lm import CACHE_MODES, ParticleLM
 from .output import SMCOutput
 
@@ -47,8 +47,7 @@ def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, e
     for name, value in (("num_particles", num_particles), ("max_new_tokens", max_new_tokens),
                         ("sync_every", sync_every)):
         check_int(name, value, 1)
-    if not ess_threshold >= 0:  # also refuses NaN
-        raise ValueError(f"ess_threshold must be >= 0, got {ess_threshold}")
+    ops.check_ess_threshold(ess_threshold)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     check_int("top_k", top_k, 0)
@@ -65,6 +64,18 @@ def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, e
             raise ValueError(f"reference_completions must be [B, T] with B = {input_ids.shape[0]} and T >= 1, "
                              f"got {tuple(reference_completions.shape)}")
     return input_ids, attention_mask
+
+
+def _check_reference_ends(reference_completions: torch.Tensor, max_new_tokens: int, eos: list[int]) -> None:
+    """A reference narrower than ``max_new_tokens`` would have its missing tokens forced to the pad
+    id: only rows that end (contain an EOS id) may be shorter."""
+    if reference_completions.shape[1] >= max_new_tokens:
+        return
+    ended = is_any_of(reference_completions.cpu().long(), torch.tensor(eos, dtype=torch.int64)).any(1)
+    if not bool(ended.all()):
+        raise ValueError(f"reference_completions has {reference_completions.shape[1]} columns, fewer than "
+                         f"max_new_tokens = {max_new_tokens}, and row(s) {torch.nonzero(~ended).flatten().tolist()[:8]} "
+                         "contain no EOS: pass them in full")
 
 
 def _check_graph_twist(twist) -> None:
@@ -136,6 +147,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     inter_fn = as_potential(intermediate_potential) if intermediate_potential is not None else None
     if intermediate_every is not None:
         check_int("intermediate_every", intermediate_every, 1)
+    if intermediate_delimiters is not None:
+        intermediate_delimiters = token_id_list("intermediate_delimiters", intermediate_delimiters, model_vocab(model))
     if inter_fn is None and (intermediate_every is not None or intermediate_delimiters):
         raise ValueError("intermediate_every / intermediate_delimiters need an intermediate_potential")
     if inter_fn is not None and not intermediate_every and not intermediate_delimiters:
@@ -151,6 +164,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         cache = "static"
 
     eos = eos_ids(model, eos_token_id)
+    if reference_completions is not None:
+        _check_reference_ends(reference_completions, max_new_tokens, eos)
     run = _SMCRun(model, input_ids, attention_mask, num_particles=num_particles, max_new_tokens=max_new_tokens,
                   cache=cache, twist=twist, phi_fn=phi_fn, inter_fn=inter_fn, intermediate_every=intermediate_every,
                   intermediate_delimiters=intermediate_delimiters, ess_threshold=ess_threshold, resampling=resampling,
@@ -282,6 +297,9 @@ class _SMCRun:
         log_twist = None
         if self.twist is not None:
             log_twist = self.twist(hidden, self.tokens[:, :t] if self.pass_ids else None)
+            if first and not isinstance(log_twist, torch.Tensor):  # None would silently mean psi = 1
+                raise TypeError(f"twist {type(self.twist).__name__} returned {type(log_twist).__name__}, expected "
+                                f"log psi [M, V] (a float tensor)")
         out = ops.twist_sample(logits, log_twist, seed=self.seed, step=self.t, validate=first, **self.sample_kw)
         tok, logp, logq, log_psi = out.token, out.logp, out.logq, out.log_psi
         if self.conditional:
@@ -396,7 +414,8 @@ class _SMCRun:
             ids = torch.nonzero(dead).flatten().tolist()
             shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} prompts)" if len(ids) > 8 else "")
             warnings.warn(f"all particles of prompt(s) [{shown}] have zero weight "
-                          "(the potential is -inf on every particle): their log_z is -inf and weights are -inf")
+                          "(the potential, the twist or the model gave every particle probability 0): their log_z "
+                          "is -inf and weights are -inf")
         # With sync_every > 1 the loop may run idle steps after the last token: not part of T'.
         width = min(steps, int(self.lengths.max()))
         completions = self.tokens[:, :width].reshape(B, N, width)
