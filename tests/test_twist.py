@@ -350,8 +350,17 @@ def test_model_head_from_other_architectures_runs_in_eval_mode(arch):
 
 def test_model_head_needs_bound_prompts(model):
     head = make_head("model", model)
-    with pytest.raises(RuntimeError, match="bind"):
+    with pytest.raises(ValueError, match="bind"):
         smc_generate(model, PROMPT[None], num_particles=2, max_new_tokens=T, twist=head)
+    # A binding left from another batch of the same size would condition the twist on other prompts.
+    other = (PROMPT + 1) % V
+    for ids, n in ((other[None], 2), (PROMPT[None], 3)):
+        with head.bind(ids, None, n), pytest.raises(ValueError, match="bound to other prompts"):
+            smc_generate(model, PROMPT[None], num_particles=2, max_new_tokens=T, twist=head)
+    # Right padding: the sampler left-aligns it, as bind does.
+    ids, mask = torch.cat([PROMPT, PROMPT[:1]])[None], torch.tensor([[1] * len(PROMPT) + [0]])
+    with head.bind(ids, mask, 2):
+        smc_generate(model, ids, mask, num_particles=2, max_new_tokens=T, twist=head)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "embedding", "model"])

@@ -162,6 +162,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if cuda_graph:
         _check_graph_twist(twist)
         cache = "static"
+    if hasattr(twist, "check_bound"):
+        twist.check_bound(input_ids, attention_mask, num_particles)
 
     eos = eos_ids(model, eos_token_id)
     if reference_completions is not None:

@@ -504,6 +504,24 @@ class ModelTwistHead(TwistHead):
         finally:
             self._bound, self._cache, self._prev = old
 
+    def check_bound(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_particles: int) -> None:
+        """Raise ``ValueError`` unless the head is bound to these prompts (``[B, P]``, left-aligned as the
+        samplers pass them) with ``num_particles`` rows each: a binding left from another batch would
+        silently condition the twist on the wrong prompts."""
+        if self._bound is None:
+            raise ValueError("ModelTwistHead reads the prompts: call the sampler inside `with head.bind(input_ids, "
+                             "attention_mask, num_particles):`")
+        prompt, pmask, _ = self._bound
+        N = int(num_particles)
+        ids = input_ids.to(self.device).repeat_interleave(N, 0)
+        mask = (attention_mask.to(device=self.device, dtype=torch.long) if attention_mask is not None
+                else torch.ones_like(input_ids, device=self.device)).repeat_interleave(N, 0)
+        same = prompt.shape == ids.shape and torch.equal(pmask, mask) and torch.equal(prompt[mask == 1], ids[mask == 1])
+        if not same:
+            raise ValueError(f"ModelTwistHead is bound to other prompts ({prompt.shape[0]} rows of width "
+                             f"{prompt.shape[1]}) than the sampler's ({ids.shape[0]} rows of width {ids.shape[1]}, "
+                             f"{N} particles each): bind it to the same input_ids, attention_mask and num_particles")
+
     def _backbone(self, ids, mask, position_ids, cache=None, **kw):
         """Last hidden states; ``cache`` (filled in place) goes under the keyword the backbone takes."""
         if cache is not None:
