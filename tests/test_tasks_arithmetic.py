@@ -81,6 +81,7 @@ def test_prompts():
 @pytest.mark.parametrize("text,num", [
     ("7", "7"), (" The answer is 12.", "12"), ("1,200 apples", "1200"), ("3, 4", "3"),
     ("-3 and 5", "-3"), ("3.5", "3.5"), ("no number", None), ("x=12,345,678", "12345678"),
+    ("1,2345", "1"), ("12,34", "12"), (".5 apples", ".5"), ("１２", "12"), ("1,200.5", "1200.5"),
 ])
 def test_extract_first_number(text, num):
     assert A.extract_first_number(text) == num
@@ -88,7 +89,7 @@ def test_extract_first_number(text, num):
 
 @pytest.mark.parametrize("text,r", [
     ("9", 1.0), ("9 apples", 1.0), ("The answer is 9.", 1.0), ("4 + 5 = 9", 0.0), ("9.5", 0.0),
-    ("09", 0.0), ("", 0.0), ("nine", 0.0), ("-9", 0.0),
+    ("09", 0.0), ("", 0.0), ("nine", 0.0), ("-9", 0.0), (".9", 0.0), ("99", 0.0), ("９", 1.0),
 ])
 def test_short_answer_reward(text, r):
     assert A.short_answer_reward(text, "9") == r

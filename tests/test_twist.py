@@ -436,13 +436,14 @@ def test_base_model_is_untouched(model):
 
 # ----------------------------------------------------------------------------- HF Trainer
 
-def _trainer(model, out_dir, steps, **kw):
+def _trainer(model, out_dir, steps, **kw):  # kw: TrainingArguments (overriding the ones here)
     from transformers import TrainingArguments
 
     from tsmc_kernels.twist import TwistTrainer
-    args = TrainingArguments(output_dir=str(out_dir), max_steps=steps, save_steps=2, save_strategy="steps",
-                             per_device_train_batch_size=8, gradient_accumulation_steps=2, learning_rate=1e-2,
-                             logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, **kw)
+    args = TrainingArguments(**{**dict(output_dir=str(out_dir), max_steps=steps, save_steps=2, save_strategy="steps",
+                                       per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                                       learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                                       disable_tqdm=True), **kw})
     head = MLPTwistHead.for_model(model)
     return TwistTrainer(model, head, potential, args, train_dataset=PROMPT.repeat(32, 1), num_particles=4,
                         max_new_tokens=T, chunk_size=BIG)
@@ -466,3 +467,38 @@ def test_trainer_resumes_from_checkpoint(model, tmp_path):
     assert all(torch.equal(final[k], again[k]) for k in final), "resumed training differs from the full run"
     saved = TwistHead.from_pretrained(tmp_path / "run" / "checkpoint-4", model=model)
     assert all(torch.equal(final[k], saved.state_dict()[k]) for k in final)
+
+
+def test_trainer_mixed_precision_reaches_the_head(model, tmp_path):
+    """TrainingArguments(bf16=True) autocasts the head in compute_loss (accelerate only autocasts the
+    wrapped module's forward, which the trainer never calls)."""
+    dtypes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = _trainer(model, tmp_path / "run", 1, bf16=True, save_strategy="no")
+        trainer.head.trunk.register_forward_hook(lambda mod, args, y: dtypes.append((torch.is_grad_enabled(), y.dtype)))
+        trainer.train()
+    assert (True, torch.bfloat16) in dtypes, dtypes  # the loss's (grad-enabled) head calls ran in bf16
+    assert all(p.dtype == torch.float32 for p in trainer.head.parameters())  # fp32 master weights
+
+
+def test_training_weights_match_the_teacher_forced_pass(model):
+    """Without resampling the batch's positive weights are softmax(sum log p0 + log phi - sum log q) of
+    the teacher-forced pass that also gives CTL's negative weights, not the sampler's decode-time
+    weights (equal in fp32; in bf16 the two passes differ, by up to ~0.2 nats on SmolLM2): a batch
+    built from an output with wrong weights still gets the teacher-forced ones."""
+    from dataclasses import replace
+
+    from tsmc_kernels.twist import make_batch
+
+    head = randomize_(MLPTwistHead.for_model(model), seed=1, scale=0.3)
+    ids = PROMPT.repeat(2, 1)
+    out = smc_generate(model, ids, num_particles=8, max_new_tokens=T, potential=positive_potential, twist=head,
+                       ess_threshold=0.0, seed=5)
+    want = make_batch(model, head, ids, None, out, chunk_size=BIG).log_weights
+    torch.testing.assert_close(want, out.log_weights, atol=1e-4, rtol=0)  # fp32: the same as the sampler's
+    wrong = replace(out, log_weights=torch.log_softmax(torch.randn(2, 8), 1))
+    batch = make_batch(model, head, ids, None, wrong, chunk_size=BIG)
+    lw = (torch.where(batch.mask, batch.log_p0 - batch.log_q_sample, 0.0).sum(1) + batch.log_phi).view(2, 8)
+    torch.testing.assert_close(batch.log_weights, torch.log_softmax(lw, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch.log_weights, want, atol=1e-6, rtol=0)

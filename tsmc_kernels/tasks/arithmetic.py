@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -177,12 +178,14 @@ def build_short_prompt(tokenizer, question: str) -> str:
 
 # ----------------------------------------------------------------------------------- rewards
 
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# Thousands groups only when every group has 3 digits ("1,2345" is 1 then 2345, not 1234);
+# a leading-dot decimal is one number (".5" is not 5). ASCII digits, after NFKC ("１２" -> "12").
+_NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)", re.ASCII)
 
 
 def extract_first_number(completion: str) -> str | None:
     """The first number in the text (commas removed, e.g. ``"1,200"`` -> ``"1200"``), or ``None``."""
-    m = _NUMBER.search(completion)
+    m = _NUMBER.search(unicodedata.normalize("NFKC", completion))
     return None if m is None else m.group(0).replace(",", "")
 
 

@@ -412,17 +412,35 @@ def twist_loss(name: str, head, batch: TwistBatch, **options) -> torch.Tensor:
     return loss_needs(name).fn(head, batch, **options)
 
 
+def _sis_log_weights(log_p0, log_q, mask, log_phi, shape) -> torch.Tensor:
+    """Normalised final weights of runs that never resampled, ``log p0 + log phi - log q`` summed over
+    the tokens (``[M, L]`` teacher-forced values, ``log_phi [M]``), fp32 ``shape = [B, N]``.
+
+    The sampler's own weights are the same quantity from the decode-time logits; in bf16 those
+    differ from a teacher-forced pass by up to ~0.1 nats per sequence, which would make CTL's
+    positive weights (from the sampler) and negative weights (teacher-forced) disagree.
+    """
+    lw = (torch.where(mask, log_p0.float() - log_q.float(), 0.0).sum(1) + log_phi.float()).view(shape)
+    lse = torch.logsumexp(lw, 1, keepdim=True)
+    return torch.where(torch.isneginf(lse), lw, lw - lse)
+
+
 def make_batch(model, head, input_ids, attention_mask, out, *, loss: str = "ctl", ref_out=None, chunk_size: int = 64,
                temperature: float = 1.0, top_k: int = 0) -> TwistBatch:
     """A :class:`TwistBatch` from :class:`~tsmc_kernels.SMCOutput` ``out`` (twisted samples under ``head``)
-    and ``ref_out`` (base-model rollouts, for SIXO / FUDGE)."""
+    and ``ref_out`` (base-model rollouts, for SIXO / FUDGE). When ``out`` never resampled its weights
+    are recomputed from the teacher-forced ``log p0`` / ``log q`` (:func:`_sis_log_weights`)."""
     spec = loss_needs(loss)
 
     def build(o, with_head):
         d = teacher_force(model, input_ids, attention_mask, o.completions, o.lengths, keep_logits=spec.keep_logits,
                           chunk_size=chunk_size, head=head if with_head else None, temperature=temperature,
                           top_k=top_k)
-        return TwistBatch(log_phi=o.log_phi.reshape(-1).to(input_ids.device), log_weights=o.log_weights, **d)
+        log_phi = o.log_phi.reshape(-1).to(input_ids.device)
+        log_w = o.log_weights
+        if d.get("log_q_sample") is not None and not bool(o.resampled.any()):
+            log_w = _sis_log_weights(d["log_p0"], d["log_q_sample"], d["mask"], log_phi, log_w.shape)
+        return TwistBatch(log_phi=log_phi, log_weights=log_w, **d)
 
     with torch.no_grad():
         main = build(out, True) if out is not None else None

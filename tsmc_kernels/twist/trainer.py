@@ -375,7 +375,10 @@ class TwistTrainer(_trainer_base()):
                                   seed=self._seed_for_call(), ess_threshold=self.ess_threshold,
                                   tokenizer=self.tokenizer_for_text, chunk_size=self.chunk_size,
                                   smc_kwargs=self.smc_kwargs)
-        loss = twist_loss(self.twist_loss_name, head, batch, **self.loss_kwargs)
+        # The head is called here, not through the wrapped module's forward that accelerate autocasts:
+        # TrainingArguments(bf16=True / fp16=True) applies through this context.
+        with self.accelerator.autocast():
+            loss = twist_loss(self.twist_loss_name, head, batch, **self.loss_kwargs)
         prefix = "" if model.training else "eval_"
         for k, v in _metrics(out).items():
             if math.isfinite(v):
