@@ -93,7 +93,14 @@ def test_eval_on_gsm8k_file(tiny_model_dir, capsys, tmp_path):
     (["eval", "--task", "gsm8k"], "--data"),
     (["eval", "--task", "gsm8k", "--data", "/nonexistent.jsonl"], "nonexistent"),
     # the library's argument checks and early checks of the command line: one line, status 2, no traceback
-    (["run", "--prompt", "x", "--particles", "0"], "num_particles"),
+    (["run", "--prompt", "x", "--particles", "0"], "--particles must be >= 1"),
+    (["run", "--prompt", "x", "--format-only"], "--format-only is for a task"),
+    (["run", "-n", "1", "--format-only"], "--format-only is for the GSM8K-format tasks"),
+    (["run", "--prompt", "x", "--method", "sample", "--head", "/tmp/tsmc_unused_head"], "--head is for --method smc"),
+    (["eval", "--methods", "sample,bogus"], "unknown ['bogus']"),
+    (["eval", "--methods", "twisted"], "needs a trained twist head"),
+    (["train-twist", "--steps", "0", "--out", "/tmp/tsmc_unused_head"], "--steps must be >= 1"),
+    (["bounds", "--runs", "1"], "--runs must be >= 2"),
     (["run", "--prompt", "x", "--temperature", "0"], "temperature"),
     (["run", "--prompt", "x", "--seed", "-1"], "seed"),
     (["run", "--prompt", "x", "--max-new-tokens", "100000"], "positions"),
@@ -140,6 +147,27 @@ def test_train_twist_then_use_the_head(tiny_model_dir, capsys, tmp_path):
                         "--particles", "2", "--max-new-tokens", "3", "--methods", "twisted", "--head", str(head)],
                        capsys)
     assert code == 0 and "| twisted |" in out
+
+
+def test_fudge_and_model_heads(tiny_model_dir, capsys, tmp_path):
+    """train-twist --loss fudge builds the logsigmoid head FUDGE needs; a saved ModelTwistHead runs
+    from the command line (the sampler binds its prompts)."""
+    from transformers import AutoModelForCausalLM
+
+    from tsmc_kernels.twist import ModelTwistHead
+
+    fudge = tmp_path / "fudge"
+    code, _, err = run(["train-twist", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "2",
+                        "--particles", "2", "--steps", "1", "--max-new-tokens", "3", "--loss", "fudge",
+                        "--out", str(fudge)], capsys)
+    assert code == 0, err
+    model_head = tmp_path / "model_head"
+    ModelTwistHead.from_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), num_layers=1).save_pretrained(
+        model_head)
+    for head in (fudge, model_head):
+        code, out, err = run(["run", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "1",
+                              "--particles", "2", "--max-new-tokens", "3", "--head", str(head)], capsys)
+        assert code == 0 and "log Zhat" in out, err
 
 
 def test_missing_head_is_an_error(tiny_model_dir, capsys, tmp_path):

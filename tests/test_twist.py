@@ -348,19 +348,28 @@ def test_model_head_from_other_architectures_runs_in_eval_mode(arch):
     assert torch.equal(runs[0].sequences, runs[1].sequences) and torch.equal(runs[0].log_z, runs[1].log_z)
 
 
-def test_model_head_needs_bound_prompts(model):
-    head = make_head("model", model)
-    with pytest.raises(ValueError, match="bind"):
-        smc_generate(model, PROMPT[None], num_particles=2, max_new_tokens=T, twist=head)
-    # A binding left from another batch of the same size would condition the twist on other prompts.
-    other = (PROMPT + 1) % V
-    for ids, n in ((other[None], 2), (PROMPT[None], 3)):
-        with head.bind(ids, None, n), pytest.raises(ValueError, match="bound to other prompts"):
-            smc_generate(model, PROMPT[None], num_particles=2, max_new_tokens=T, twist=head)
-    # Right padding: the sampler left-aligns it, as bind does.
-    ids, mask = torch.cat([PROMPT, PROMPT[:1]])[None], torch.tensor([[1] * len(PROMPT) + [0]])
-    with head.bind(ids, mask, 2):
-        smc_generate(model, ids, mask, num_particles=2, max_new_tokens=T, twist=head)
+def test_model_head_is_bound_by_the_sampler(model):
+    """smc_generate binds a ModelTwistHead to its own prompts for the call: no binding, a binding left
+    from another batch of the same size, or the bounds' repeated prompts all condition it right."""
+    from tsmc_kernels.bounds import log_z_bounds
+
+    head = randomize_(make_head("model", model), seed=2, scale=0.3)
+    kw = dict(num_particles=4, max_new_tokens=T, twist=head, seed=3, potential=positive_potential)
+    ids, mask = torch.cat([PROMPT, PROMPT[:1]])[None], torch.tensor([[1] * len(PROMPT) + [0]])  # right padding
+    with head.bind(ids, mask, 4):
+        want = smc_generate(model, ids, mask, **kw)
+    with head.bind((ids + 1) % V, None, 4):  # stale
+        stale = smc_generate(model, ids, mask, **kw)
+    plain = smc_generate(model, ids, mask, **kw)
+    assert head._bound is None  # restored
+    for got in (stale, plain):
+        assert torch.equal(want.sequences, got.sequences) and torch.equal(want.log_z, got.log_z)
+    with pytest.raises(RuntimeError, match="bind"):  # a direct call still needs it
+        head(None, torch.zeros(4, 1, dtype=torch.long))
+    e = enumerate_completions(model, PROMPT, T).with_potential(positive_potential)
+    b = log_z_bounds(model, PROMPT[None], potential=positive_potential, twist=head, num_particles=2, num_runs=8,
+                     max_new_tokens=T, exact_samples=e, seed=1)
+    assert torch.isfinite(b.lower).all() and torch.isfinite(b.upper).all()
 
 
 @pytest.mark.parametrize("kind", ["mlp", "embedding", "model"])

@@ -60,6 +60,14 @@ def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format-only", action="store_true", help="GSM8K: potential from the format rewards only")
 
 
+def _check_at_least(args, **bounds) -> None:
+    """``--flag`` values below their bound, before the model loads (``bounds``: attribute -> minimum)."""
+    for name, low in bounds.items():
+        value = getattr(args, name)
+        if value < low:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def _load_model(args):
     from .models import load_model
     try:
@@ -86,6 +94,9 @@ def _load_task(args):
         raise CLIError(str(exc)) from exc
     potential_options = {}
     if args.format_only:
+        if args.task == "arithmetic-short":
+            raise CLIError("--format-only is for the GSM8K-format tasks (gsm8k, arithmetic): arithmetic-short's "
+                           "only reward is the answer")
         potential_options["components"] = ("strict", "soft", "xml")
     return task, problems, potential_options
 
@@ -127,6 +138,11 @@ def cmd_run(args) -> int:
     from .sampler import smc_generate
     if args.potential and not args.prompt:
         raise CLIError("--potential is for --prompt (a task brings its own potential)")
+    if args.prompt and args.format_only:
+        raise CLIError("--format-only is for a task's problems, not --prompt (see --potential)")
+    if args.method == "sample" and args.head:
+        raise CLIError("--head is for --method smc (--method sample draws from the model as it is)")
+    _check_at_least(args, particles=1, max_new_tokens=1)
     if args.cuda_graph and not str(args.device).startswith("cuda"):
         raise CLIError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     if args.sync_every < 1:
@@ -189,10 +205,17 @@ def cmd_run(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluate import evaluate
+    from .evaluate import METHODS
     _check_output_file(args.json, "--json")
+    _check_at_least(args, particles=1, max_new_tokens=1)
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CLIError(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    if "twisted" in methods and not args.head:
+        raise CLIError("--methods twisted needs a trained twist head (--head PATH; see tsmc train-twist)")
     task, problems, popts = _load_task(args)
     model, tok = _load_model(args)
-    methods = args.methods.split(",")
     twist = _load_head(args.head, model)
     with _input_errors():
         report = evaluate(model, tok, args.task, problems, task=task, methods=methods, num_particles=args.particles,
@@ -214,12 +237,15 @@ def cmd_train_twist(args) -> int:
     if not args.lr > 0:
         raise CLIError(f"--lr must be > 0, got {args.lr}")
     with _input_errors():
-        loss_needs(args.loss)  # an unknown loss name, before the model loads
+        spec = loss_needs(args.loss)  # an unknown loss name, before the model loads
+    _check_at_least(args, particles=1, max_new_tokens=1, steps=1)
     task, problems, popts = _load_task(args)
     model, tok = _load_model(args)
     prompts = [task.build_prompt(tok, p.question) for p in problems]
     potential = task.potential([p.gold for p in problems], **popts)
-    head = MLPTwistHead.for_model(model, seed=args.seed)
+    # FUDGE learns psi = sigmoid(f) in (0, 1); the other losses an unconstrained log psi.
+    activation = "logsigmoid" if spec is loss_needs("fudge") else "none"
+    head = MLPTwistHead.for_model(model, seed=args.seed, activation=activation)
     with _input_errors():
         fit_twist(model, head, prompts, potential, tokenizer=tok, loss=args.loss, num_particles=args.particles,
                   steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed, progress=True)
@@ -230,6 +256,7 @@ def cmd_train_twist(args) -> int:
 
 def cmd_bounds(args) -> int:
     from .bounds import log_z_bounds
+    _check_at_least(args, particles=1, max_new_tokens=1, runs=2, max_proposals=1)
     task, problems, popts = _load_task(args)
     model, tok = _load_model(args)
     prompts = [task.build_prompt(tok, p.question) for p in problems]

@@ -162,36 +162,43 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     if cuda_graph:
         _check_graph_twist(twist)
         cache = "static"
-    if hasattr(twist, "check_bound"):
-        twist.check_bound(input_ids, attention_mask, num_particles)
 
+    from ..twist.heads import bind_prompts
     eos = eos_ids(model, eos_token_id)
     if reference_completions is not None:
         _check_reference_ends(reference_completions, max_new_tokens, eos)
-    run = _SMCRun(model, input_ids, attention_mask, num_particles=num_particles, max_new_tokens=max_new_tokens,
-                  cache=cache, twist=twist, phi_fn=phi_fn, inter_fn=inter_fn, intermediate_every=intermediate_every,
-                  intermediate_delimiters=intermediate_delimiters, ess_threshold=ess_threshold, resampling=resampling,
-                  temperature=temperature, top_k=top_k, seed=seed, eos=eos, pad=pad_id(model, pad_token_id, eos),
-                  reference_completions=reference_completions, tokenizer=tokenizer, sync_every=sync_every,
-                  pass_ids=not cuda_graph, compile_decode=compile_decode)
-    if cuda_graph and run.lm.other_layers():
-        raise NotImplementedError(f"cuda_graph=True supports K/V attention caches only; this model's cache also has "
-                                  f"{run.lm.other_layers()} layers: use cuda_graph=False")
-    T = max_new_tokens
+    # A head that reads token ids (ModelTwistHead) is bound to these prompts for the call.
+    with bind_prompts(twist, input_ids, attention_mask, num_particles):
+        run = _SMCRun(model, input_ids, attention_mask, num_particles=num_particles, max_new_tokens=max_new_tokens,
+                      cache=cache, twist=twist, phi_fn=phi_fn, inter_fn=inter_fn,
+                      intermediate_every=intermediate_every, intermediate_delimiters=intermediate_delimiters,
+                      ess_threshold=ess_threshold, resampling=resampling, temperature=temperature, top_k=top_k,
+                      seed=seed, eos=eos, pad=pad_id(model, pad_token_id, eos),
+                      reference_completions=reference_completions, tokenizer=tokenizer, sync_every=sync_every,
+                      pass_ids=not cuda_graph, compile_decode=compile_decode)
+        if cuda_graph and run.lm.other_layers():
+            raise NotImplementedError(f"cuda_graph=True supports K/V attention caches only; this model's cache also "
+                                      f"has {run.lm.other_layers()} layers: use cuda_graph=False")
+        return _decode(run, max_new_tokens, cuda_graph=cuda_graph, sync_every=sync_every, progress=progress,
+                       mid_sync=sync_every == 1 and (phi_fn is not None or inter_fn is not None))
+
+
+def _decode(run: "_SMCRun", T: int, *, cuda_graph: bool, sync_every: int, progress: bool, mid_sync: bool) -> SMCOutput:
+    """The step loop of :func:`smc_generate`: eager steps, then (``cuda_graph``) capture and replay.
+    ``mid_sync``: the host looks between the halves (to evaluate potentials; phi = 1 is set on the device)."""
+    device = run.input_ids.device
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=T, desc="smc", unit="tok")
     graphs, warmup = None, None
     if cuda_graph:  # eager warm-up steps run on a side stream, as graph capture requires
-        warmup = torch.cuda.Stream(device=input_ids.device)
-        warmup.wait_stream(torch.cuda.current_stream(input_ids.device))
-    # The host needs to look between the halves only to evaluate potentials (phi = 1 is set on the device).
-    mid_sync = sync_every == 1 and (phi_fn is not None or inter_fn is not None)
+        warmup = torch.cuda.Stream(device=device)
+        warmup.wait_stream(torch.cuda.current_stream(device))
     steps_run, flushed = 0, False
     for t in range(T):
         if cuda_graph and t == GRAPH_WARMUP_STEPS:
-            torch.cuda.current_stream(input_ids.device).wait_stream(warmup)
+            torch.cuda.current_stream(device).wait_stream(warmup)
             graphs = run.capture()
         with torch.cuda.stream(warmup) if cuda_graph and graphs is None else contextlib.nullcontext():
             if graphs is not None:
@@ -218,7 +225,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         bar.total = steps_run
         bar.close()
     if cuda_graph and graphs is None:
-        torch.cuda.current_stream(input_ids.device).wait_stream(warmup)
+        torch.cuda.current_stream(device).wait_stream(warmup)
     return run.output(steps_run, steps_run + flushed)
 
 

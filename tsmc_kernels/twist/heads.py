@@ -409,12 +409,13 @@ class ModelTwistHead(TwistHead):
     Build it with :meth:`from_model` (a copy of the base model's embeddings, its first
     ``num_layers`` layers and final norm; all trainable) or from any HF config (``model_config``,
     a ``config.to_dict()``). It ignores the base model's hidden states and reads the prompt and the
-    completion ids, so before sampling bind the prompts::
+    completion ids, so it must know the prompts of its rows: :func:`~tsmc_kernels.smc_generate`
+    (and everything built on it: the bounds, training, evaluation) binds it to its own prompts for
+    the call. To call the head directly, bind them yourself::
 
         with head.bind(input_ids, attention_mask, num_particles):
-            out = smc_generate(model, input_ids, attention_mask, num_particles=N, twist=head, ...)
+            log_psi = head(None, completion_ids)  # [B * num_particles, V]
 
-    (:func:`~tsmc_kernels.twist.fit_twist` and :class:`~tsmc_kernels.twist.TwistTrainer` do this.)
     While bound it keeps a KV cache; at each call it matches every row's previous tokens with the
     rows of the previous call (resampling copies rows within a prompt) and reorders the cache, or
     recomputes from scratch if a row matches nothing.
@@ -504,24 +505,6 @@ class ModelTwistHead(TwistHead):
         finally:
             self._bound, self._cache, self._prev = old
 
-    def check_bound(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, num_particles: int) -> None:
-        """Raise ``ValueError`` unless the head is bound to these prompts (``[B, P]``, left-aligned as the
-        samplers pass them) with ``num_particles`` rows each: a binding left from another batch would
-        silently condition the twist on the wrong prompts."""
-        if self._bound is None:
-            raise ValueError("ModelTwistHead reads the prompts: call the sampler inside `with head.bind(input_ids, "
-                             "attention_mask, num_particles):`")
-        prompt, pmask, _ = self._bound
-        N = int(num_particles)
-        ids = input_ids.to(self.device).repeat_interleave(N, 0)
-        mask = (attention_mask.to(device=self.device, dtype=torch.long) if attention_mask is not None
-                else torch.ones_like(input_ids, device=self.device)).repeat_interleave(N, 0)
-        same = prompt.shape == ids.shape and torch.equal(pmask, mask) and torch.equal(prompt[mask == 1], ids[mask == 1])
-        if not same:
-            raise ValueError(f"ModelTwistHead is bound to other prompts ({prompt.shape[0]} rows of width "
-                             f"{prompt.shape[1]}) than the sampler's ({ids.shape[0]} rows of width {ids.shape[1]}, "
-                             f"{N} particles each): bind it to the same input_ids, attention_mask and num_particles")
-
     def _backbone(self, ids, mask, position_ids, cache=None, **kw):
         """Last hidden states; ``cache`` (filled in place) goes under the keyword the backbone takes."""
         if cache is not None:
@@ -537,8 +520,8 @@ class ModelTwistHead(TwistHead):
         """Sampling: ``[M, V]`` log-twists after the bound prompts and ``completion_ids [M, t]``."""
         if self._bound is None:
             raise RuntimeError("ModelTwistHead reads the prompts: call it inside `with head.bind(input_ids, "
-                               "attention_mask, num_particles): smc_generate(...)`, or use log_psi_rows for teacher "
-                               "forcing")
+                               "attention_mask, num_particles):` (smc_generate does this itself), or use "
+                               "log_psi_rows for teacher forcing")
         if completion_ids is None:
             raise ValueError("ModelTwistHead needs completion_ids")
         from transformers import DynamicCache
