@@ -314,6 +314,21 @@ def test_bad_arguments(model, enums):
                      exact_samples=enumerate_completions(model, PROMPTS[0], T + 1).with_potential(potential))
     with pytest.raises(TypeError, match="unexpected"):
         log_z_bounds(model, PROMPTS[:1], num_runs=4, exact_samples=e, reference_completions=None, **kw)
+    with pytest.raises(ValueError, match="max_rows"):
+        log_z_bounds(model, PROMPTS[:1], num_runs=4, exact_samples=e, max_rows=0, **kw)
+    with pytest.raises(ValueError, match="batch_size"):
+        rejection_samples(model, PROMPTS[:1], potential=potential, num=2, max_new_tokens=T, batch_size=0)
     # An exact sample outside the proposal's support (top_k=1 keeps only the most likely token).
     with pytest.raises(ValueError, match="proposal probability 0"):
         log_z_bounds(model, PROMPTS[:1], num_runs=64, exact_samples=e, top_k=1, **kw)
+
+
+def test_summary_reports_dead_runs(model):
+    def starts_with_2(c, prompt_index=None):  # phi = 0 for most completions
+        return torch.where(c[:, 0] == 2, 0.0, -math.inf)
+    e = enumerate_completions(model, PROMPTS[0], T).with_potential(starts_with_2)
+    b = log_z_bounds(model, PROMPTS[:1], potential=starts_with_2, num_particles=1, num_runs=16, max_new_tokens=T,
+                     ess_threshold=0.0, exact_samples=e, seed=3)
+    dead = int(b.dead_runs[0])
+    assert 0 < dead < 16 and torch.isneginf(b.lower).all()
+    assert f"prompt 0: {dead} of 16 lower-bound runs had every particle at phi = 0" in b.summary()

@@ -371,3 +371,15 @@ def test_infill_bad_input():
         pot(torch.zeros(2, 2, dtype=torch.int64), prompt_index=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="'infill'.*vocabulary"):
         pot(torch.full((1, 2), 7, dtype=torch.int64))
+
+
+def test_reward_helpers_edge_values():
+    from tsmc_kernels.potentials import from_reward, indicator
+
+    ids, texts = torch.zeros(3, 1, dtype=torch.int64), ["a", "b", "c"]
+    flat = from_reward(lambda t, i: [0.0, -math.inf, 2.0], beta=0.0)
+    assert flat(ids, texts=texts).tolist() == [0.0, 0.0, 0.0]  # phi^0 = 1, also where r = -inf
+    with pytest.raises(ValueError, match="returned NaN for row 1"):
+        indicator(lambda t, i: [1.0, math.nan, 0.0])(ids, texts=texts)  # NaN is not "phi = 0"
+    both = (lambda c: torch.full((c.shape[0],), -1.0)) * RegexPotential("b", penalty=2.0)  # callable * Potential
+    assert both(ids, texts=texts).tolist() == [-3.0, -1.0, -3.0]

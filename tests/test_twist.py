@@ -278,6 +278,31 @@ def test_loss_checks(model):
                   max_new_tokens=T)
 
 
+def test_fit_twist_argument_checks(model):
+    head = MLPTwistHead.for_model(model)
+    kw = dict(steps=1, max_new_tokens=T)
+    for bad, match in ((dict(steps=0), "steps"), (dict(steps=2.5), "steps"), (dict(inner_steps=0), "inner_steps"),
+                       (dict(batch_size=0), "batch_size"), (dict(batch_size=-2), "batch_size")):
+        with pytest.raises(ValueError, match=match):
+            fit_twist(model, head, PROMPT.repeat(8, 1), potential, **{**kw, **bad})
+    with pytest.raises(TypeError, match=r"has no option\(s\) \['log_phi_flor'\]"):  # a typo, before any sampling
+        fit_twist(model, head, PROMPT[None], potential, loss="soft_q", loss_kwargs={"log_phi_flor": -5}, **kw)
+
+
+def test_head_size_checks(model):
+    for kw, match in ((dict(mlp_size=0), "mlp_size"), (dict(num_layers=0), "num_layers"), (dict(seed=1.5), "seed")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            MLPTwistHead.for_model(model, **kw)
+    with pytest.raises(ValueError, match="vocab_size"):
+        MLPTwistHead(vocab_size=2.5, hidden_size=4)
+    with pytest.raises(ValueError, match="embedding_size"):
+        EmbeddingTwistHead(vocab_size=V, hidden_size=4, embedding_size=0)
+    with pytest.raises(ValueError, match="num_layers"):
+        ModelTwistHead.from_model(model, num_layers=0)
+    with pytest.raises(ValueError, match="only 2 layers"):
+        ModelTwistHead.from_model(model, num_layers=3)
+
+
 @pytest.mark.parametrize("loss", ["sixo", "fudge", "soft_q", "dpg"])
 def test_other_losses_train(model, loss):
     pot = indicator if loss == "fudge" else positive_potential

@@ -81,9 +81,11 @@ class LogZBounds:
             (no resampling); NaN when ``proposal_kl=False`` and the runs resample.
         eubo, eubo_se: ``E_sigma[log p0 phi / q]`` over the exact samples.
         kl_q_sigma, kl_sigma_q: proposal KLs ``log_z_ref - elbo`` and ``eubo - log_z_ref``
-            (``kl_q_sigma = inf`` when ``q`` proposes completions with ``phi = 0``).
+            (``kl_q_sigma = inf`` when ``q`` proposes completions with ``phi = 0``; both NaN when
+            ``log_z_ref = -inf``: every lower-bound run dead and no ``log_z`` given).
         smc_kl_q_sigma, smc_kl_sigma_q: extended-space KLs ``log_z_ref - lower`` and
-            ``upper - log_z_ref`` (see the module docstring); their sum is ``upper - lower``.
+            ``upper - log_z_ref`` (see the module docstring); their sum is ``upper - lower`` (NaN
+            when ``log_z_ref = -inf``, as above).
         *_se of the KLs: standard errors combining the two terms as independent.
         log_z_lower_runs, log_z_upper_runs: fp64 ``[B, R]`` the ``log Zhat`` of every run.
         dead_runs: int64 ``[B]`` lower-bound runs whose particles all had ``phi = 0``
@@ -142,6 +144,10 @@ class LogZBounds:
                          f"{float(self.gap[b]):>8.3f} {float(self.kl_q_sigma[b]):>8.3f} "
                          f"{float(self.kl_sigma_q[b]):>8.3f} {float(self.smc_kl_q_sigma[b]):>10.3f} "
                          f"{float(self.smc_kl_sigma_q[b]):>10.3f}")
+        for b, dead in enumerate(self.dead_runs.tolist()):
+            if dead:
+                lines.append(f"prompt {b}: {dead} of {self.num_runs} lower-bound runs had every particle at phi = 0 "
+                             "(log Zhat = -inf: lower = -inf)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -349,6 +355,9 @@ def rejection_samples(model, input_ids: torch.Tensor, potential, num: int,
     if max_proposals is None:
         max_proposals = max(10_000, 100 * num)
     check_int("max_proposals", max_proposals, 1)
+    check_int("max_rows", max_rows, 1)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, 1, " (or None: adapted to the acceptance)")
     fn = as_potential(potential)
     eos = eos_ids(model, eos_token_id)
     pad = pad_id(model, pad_token_id, eos)
@@ -469,7 +478,8 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             ``E_q[log p0 phi / q]`` (the proposal KLs); free when ``ess_threshold=0``.
         seed: every run, the rejection sampler and the enumeration draws derive their seeds from it.
         max_rows: particle rows per :func:`smc_generate` call: runs are chunked to bound the KV-cache
-            memory (lower it for large models; results do not depend on it statistically).
+            memory (lower it for large models; results do not depend on it statistically). A call
+            holds at least one run of every prompt (``B * num_particles`` rows), even above it.
         max_proposals: rejection-sampling budget per prompt (see :func:`rejection_samples`).
         **smc_kwargs: passed to :func:`smc_generate`: ``temperature``, ``top_k``, ``eos_token_id``,
             ``pad_token_id``, ``cache``, ``intermediate_potential``, ``intermediate_every``,
@@ -492,6 +502,7 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     check_int("num_runs", num_runs, 2, " (standard errors need two runs)")
     check_int("num_particles", num_particles, 1)
     check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("max_rows", max_rows, 1)
     if potential is None:
         raise ValueError("log_z_bounds needs a potential (with phi = 1, log Z = 0 trivially)")
     fn = as_potential(potential)

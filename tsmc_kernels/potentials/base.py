@@ -45,6 +45,9 @@ class Potential:
     def __mul__(self, other: "Potential") -> "Potential":
         return ProductPotential([self, as_potential(other)])
 
+    def __rmul__(self, other) -> "Potential":  # a plain callable times a Potential
+        return ProductPotential([as_potential(other), self])
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -143,14 +146,34 @@ class RewardPotential(Potential):
             raise ValueError(f"mode must be 'exp' or 'indicator', got {mode!r}")
         self.reward_fn, self.mode, self.beta, self.threshold = reward_fn, mode, beta, threshold
         self.name = name or getattr(reward_fn, "__name__", "reward")
+        if math.isnan(float(beta)):
+            raise ValueError(f"potential {self.name!r}: beta is NaN")
 
     def rewards(self, texts: Sequence[str], prompt_index: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(self.reward_fn(list(texts), prompt_index), dtype=torch.float64).reshape(-1)
+        return self.checked_rewards(self.reward_fn(list(texts), prompt_index), texts)
+
+    def checked_rewards(self, r, texts: Sequence[str]) -> torch.Tensor:
+        """The reward function's output as fp64 ``[M]``; ``ValueError`` naming the potential for values
+        that are not numbers, the wrong count, or NaN (an indicator would silently read it as 0)."""
+        try:
+            r = torch.as_tensor(r, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"potential {self.name!r}: the reward function did not return numbers: {exc}") from exc
+        if r.shape[0] != len(texts):
+            raise ValueError(f"potential {self.name!r}: the reward function returned {r.shape[0]} rewards "
+                             f"for {len(texts)} texts")
+        bad = torch.nonzero(torch.isnan(r)).flatten()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"potential {self.name!r}: the reward function returned NaN for row {i} "
+                             f"(text {texts[i][:60]!r})")
+        return r
 
     def log_phi(self, completion_ids, texts, prompt_index):
         r = self.rewards(texts, prompt_index)
         if self.mode == "exp":
-            return (self.beta * r).float()
+            out = self.beta * r  # beta = 0 makes every phi 1, also where r = -inf (0 * -inf is NaN)
+            return torch.where(r.isinf() & (self.beta == 0), torch.zeros_like(out), out).float()
         return torch.where(r > self.threshold, 0.0, -math.inf).float()
 
 

@@ -189,8 +189,6 @@ class TextRewardPotential(RewardPotential):
         if not callable(fn):
             raise TypeError(f"reward function must be callable, got {type(fn).__name__}")
         super().__init__(fn, mode=mode, beta=beta, threshold=threshold, name=name)
-        if math.isnan(float(beta)):
-            raise ValueError(f"potential {self.name!r}: beta is NaN")
         self.batched, self.with_prompt_index = batched, with_prompt_index
 
     def rewards(self, texts: Sequence[str], prompt_index: torch.Tensor) -> torch.Tensor:
@@ -201,28 +199,10 @@ class TextRewardPotential(RewardPotential):
             r = [self.reward_fn(t, int(b)) for t, b in zip(texts, prompt_index.tolist())]
         else:
             r = [self.reward_fn(t) for t in texts]
-        try:
-            r = torch.as_tensor(r, dtype=torch.float64).reshape(-1)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"potential {self.name!r}: the reward function did not return numbers: {exc}") from exc
-        if r.shape[0] != len(texts):
-            raise ValueError(f"potential {self.name!r}: the reward function returned {r.shape[0]} rewards "
-                             f"for {len(texts)} texts")
-        bad = torch.nonzero(torch.isnan(r)).flatten()
-        if bad.numel():
-            i = int(bad[0])
-            raise ValueError(f"potential {self.name!r}: the reward function returned NaN for row {i} "
-                             f"(text {texts[i][:60]!r})")
-        return r
+        return self.checked_rewards(r, texts)
 
     def log_phi(self, completion_ids, texts, prompt_index):
-        texts = check_texts(texts, completion_ids.shape[0], self.name)
-        r = self.rewards(texts, prompt_index)
-        if self.mode == "exp":
-            out = self.beta * r
-            out = torch.where(r.isinf() & (self.beta == 0), torch.zeros_like(out), out)
-            return out.float()
-        return torch.where(r > self.threshold, 0.0, -math.inf).float()
+        return super().log_phi(completion_ids, check_texts(texts, completion_ids.shape[0], self.name), prompt_index)
 
 
 def text_reward(fn: Callable, *, batched: bool = False, with_prompt_index: bool = False, mode: str = "exp",

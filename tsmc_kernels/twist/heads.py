@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..sampler.inputs import cache_kwarg, left_align, model_vocab
+from ..sampler.inputs import cache_kwarg, check_int, left_align, model_vocab
 
 __all__ = ["TwistHead", "MLPTwistHead", "EmbeddingTwistHead", "ModelTwistHead", "TwistInputs", "HEADS",
            "CONFIG_NAME", "WEIGHTS_NAME", "model_vocab_size", "model_hidden_size", "bind_prompts"]
@@ -131,9 +131,19 @@ def seeded_init(seed: int | None):
     if seed is None:
         yield
         return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(int(seed))  # not torch.manual_seed: it reseeds CUDA too
         yield
+
+
+def _check_mlp_sizes(num_layers: int, **sizes) -> None:
+    """``num_layers >= 1``; each of ``sizes`` None (the default width) or an int >= 1."""
+    check_int("num_layers", num_layers, 1)
+    for name, value in sizes.items():
+        if value is not None:
+            check_int(name, value, 1, " (or None: the hidden size)")
 
 
 def _zero_(linear: nn.Linear) -> None:
@@ -158,8 +168,8 @@ class TwistHead(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if vocab_size < 1 or hidden_size < 1:
-            raise ValueError(f"vocab_size and hidden_size must be >= 1, got {vocab_size}, {hidden_size}")
+        check_int("vocab_size", vocab_size, 1)
+        check_int("hidden_size", hidden_size, 1)
         self.vocab_size, self.hidden_size, self.activation = int(vocab_size), int(hidden_size), activation
 
     # ------------------------------------------------------------------ config / save / load
@@ -293,8 +303,7 @@ class MLPTwistHead(TwistHead):
     def __init__(self, *, vocab_size: int, hidden_size: int, mlp_size: int | None = None, num_layers: int = 2,
                  activation: str = "none", dtype: torch.dtype | None = None):
         super().__init__(vocab_size=vocab_size, hidden_size=hidden_size, activation=activation)
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        _check_mlp_sizes(num_layers, mlp_size=mlp_size)
         self.mlp_size, self.num_layers = int(mlp_size or hidden_size), int(num_layers)
         sizes = [hidden_size] + [self.mlp_size] * (num_layers - 1)
         self.trunk = _mlp(sizes) if num_layers > 1 else nn.Identity()
@@ -344,8 +353,7 @@ class EmbeddingTwistHead(TwistHead):
                  mlp_size: int | None = None, num_layers: int = 2, activation: str = "none",
                  dtype: torch.dtype | None = None, model=None):
         super().__init__(vocab_size=vocab_size, hidden_size=hidden_size, activation=activation)
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        _check_mlp_sizes(num_layers, mlp_size=mlp_size, embedding_size=embedding_size)
         self.embedding_size = int(embedding_size or hidden_size)
         self.mlp_size, self.num_layers = int(mlp_size or hidden_size), int(num_layers)
         self.g = _mlp([hidden_size] + [self.mlp_size] * (num_layers - 1) + [self.embedding_size])
@@ -455,6 +463,9 @@ class ModelTwistHead(TwistHead):
         """
         cfg = _text_config(model).to_dict()
         layers = int(cfg.get("num_hidden_layers", cfg.get("n_layer", num_layers)))
+        check_int("num_layers", num_layers, 1)
+        if num_layers > layers:
+            raise ValueError(f"num_layers={num_layers}: the base model has only {layers} layers to copy")
         cfg["num_hidden_layers"] = int(num_layers)
         for key in ("n_layer", "num_layers"):
             if key in cfg:

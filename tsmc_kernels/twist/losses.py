@@ -407,9 +407,18 @@ def loss_needs(name: str) -> LossSpec:
 def twist_loss(name: str, head, batch: TwistBatch, **options) -> torch.Tensor:
     """The scalar loss ``name`` of ``head`` on ``batch`` (gradients reach only the head).
 
-    Options: ``log_phi_floor`` (soft-Q).
+    Options: ``log_phi_floor`` (soft-Q); another option is a ``TypeError`` (a typo would be ignored).
     """
+    check_loss_options(name, options)
     return loss_needs(name).fn(head, batch, **options)
+
+
+def check_loss_options(name: str, options: dict) -> None:
+    """``TypeError`` for an option that loss ``name`` does not take (a typo would be silently ignored)."""
+    known = [p for p in inspect.signature(loss_needs(name).fn).parameters if p not in ("head", "batch", "_")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"twist loss {name!r} has no option(s) {unknown}; its options: {known or 'none'}")
 
 
 def _sis_log_weights(log_p0, log_q, mask, log_phi, shape) -> torch.Tensor:
@@ -417,7 +426,7 @@ def _sis_log_weights(log_p0, log_q, mask, log_phi, shape) -> torch.Tensor:
     the tokens (``[M, L]`` teacher-forced values, ``log_phi [M]``), fp32 ``shape = [B, N]``.
 
     The sampler's own weights are the same quantity from the decode-time logits; in bf16 those
-    differ from a teacher-forced pass by up to ~0.1 nats per sequence, which would make CTL's
+    differ from a teacher-forced pass by up to ~0.2 nats per sequence (SmolLM2), which would make CTL's
     positive weights (from the sampler) and negative weights (teacher-forced) disagree.
     """
     lw = (torch.where(mask, log_p0.float() - log_q.float(), 0.0).sum(1) + log_phi.float()).view(shape)

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from ..potentials.base import Potential, as_potential
+from ..sampler.inputs import check_int
 from ..sampler.smc import smc_generate
 from .heads import bind_prompts
-from .losses import loss_needs, make_batch, twist_loss
+from .losses import check_loss_options, loss_needs, make_batch, twist_loss
 
 __all__ = ["fit_twist", "sample_batch", "TwistTrainer", "TwistModule", "PromptDataset", "PromptCollator",
            "tokenize_prompts", "IndexedPotential"]
@@ -107,8 +108,9 @@ class IndexedPotential(Potential):
 
 # ----------------------------------------------------------------------------- one step
 
-def _check(model, head, loss: str):
+def _check(model, head, loss: str, loss_kwargs: dict | None):
     head.check_compatible(model)
+    check_loss_options(loss, loss_kwargs or {})
     if loss_needs(loss) is loss_needs("fudge") and getattr(head, "activation", "none") != "logsigmoid":
         raise ValueError("loss='fudge' learns psi = sigmoid(f) in (0, 1): build the head with activation='logsigmoid'")
     hp = {id(p) for p in head.parameters()}
@@ -193,7 +195,11 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
         ``positive_frac`` (``log phi > 0``), ``mean_log_phi`` (over finite values), ``log_z`` (mean
         finite ``log Zhat``), ``log_z_finite_frac``, ``ess`` (final mean); ``seconds``.
     """
-    _check(model, head, loss)
+    _check(model, head, loss, loss_kwargs)
+    check_int("steps", steps, 1)
+    check_int("inner_steps", inner_steps, 1)
+    if batch_size is not None:
+        check_int("batch_size", batch_size, 1, " (or None: every prompt)")
     device = next(model.parameters()).device
     ids, mask = _as_prompt_tensors(prompts, attention_mask, tokenizer, device)
     B = ids.shape[0]
@@ -236,7 +242,7 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
                   "seconds": time.perf_counter() - t0}
         history.append(record)
         if progress:
-            rounds.set_postfix(loss=f"{record['loss']:.3g}", phi_pos=f"{record['finite_frac']:.2f}",
+            rounds.set_postfix(loss=f"{record['loss']:.3g}", phi_gt_0=f"{record['finite_frac']:.2f}",
                                log_z=f"{record['log_z']:.2f}")
         if callback is not None and callback(step, record, head):
             break
@@ -331,7 +337,7 @@ class TwistTrainer(_trainer_base()):
                  chunk_size: int = 64, eval_dataset=None, data_collator=None, **kwargs):
         from transformers import TrainingArguments
 
-        _check(base_model, head, loss)
+        _check(base_model, head, loss, loss_kwargs)
         if args is None:
             args = TrainingArguments(output_dir="twist_trainer_output", remove_unused_columns=False, report_to=[],
                                      learning_rate=getattr(head, "default_lr", 1e-3))
