@@ -140,8 +140,8 @@ def cmd_run(args) -> int:
         raise CLIError("--potential is for --prompt (a task brings its own potential)")
     if args.prompt and args.format_only:
         raise CLIError("--format-only is for a task's problems, not --prompt (see --potential)")
-    if args.method == "sample" and args.head:
-        raise CLIError("--head is for --method smc (--method sample draws from the model as it is)")
+    if args.method == "sample" and (args.head or args.potential):
+        raise CLIError("--head / --potential are for --method smc (--method sample draws from the model as it is)")
     _check_at_least(args, particles=1, max_new_tokens=1)
     if args.cuda_graph and not str(args.device).startswith("cuda"):
         raise CLIError(f"--cuda-graph needs a CUDA device, got --device {args.device}")

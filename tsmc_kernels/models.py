@@ -50,6 +50,8 @@ def load_model(path: str | None = None, *, device: str | torch.device = "cpu", d
         path, gguf_file = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     elif not os.path.exists(path):
         raise FileNotFoundError(f"model path not found: {path} (no network: give a local directory or .gguf file)")
+    elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json); for a GGUF file give its path")
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
