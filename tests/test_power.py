@@ -406,6 +406,10 @@ def test_prompt_too_long_for_the_model(sampler):
     with pytest.raises(ValueError, match="exceeds the model's 8 positions"):
         getattr(power, sampler)(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), max_new_tokens=3, n_mcmc=1)
     getattr(power, sampler)(model, torch.tensor([[1, 2, 3, 1, 2, 3]]), max_new_tokens=2, n_mcmc=1)  # fits
+    # Padding takes no position: 2 real tokens + 6 new fit in 8 positions.
+    ids, mask = torch.zeros(2, 7, dtype=torch.long), torch.tensor([[0] * 5 + [1] * 2, [0] * 6 + [1]])
+    out = getattr(power, sampler)(model, ids, mask, max_new_tokens=6, block_size=3, n_mcmc=2, eos_token_id=[])
+    assert out.completions.shape == (2, 1, 6)
 
 
 @pytest.mark.parametrize("bad", ["nan", "+inf", "all -inf"])
