@@ -65,7 +65,8 @@ def _check_at_least(args, **bounds) -> None:
     for name, low in bounds.items():
         value = getattr(args, name)
         if value < low:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+            flag = "-n/--num-problems" if name == "num_problems" else f"--{name.replace('_', '-')}"
+            raise CLIError(f"{flag} must be >= {low}, got {value}")
 
 
 def _load_model(args):
@@ -85,8 +86,7 @@ def _load_task(args):
         options["path"] = args.data
     elif args.task.startswith("arithmetic"):
         options["difficulty"] = args.difficulty
-    if args.num_problems < 1:
-        raise CLIError(f"-n/--num-problems must be >= 1, got {args.num_problems}")
+    _check_at_least(args, num_problems=1)
     try:
         task = get_task(args.task, **options)
         problems = task.problems(n=args.num_problems, seed=args.seed)
@@ -145,8 +145,7 @@ def cmd_run(args) -> int:
     _check_at_least(args, particles=1, max_new_tokens=1)
     if args.cuda_graph and not str(args.device).startswith("cuda"):
         raise CLIError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
-    if args.sync_every < 1:
-        raise CLIError(f"--sync-every must be >= 1, got {args.sync_every}")
+    _check_at_least(args, sync_every=1)
     if args.method == "power":  # power MH targets p0^alpha: SMC's options would be ignored
         smc_only = [flag for flag, given in (("--potential", args.potential), ("--head", args.head),
                                              ("--temperature", args.temperature != 1.0),
@@ -204,8 +203,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
-    from .evaluate import METHODS
+    from .evaluate import METHODS, evaluate
     _check_output_file(args.json, "--json")
     _check_at_least(args, particles=1, max_new_tokens=1)
     methods = args.methods.split(",")
@@ -290,9 +288,7 @@ def cmd_demo(args) -> int:
     if args.data and not os.path.isfile(args.data):
         raise CLIError(f"GSM8K file not found: {args.data}")
     _check_output_file(args.out, "--out")
-    for flag, value in (("-n/--num-problems", args.num_problems), ("--particles", args.particles)):
-        if value < 1:
-            raise CLIError(f"{flag} must be >= 1, got {value}")
+    _check_at_least(args, num_problems=1, particles=1)
     loaded = _load_model(args) if args.model or args.dtype else None  # else run_demo loads the default
     with _input_errors():
         return run_demo(data=args.data, out=args.out, seed=args.seed, device=args.device, loaded=loaded,
