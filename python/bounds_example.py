@@ -163,7 +163,8 @@ def main():
     lo = torch.stack([b.lower for _, b, _ in results]).max(0).values
     up = torch.stack([b.upper for _, b, _ in results]).min(0).values
     print("\ntightest interval per problem: " + ", ".join(
-        f"[{i}] {float(lo[i]):.3f} <= log Z <= {float(up[i]):.3f}" for i in range(len(problems))))
+        f"[{i}] {float(lo[i]):.3f} <= log Z <= {float(up[i]):.3f}" + (" (crossed)" if lo[i] > up[i] else "")
+        for i in range(len(problems))))
     print("Each bound holds in expectation: with few runs an interval can cross (see the standard errors).\n"
           "KL(q|s), KL(s|q): one particle of the proposal q (shown on the IWAE rows; the SMC rows use the same q); "
           "log Z in them is log mean Zhat of the lower-bound runs (rough with few runs)"

@@ -22,25 +22,36 @@ def example_parser(doc: str, *, max_new_tokens: int, every: int, inter_beta: flo
     ap.add_argument("--twist-steps", type=int, default=3, help="CTL training rounds (0: skip twisted SMC)")
     ap.add_argument("--twist-lr", type=float, default=1e-3, help="learning rate of the twist head")
     if bounds:
-        ap.add_argument("--bounds-runs", type=int, default=8,
+        ap.add_argument("--bounds-runs", type=_zero_or_at_least_two, default=8,
                         help="runs per bound for the bidirectional log Z bounds (0: skip; exact samples by rejection)")
     add_run_options(ap)
     return ap
 
 
+def _zero_or_at_least_two(text: str) -> int:
+    """``--bounds-runs``: checked while parsing, not after minutes of sampling (a bound's standard error needs 2 runs)."""
+    value = int(text)
+    if value == 1 or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no bounds) or >= 2 (standard errors need two runs), got {value}")
+    return value
+
+
 def add_run_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None,
+                    help="a local HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def load_model(args):
-    """Apply ``--threads`` and load the embedded SmolLM2-135M-Instruct; returns ``(model, tokenizer)``."""
-    from tsmc_kernels.models import load_default_model
+    """Apply ``--threads`` and load ``--model`` (default: the embedded SmolLM2-135M-Instruct) on CPU;
+    returns ``(model, tokenizer)``."""
+    from tsmc_kernels.models import load_model as load
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_default_model()
+    model, tok = load(args.model)
     print(f"model loaded in {time.perf_counter() - t0:.0f}s")
     return model, tok
 

@@ -63,5 +63,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    main()
+    with torch.inference_mode():
+        main()

@@ -80,6 +80,8 @@ def main(argv=None):
     from tsmc_kernels.tasks import gsm8k  # lazy: rewards, prompts and data loading
     from tsmc_kernels.twist import PromptDataset, TwistTrainer
 
+    if not os.path.isfile(args.data):  # before loading a model, which can take minutes
+        raise SystemExit(f"GSM8K data not found: {args.data} (pass --data path/to/train.jsonl)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,8 +89,6 @@ def main(argv=None):
     for p in model.parameters():
         p.requires_grad_(False)  # frozen base model (the trainer never optimises it anyway)
 
-    if not os.path.isfile(args.data):
-        raise SystemExit(f"GSM8K data not found: {args.data} (pass --data path/to/train.jsonl)")
     problems = gsm8k.load_jsonl(args.data, limit=args.limit, seed=args.seed)
     prompts = [gsm8k.build_prompt(tokenizer, p.question) for p in problems]
     golds = [p.gold for p in problems]

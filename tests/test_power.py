@@ -353,10 +353,11 @@ def test_eos_chain_is_not_grown():
     assert out.tokens_decoded == int(out.lengths.sum())
 
 
-def test_same_seed_same_chain_and_progress_bar():
+def test_same_seed_same_chain_and_progress_bar(capsys):
     model = tiny_random_model(V, seed=1)
     kw = dict(num_chains=4, max_new_tokens=4, block_size=2, n_mcmc=2)
-    a = power_sample(model, torch.tensor([[1, 2]]), seed=5, progress=True, **kw)
+    a = power_sample(model, torch.tensor([[1, 2]]), seed=5, progress="power-entropy", **kw)
+    assert capsys.readouterr().err.split("\r")[-1].startswith("power-entropy:")
     b = power_sample(model, torch.tensor([[1, 2]]), seed=5, **kw)
     c = power_sample(model, torch.tensor([[1, 2]]), seed=6, **kw)
     assert torch.equal(a.completions, b.completions) and torch.equal(a.acceptance, b.acceptance)

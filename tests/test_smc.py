@@ -210,7 +210,10 @@ def test_progress_bar_ends_where_the_run_ends(model, capsys):
     kw = dict(num_particles=4, max_new_tokens=30, eos_token_id=[1, 2, 3, 4], seed=fresh_seed())
     out = smc_generate(model, replicas(2), progress=True, **kw)
     assert out.steps < 30
-    assert f"{out.steps}/{out.steps} " in capsys.readouterr().err.split("\r")[-1]
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert f"{out.steps}/{out.steps} " in last and last.startswith("smc:")
+    smc_generate(model, replicas(2), progress="sample", **kw)  # a string labels the bar
+    assert capsys.readouterr().err.split("\r")[-1].startswith("sample:")
     assert torch.equal(out.completions, smc_generate(model, replicas(2), **kw).completions)
 
 

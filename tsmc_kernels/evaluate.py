@@ -141,9 +141,10 @@ def evaluate(model, tokenizer, task_name: str, problems, *, task=None, methods=(
     for method in methods:
         t0 = time.perf_counter()
         extra = {}
+        bar = method if progress else False  # the bar says which method is running
         if method in ("sample", "smc", "twisted"):
             out = smc_generate(model, enc.input_ids, enc.attention_mask, num_particles=N,
-                               max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed, progress=progress,
+                               max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed, progress=bar,
                                potential=None if method == "sample" else potential,
                                twist=twist if method == "twisted" else None,
                                ess_threshold=0.0 if method == "sample" else 0.5)
@@ -159,7 +160,7 @@ def evaluate(model, tokenizer, task_name: str, problems, *, task=None, methods=(
             from .power import power_sample
             opts = dict(power_options or {})
             out = power_sample(model, enc.input_ids, enc.attention_mask, cut=method.split("-")[1],
-                               num_chains=N, max_new_tokens=max_new_tokens, seed=seed, progress=progress, **opts)
+                               num_chains=N, max_new_tokens=max_new_tokens, seed=seed, progress=bar, **opts)
             texts = tokenizer.batch_decode(out.completions.reshape(B * N, -1).tolist(), skip_special_tokens=True)
             weights = torch.full((B, N), 1.0 / N)
             tokens = int(out.tokens_decoded)

@@ -70,6 +70,9 @@ def backend_for(device: torch.device, op: str = "") -> str:
             raise ValueError(f"TSMC_BACKEND must be reference, triton or native, got {forced!r}")
         if forced == "native" and not native_available(device.type == "cuda"):
             return "reference"
+        if forced == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise RuntimeError(f"TSMC_BACKEND=triton runs Triton kernels on {device.type} tensors only in Triton's "
+                               "interpreter: set TRITON_INTERPRET=1 before importing tsmc_kernels, or use CUDA tensors")
         return forced
     if device.type == "cuda":
         if op == "kv_gather" and native_available(cuda=True):

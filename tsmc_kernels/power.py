@@ -586,11 +586,12 @@ def _check_logits(bad_rows: torch.Tensor, during: str) -> None:
                                  f"(chain rows {rows})")
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def _progress(total: int, enabled: bool | str, desc: str):
+    """A tqdm bar over ``total`` moves, or None; a string ``enabled`` replaces the label ``desc``."""
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="move")
+    return tqdm(total=total, desc=enabled if isinstance(enabled, str) else desc, unit="move")
 
 
 @in_eval_mode
@@ -599,7 +600,7 @@ def _progress(total: int, enabled: bool, desc: str):
 def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, alpha: float = 4.0,
                  cut: str = "entropy", cut_power: float = 4.0, num_chains: int = 1, max_new_tokens: int = 256,
                  block_size: int | None = None, n_mcmc: int = 10, top_k: int = 0, seed: int = 0,
-                 progress: bool = False, eos_token_id: int | Sequence[int] | None = None,
+                 progress: bool | str = False, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, cuda_graph: bool = False) -> PowerOutput:
     """Sample completions from ``p0^alpha`` by block-wise Metropolis-Hastings with KV reuse (SPEC §5).
 
@@ -619,7 +620,7 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             the reshaping, but completions with a token outside a top-k set are never proposed: the
             chains then target ``p0^alpha`` restricted to completions made of top-k tokens.
         seed: all randomness is a function of ``(seed, move, token offset, row)``.
-        progress: show a tqdm bar over moves.
+        progress: show a tqdm bar over moves (a string is its label).
         eos_token_id, pad_token_id: default from the model's generation config.
         cuda_graph: capture the per-token step (model forward on the KV arena, sampling, the MH
             decisions of completed proposals, the start of the next moves) in a CUDA graph after

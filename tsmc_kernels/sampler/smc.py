@@ -93,7 +93,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  num_particles: int = 16, max_new_tokens: int = 128, potential=None, twist: TwistFn | None = None,
                  ess_threshold: float = 0.5, resampling: str = "systematic", temperature: float = 1.0, top_k: int = 0,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None, seed: int = 0,
-                 cache: str = "dynamic", cuda_graph: bool = False, sync_every: int = 1, progress: bool = False,
+                 cache: str = "dynamic", cuda_graph: bool = False, sync_every: int = 1, progress: bool | str = False,
                  tokenizer=None, intermediate_potential=None, intermediate_every: int | None = None,
                  intermediate_delimiters: Sequence[int] | None = None,
                  reference_completions: torch.Tensor | None = None, compile_decode: bool = False) -> SMCOutput:
@@ -126,7 +126,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             finished. ``K > 1``: up to ``K`` steps later (still exact; ``ess``/``resampled``/``ancestors``
             get one extra column when potentials are applied after the last token), ``K`` times
             fewer host round trips; not with intermediate potentials.
-        progress: show a tqdm bar. tokenizer: needed when a potential reads text.
+        progress: show a tqdm bar (a string is its label; default label "smc"). tokenizer: needed when a potential reads text.
         intermediate_potential: non-learned twist on partial completions (same protocol as
             ``potential``), evaluated every ``intermediate_every`` tokens and/or after a token in
             ``intermediate_delimiters``.
@@ -183,14 +183,14 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                        mid_sync=sync_every == 1 and (phi_fn is not None or inter_fn is not None))
 
 
-def _decode(run: "_SMCRun", T: int, *, cuda_graph: bool, sync_every: int, progress: bool, mid_sync: bool) -> SMCOutput:
+def _decode(run: "_SMCRun", T: int, *, cuda_graph: bool, sync_every: int, progress: bool | str, mid_sync: bool) -> SMCOutput:
     """The step loop of :func:`smc_generate`: eager steps, then (``cuda_graph``) capture and replay.
     ``mid_sync``: the host looks between the halves (to evaluate potentials; phi = 1 is set on the device)."""
     device = run.input_ids.device
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=T, desc="smc", unit="tok")
+        bar = tqdm(total=T, desc=progress if isinstance(progress, str) else "smc", unit="tok")
     graphs, warmup = None, None
     if cuda_graph:  # eager warm-up steps run on a side stream, as graph capture requires
         warmup = torch.cuda.Stream(device=device)

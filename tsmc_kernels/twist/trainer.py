@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Sequence
 
 import torch
@@ -132,7 +133,10 @@ def sample_batch(model, head, input_ids: torch.Tensor, attention_mask: torch.Ten
     was_training = head.training
     head.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # A round where some prompt earns no reward is normal with rare rewards (not a warning per
+            # round): the round's record reports it as log_z_finite_frac.
+            warnings.filterwarnings("ignore", message="all particles of prompt")
             out = ref = None
             if spec.needs_twisted:
                 with bind_prompts(head, input_ids, attention_mask, num_particles):
@@ -196,6 +200,8 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
         finite ``log Zhat``), ``log_z_finite_frac``, ``ess`` (final mean); ``seconds``.
     """
     _check(model, head, loss, loss_kwargs)
+    if torch.is_inference_mode_enabled():  # its tensors can never take part in autograd
+        raise RuntimeError("fit_twist trains the head: call it outside torch.inference_mode()")
     check_int("steps", steps, 1)
     check_int("inner_steps", inner_steps, 1)
     if batch_size is not None:
@@ -230,7 +236,8 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
         losses = []
         for _ in range(inner_steps):
             opt.zero_grad(set_to_none=True)
-            value = twist_loss(loss, head, batch, **(loss_kwargs or {}))
+            with torch.enable_grad():  # also when the caller runs under torch.no_grad()
+                value = twist_loss(loss, head, batch, **(loss_kwargs or {}))
             if not torch.isfinite(value):
                 raise FloatingPointError(f"twist loss {loss!r} is {float(value)} at step {step}")
             value.backward()
