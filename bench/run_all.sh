@@ -51,7 +51,7 @@ rows = []
 for b in data.get("benchmarks", []):
     e = b.get("extra_info", {})
     rows.append((b.get("group") or "", b["name"], e.get("device_us", ""), e.get("eager_us", ""),
-                 e.get("achieved_GBps", ""), e.get("frac_of_3000GBps", ""),
+                 e.get("achieved_GBps", ""), e.get("frac_of_nominal_bw", e.get("frac_of_3000GBps", "")),
                  e.get("speedup_vs_naive_eager", e.get("speedup_vs_index_select", ""))))
 if rows:
     print(f"{'group':12} {'name':62} {'device_us':>10} {'eager_us':>10} {'GB/s':>8} {'frac':>6} {'speedup':>8}")

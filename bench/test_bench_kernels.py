@@ -13,7 +13,7 @@ Run with ``bench/run_all.sh`` (writes ``bench/results/<device>.json``) or
 
 ``extra_info`` of every entry: ``device_us`` (CUDA graph replay, no launch overhead), ``eager_us``
 (events around eager calls), bytes moved, achieved GB/s (from ``device_us``, or ``eager_us`` for
-chains that cannot be captured), fraction of 3000 GB/s and of the measured copy bandwidth; the
+chains that cannot be captured), fraction of the nominal HBM bandwidth and of the measured copy bandwidth; the
 Triton entries also carry the naive chain's time and the speedup.
 """
 from __future__ import annotations

@@ -49,8 +49,8 @@ def _load_extension():
     try:
         return importlib.import_module("tsmc_kernels._C")
     except ImportError as exc:  # pragma: no cover - depends on the build
-        warnings.warn(f"tsmc_kernels._C is present but could not be loaded ({exc}); rebuild with "
-                      "`pip install --no-build-isolation -e .`. Using the PyTorch reference on CPU.")
+        warnings.warn(f"tsmc_kernels._C is present but could not be loaded ({exc}); rebuild it against this "
+                      "torch with `pip install --no-build-isolation .` (`-e .` in a checkout). Using the PyTorch reference on CPU.")
         return None
 
 
