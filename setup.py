@@ -3,7 +3,8 @@
 The C++ CPU kernels in ``csrc/*.cpp`` are always built. The CUDA kernels in ``csrc/*.cu`` are
 added when torch was built with CUDA and ``nvcc`` is found; ``TSMC_BUILD_CUDA=0/1`` overrides.
 ``TSMC_BUILD_EXT=0`` skips the extension entirely (the package then uses its PyTorch/Triton paths);
-by default a failed compilation installs the package without it, ``TSMC_BUILD_EXT=1`` makes it an error.
+by default a failed compilation, or a build without torch (pip's build isolation), installs the package
+without it; ``TSMC_BUILD_EXT=1`` makes both an error.
 """
 import glob
 import os
@@ -40,8 +41,16 @@ def _extensions():
     flag = os.environ.get("TSMC_BUILD_EXT")
     if flag == "0":
         return [], {}
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as exc:  # pip's isolated build environment (see pyproject.toml)
+        why = (f"torch is not importable here ({exc}): install torch, then build with "
+               "`pip install --no-build-isolation .` to compile tsmc_kernels._C against it")
+        if flag == "1":
+            raise RuntimeError(why) from exc
+        print(f"WARNING: {why}. Installing without the extension (PyTorch/Triton paths only).")
+        return [], {}
 
     here = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "*.cpp")))

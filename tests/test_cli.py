@@ -80,13 +80,15 @@ def test_eval_on_gsm8k_file(tiny_model_dir, capsys, tmp_path):
     (["run", "--prompt", "x", "--method", "sample", "--head", "/tmp/tsmc_unused_head"], "are for --method smc"),
     (["run", "--prompt", "x", "--method", "sample", "--potential", "regex:a"], "are for --method smc"),
     (["run", "--model", "/tmp", "--prompt", "x"], "not a model folder"),
+    (["run", "--model", "/nonexistent", "--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["run", "--model", "/nonexistent", "--method", "power", "--alpha", "nan"], "--alpha must be"),
+    (["run", "--model", "/nonexistent", "--ess-threshold", "-1"], "--ess-threshold must be >= 0"),
     (["eval", "--methods", "sample,bogus"], "unknown ['bogus']"),
     (["eval", "--methods", "twisted"], "needs a trained twist head"),
     (["train-twist", "--steps", "0", "--out", "/tmp/tsmc_unused_head"], "--steps must be >= 1"),
     (["bounds", "--runs", "1"], "--runs must be >= 2"),
     (["run", "--prompt", "x", "--temperature", "0"], "temperature"),
     (["run", "--prompt", "x", "--seed", "-1"], "seed"),
-    (["run", "--prompt", "x", "--max-new-tokens", "100000"], "positions"),
     (["run", "--prompt", "x", "--method", "power", "--alpha", "0"], "alpha"),
     (["run", "--prompt", "x", "--method", "power", "--temperature", "0.5"], "not used by --method power"),
     (["run", "--prompt", "x", "--n-mcmc", "3"], "for --method power"),
@@ -104,6 +106,18 @@ def test_documented_errors(argv, match, capsys, tiny_model_dir):
         argv = argv[:1] + ["--model", tiny_model_dir] + argv[1:]
     code, _, err = run(argv, capsys)
     assert code == 2 and match in err
+
+
+def test_every_command_documents_its_options_and_defaults(capsys):
+    for command in ("run", "eval", "train-twist", "bounds", "bench", "demo"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
+        assert command == "bench" or text.count("(default: ") >= 3, command
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "power-entropy" in text and "(default: 2)" in text  # the methods, and eval's own --n-mcmc default
 
 
 def test_not_jsonl_is_an_error(tiny_model_dir, capsys, tmp_path):

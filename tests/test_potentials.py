@@ -217,6 +217,27 @@ def test_sampler_errors_name_the_potential():
                      potential=text_reward(lambda t: math.inf, name="blows-up"))
 
 
+def test_a_function_taking_texts_gets_them():
+    """``f(ids, texts)`` is a text potential without being told (it could not run on texts=None)."""
+    from tsmc_kernels.potentials.base import CallablePotential
+
+    def by_text(ids, texts):
+        return torch.tensor([0.0 if "a" in t else -1.0 for t in texts])
+
+    assert CallablePotential(by_text).needs_text
+    assert not CallablePotential(lambda ids, texts=None: ids.sum(1).float()).needs_text
+    assert not CallablePotential(lambda ids: ids.sum(1).float()).needs_text
+    assert not CallablePotential(by_text, needs_text=False).needs_text  # an explicit choice wins
+    V = 6
+    model = tiny_random_model(V, seed=1)
+    out = smc_generate(model, torch.tensor([[0, 1, 2]]), num_particles=4, max_new_tokens=3, potential=by_text,
+                       tokenizer=CharTokenizer(V))
+    texts = CharTokenizer(V).batch_decode(out.completions[0].tolist())
+    torch.testing.assert_close(out.log_phi[0], by_text(None, texts))
+    with pytest.raises(ValueError, match="by_text.*tokenizer"):
+        smc_generate(model, torch.tensor([[0, 1, 2]]), num_particles=2, max_new_tokens=2, potential=by_text)
+
+
 # ----------------------------------------------------------------------------------- intermediate potentials
 def test_intermediate_regex_prefix_is_exact():
     """A prefix-format intermediate potential keeps E[Zhat] = Z and concentrates the particles."""
@@ -379,6 +400,8 @@ def test_reward_helpers_edge_values():
     ids, texts = torch.zeros(3, 1, dtype=torch.int64), ["a", "b", "c"]
     flat = from_reward(lambda t, i: [0.0, -math.inf, 2.0], beta=0.0)
     assert flat(ids, texts=texts).tolist() == [0.0, 0.0, 0.0]  # phi^0 = 1, also where r = -inf
+    by_length = from_reward(lambda t: [float(len(s)) for s in t], beta=2.0)  # a one-argument reward: texts only
+    assert by_length(ids, texts=["a", "bb", ""]).tolist() == [2.0, 4.0, 0.0]
     with pytest.raises(ValueError, match="returned NaN for row 1"):
         indicator(lambda t, i: [1.0, math.nan, 0.0])(ids, texts=texts)  # NaN is not "phi = 0"
     both = (lambda c: torch.full((c.shape[0],), -1.0)) * RegexPotential("b", penalty=2.0)  # callable * Potential

@@ -315,6 +315,15 @@ def test_padding_does_not_change_the_chain():
         torch.testing.assert_close(plain.log_p0, padded.log_p0, atol=1e-4, rtol=0)
 
 
+def test_padding_is_inferred_without_a_mask():
+    model = tiny_random_model(V, seed=1, eos_token_id=3)
+    model.generation_config.pad_token_id = 4  # not the EOS id: marks padding as in generate
+    kw = dict(num_chains=2, max_new_tokens=4, block_size=2, n_mcmc=1, seed=fresh_seed())
+    ids = torch.tensor([[4, 4, 1, 2], [1, 2, 0, 1]])
+    a, b = power_sample(model, ids, **kw), power_sample(model, ids, (ids != 4).long(), **kw)
+    assert torch.equal(a.completions, b.completions)
+
+
 # ----------------------------------------------------------------------------- outputs, EOS, determinism
 
 def test_outputs_eos_and_log_p0():
@@ -328,6 +337,13 @@ def test_outputs_eos_and_log_p0():
     assert torch.equal(out.sequences[:, :, 3:], out.completions)
     assert out.acceptance.shape == (2, 64, 2) and ((out.acceptance >= 0) & (out.acceptance <= 1)).all()
     assert out.best().shape == (2, 3 + Tp)
+
+    class Digits:
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return ["".join(map(str, row)) for row in rows]
+
+    texts = out.texts(Digits())
+    assert [len(t) for t in texts[1]] == out.lengths[1].tolist() and repr(out).startswith("PowerOutput(completions=int64")
     comps, lengths = out.completions.reshape(-1, Tp), out.lengths.reshape(-1)
     short = lengths < 4
     assert short.any(), "the toy model must produce EOS"

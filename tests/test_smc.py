@@ -147,6 +147,27 @@ def test_padding_does_not_change_the_result(model, cache):
         assert padded.sequences[0, 0, width - 3:width].tolist() == [1, 2, 3]  # the prompt, left-aligned
 
 
+def test_padding_is_inferred_without_a_mask_as_generate_does():
+    """No attention_mask: tokens equal to the pad id are padding when the pad id is not an EOS id
+    (then as with the mask); when it is an EOS id they cannot be told apart, and a batch whose rows
+    start or end with it warns (at the caller's line)."""
+    m = tiny_random_model(6, seed=3, eos_token_id=5)
+    m.generation_config.pad_token_id = 4
+    ids = torch.tensor([[4, 4, 1, 2, 3], [1, 2, 3, 1, 2]])
+    kw = dict(num_particles=3, max_new_tokens=3, seed=fresh_seed())
+    masked = smc_generate(m, ids, (ids != 4).long(), **kw)
+    inferred = smc_generate(m, ids, **kw)
+    assert torch.equal(masked.completions, inferred.completions)
+    torch.testing.assert_close(masked.log_p0, inferred.log_p0, atol=1e-5, rtol=0)
+    assert not torch.equal(smc_generate(m, ids, torch.ones_like(ids), **kw).log_p0, masked.log_p0)
+    with pytest.raises(ValueError, match="all padding"):
+        smc_generate(m, torch.tensor([[4, 4], [1, 2]]), **kw)
+    m.generation_config.pad_token_id = 5  # = EOS
+    with pytest.warns(UserWarning, match="pad id 5 is also an EOS id") as caught:
+        smc_generate(m, torch.tensor([[5, 1, 2], [1, 2, 3]]), **kw)
+    assert caught[0].filename == __file__
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_other_architectures(arch):
     # These targets are noisier than the Llama one (gpt2 at 512 replicas: TV p90 0.086 over 40 seeds),
@@ -483,6 +504,30 @@ def test_bad_inputs(model):
         smc_generate(model, replicas(1), max_new_tokens=2, eos_token_id="4")
     with pytest.raises(TypeError, match="reference_completions"):
         smc_generate(model, replicas(1), max_new_tokens=2, reference_completions=[[0, 1]])
+    with pytest.raises(TypeError, match="without an 'input_ids' entry"):
+        smc_generate(model, {"ids": replicas(1)}, max_new_tokens=2)
+
+
+def test_a_batch_encoding_as_input_ids_and_the_output_helpers(model):
+    """``smc_generate(model, tok(texts, return_tensors="pt"))``, as generate users write it; ``texts``
+    decodes each completion up to its length; the repr shows shapes, not values."""
+    from transformers import BatchEncoding
+
+    ids, mask = torch.tensor([[0, 1, 2], [3, 3, 1]]), torch.tensor([[1, 1, 1], [0, 1, 1]])
+    kw = dict(num_particles=3, max_new_tokens=4, seed=fresh_seed())
+    a = smc_generate(model, BatchEncoding({"input_ids": ids, "attention_mask": mask}), **kw)
+    b = smc_generate(model, ids, mask, **kw)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.log_p0, b.log_p0)
+
+    class Letters:
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return ["".join("abcde"[i] for i in row) for row in rows]
+
+    texts = a.texts(Letters())
+    assert len(texts) == 2 and all(len(t) == 3 for t in texts)
+    assert [len(t) for t in texts[1]] == a.lengths[1].tolist()
+    assert texts[0][0] == "".join("abcde"[i] for i in a.completions[0, 0, :int(a.lengths[0, 0])].tolist())
+    assert repr(a).startswith("SMCOutput(sequences=int64[2, 3, ") and "tensor(" not in repr(a)
 
 
 @pytest.mark.parametrize("cache,match", [("static", "static cache"), ("dynamic", "run past"), ("none", "run past")])
@@ -498,6 +543,11 @@ def test_prompt_too_long_for_the_model(cache, match):
     assert out.completions.shape == (2, 16, 6)
     with pytest.raises(ValueError, match="prompt length 2 .*exceeds the model's 8 positions"):
         smc_generate(m, ids, mask, max_new_tokens=7, cache=cache)
+    # Rotary positions have no table to run off: a warning (as generate gives), and the run.
+    rope = tiny_random_model(V, arch="llama", max_positions=8)
+    with pytest.warns(UserWarning, match="exceeds the model's 8 positions: past them the model extrapolates"):
+        out = smc_generate(rope, torch.zeros(1, 6, dtype=torch.long), max_new_tokens=4, cache=cache, eos_token_id=[])
+    assert out.completions.shape == (1, 16, 4) and torch.isfinite(out.log_p0).all()
 
 
 def test_bad_potential_outputs(model):

@@ -300,8 +300,19 @@ def test_fit_twist_trains_under_no_grad_and_refuses_inference_mode(model):
         hist = fit_twist(model, head, PROMPT.repeat(2, 1), lambda c: torch.full((len(c),), -math.inf),
                          num_particles=2, steps=2, max_new_tokens=T)
     assert [h["log_z_finite_frac"] for h in hist] == [0.0, 0.0]
+    fit_twist(model, head, [[0, 1, 2], [1, 2]], potential, num_particles=2, steps=1, max_new_tokens=T)  # ragged ids
     with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
         fit_twist(model, head, PROMPT[None], potential, steps=1, max_new_tokens=T)
+
+
+def test_fp16_heads_are_refused_before_adam_makes_them_nan():
+    m16 = tiny_random_model(V, seed=0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 trainable parameters"):
+        fit_twist(m16, MLPTwistHead.for_model(m16, seed=0, dtype=torch.float16), PROMPT[None], potential, steps=1,
+                  max_new_tokens=T)
+    head = MLPTwistHead.for_model(m16, seed=0, dtype=torch.float32)  # the advice works
+    fit_twist(m16, head, PROMPT.repeat(2, 1), potential, num_particles=2, steps=2, max_new_tokens=T)
+    assert all(torch.isfinite(p).all() for p in head.parameters())
 
 
 def test_head_size_checks(model):

@@ -45,18 +45,28 @@ def _check_output_file(path: str | None, flag: str) -> None:
         raise CLIError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default (the commands' defaults differ), except None / False / empty ones."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: embedded SmolLM2-135M)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="all randomness follows from it")
 
 
 def _task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="arithmetic-short", help="gsm8k | arithmetic | arithmetic-short")
     p.add_argument("--data", default=None, help="GSM8K jsonl file (task gsm8k)")
     p.add_argument("--difficulty", default="easy", help="arithmetic tasks: easy | medium | hard")
-    p.add_argument("-n", "--num-problems", type=int, default=8)
+    p.add_argument("-n", "--num-problems", type=int, default=8, help="problems of --task (seeded)")
     p.add_argument("--format-only", action="store_true", help="GSM8K: potential from the format rewards only")
 
 
@@ -146,6 +156,11 @@ def cmd_run(args) -> int:
     if args.cuda_graph and not str(args.device).startswith("cuda"):
         raise CLIError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     _check_at_least(args, sync_every=1)
+    for flag, value in (("--temperature", args.temperature), ("--alpha", args.alpha)):
+        if not 0 < value < float("inf"):  # also NaN; before the model loads
+            raise CLIError(f"{flag} must be a finite number > 0, got {value}")
+    if not args.ess_threshold >= 0:
+        raise CLIError(f"--ess-threshold must be >= 0, got {args.ess_threshold}")
     if args.method == "power":  # power MH targets p0^alpha: SMC's options would be ignored
         smc_only = [flag for flag, given in (("--potential", args.potential), ("--head", args.head),
                                              ("--temperature", args.temperature != 1.0),
@@ -298,10 +313,17 @@ def cmd_demo(args) -> int:
 # ------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import METHODS
+    from .twist.losses import LOSSES
+
     parser = argparse.ArgumentParser(prog="tsmc", description="Twisted SMC and power sampling for HF language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="sample with SMC / twisted SMC / power sampling and print the particles")
+    def command(name: str, text: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter, **kw)
+
+    particles = "particles (SMC) or chains (power) per prompt"
+    p = command("run", "sample with SMC / twisted SMC / power sampling and print the particles")
     _common(p)
     _task_args(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: problems of --task")
@@ -310,69 +332,72 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --prompt: toxicity | sentiment:positive | sentiment:negative | regex:PATTERN "
                         "(regex: phi = 1 on a match, e^-beta otherwise)")
     p.add_argument("--beta", type=float, default=1.0, help="inverse temperature of --potential")
-    p.add_argument("--method", choices=["smc", "sample", "power"], default="smc")
+    p.add_argument("--method", choices=["smc", "sample", "power"], default="smc",
+                   help="sample: plain sampling from the model (SMC without potential or resampling)")
     p.add_argument("--head", default=None, help="a saved twist head (twisted SMC)")
-    p.add_argument("--particles", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--ess-threshold", type=float, default=0.5)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--particles", type=int, default=8, help=particles)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit")
+    p.add_argument("--ess-threshold", type=float, default=0.5, help="SMC: resample when ESS < this x particles")
+    p.add_argument("--temperature", type=float, default=1.0, help="SMC: proposal temperature (the weights correct it)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay the per-token step from CUDA graphs (SMC and power; CUDA only)")
     p.add_argument("--sync-every", type=int, default=1,
                    help="SMC: the host looks at the particles every K steps (potentials applied up to K late)")
-    p.add_argument("--alpha", type=float, default=4.0)
-    p.add_argument("--cut", choices=["entropy", "uniform"], default="entropy")
+    p.add_argument("--alpha", type=float, default=4.0, help="power: target p0^alpha")
+    p.add_argument("--cut", choices=["entropy", "uniform"], default="entropy", help="power: where MH moves cut")
     p.add_argument("--block-size", type=int, default=None, help="power: tokens per block (default: 16 blocks)")
     p.add_argument("--n-mcmc", type=int, default=None, help="power: MH moves per block (default 10)")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("eval", help="compare samplers on a task at a comparable token budget")
+    p = command("eval", "compare samplers on a task at a comparable token budget")
     _common(p)
     _task_args(p)
-    p.add_argument("--methods", default="sample,smc,power-uniform,power-entropy")
-    p.add_argument("--head", default=None)
-    p.add_argument("--particles", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--n-mcmc", type=int, default=2)
+    p.add_argument("--methods", default="sample,smc,power-uniform,power-entropy",
+                   help=f"comma-separated, of {', '.join(METHODS)} (twisted needs --head)")
+    p.add_argument("--head", default=None, help="a saved twist head, for the twisted method")
+    p.add_argument("--particles", type=int, default=8, help=particles)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit")
+    p.add_argument("--block-size", type=int, default=16, help="power methods: tokens per block")
+    p.add_argument("--n-mcmc", type=int, default=2, help="power methods: MH moves per block")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("train-twist", help="train a twist head by CTL (or another loss) on a task")
+    p = command("train-twist", "train a twist head (MLPTwistHead) by CTL or another loss on a task")
     _common(p)
     _task_args(p)
-    p.add_argument("--loss", default="ctl")
-    p.add_argument("--particles", type=int, default=8)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--out", required=True)
+    p.add_argument("--loss", default="ctl", help=f"one of {', '.join(LOSSES)}")
+    p.add_argument("--particles", type=int, default=8, help="particles per prompt while training")
+    p.add_argument("--steps", type=int, default=20, help="sampling rounds (one gradient step each)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="completion length limit")
+    p.add_argument("--out", required=True, help="folder to save the head in (TwistHead.from_pretrained loads it)")
     p.set_defaults(fn=cmd_train_twist)
 
-    p = sub.add_parser("bounds", help="bidirectional bounds on log Z for a task's indicator potential")
+    p = command("bounds", "bidirectional bounds on log Z for a task's indicator potential")
     _common(p)
     _task_args(p)
-    p.add_argument("--head", default=None)
-    p.add_argument("--particles", type=int, default=8)
-    p.add_argument("--runs", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--head", default=None, help="a saved twist head: bounds for twisted SMC too")
+    p.add_argument("--particles", type=int, default=8, help="particles per SMC run")
+    p.add_argument("--runs", type=int, default=4, help="independent runs per bound (>= 2: standard errors)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="completion length limit")
     p.add_argument("--max-proposals", type=int, default=4096,
                    help="rejection-sampling budget per prompt for the exact target samples")
     p.set_defaults(fn=cmd_bounds)
 
-    p = sub.add_parser("bench", help="run the microbenchmarks (pytest-benchmark; meaningful on a GPU); "
-                                     "further arguments go to pytest")
+    p = command("bench", "run the microbenchmarks (pytest-benchmark; meaningful on a GPU)",
+                epilog="Every further argument goes to pytest, e.g. `tsmc bench -k twist_sample "
+                       "--benchmark-json out.json`. Needs a source checkout (the bench/ folder).")
     p.set_defaults(fn=cmd_bench, pytest_args=[])
 
-    p = sub.add_parser("demo", help="the main job: eval on the embedded model, table + demo_report.png")
+    p = command("demo", "the main job: eval on the embedded model, table + demo_report.png")
     p.add_argument("--data", default=None, help="GSM8K jsonl (optional: the GSM8K part is skipped without it)")
-    p.add_argument("--out", default="demo_report.png")
+    p.add_argument("--out", default="demo_report.png", help="the plot (skipped without matplotlib)")
     p.add_argument("--model", default=None, help="another model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("-n", "--num-problems", type=int, default=16)
-    p.add_argument("--particles", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="all randomness follows from it")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("-n", "--num-problems", type=int, default=16, help="arithmetic problems (GSM8K: half as many)")
+    p.add_argument("--particles", type=int, default=8, help="samples per problem for every method")
     p.set_defaults(fn=cmd_demo)
     return parser
 

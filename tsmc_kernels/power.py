@@ -40,8 +40,8 @@ its next move (the next MH move, or the growth of its next block) in the same st
 forward pass serves all chains that have a token to decode, whatever move each is in; a
 synchronous batch would idle each row until the longest suffix of the move ends (about 1.4x more
 forward passes for uniform cuts). :func:`power_sample_reference` runs the same chains move by
-move (same random numbers: they are keyed by ``(seed, chain's move, offset, row)``, never by batch
-layout, timing or global state) by re-decoding every sequence from scratch; the tests check both
+move (same random numbers: they are keyed by ``(seed, chain's move, offset, row)``, never by which
+chains share a forward pass, timing or global state) by re-decoding every sequence from scratch; the tests check both
 give identical chains.
 
 Random streams (:mod:`tsmc_kernels.rng`): token noise is ``ops.twist_sample(step=move * T + j)``
@@ -61,6 +61,7 @@ from . import ops, rng
 from .sampler.attention import with_packed_decode_attention
 from .sampler.inputs import (cache_kwarg, check_int, check_positions, check_prompts, eos_ids, in_eval_mode, is_any_of,
                              pad_id)
+from .sampler.output import compact_repr, decode_completions
 
 __all__ = ["power_sample", "power_sample_reference", "PowerOutput", "CUT_RULES"]
 
@@ -76,7 +77,7 @@ ARENA_ROOM = 0.25
 
 # ----------------------------------------------------------------------------- output
 
-@dataclass
+@dataclass(repr=False)
 class PowerOutput:
     """Final states of the chains of :func:`power_sample` (``B`` prompts x ``C = num_chains`` chains).
 
@@ -105,6 +106,12 @@ class PowerOutput:
     forward_passes: int
     block_ends: list
 
+    __repr__ = compact_repr
+
+    def texts(self, tokenizer, **decode_kw) -> list[list[str]]:
+        """The completions as text, ``[B][C]`` strings (see :meth:`SMCOutput.texts`)."""
+        return decode_completions(tokenizer, self.completions, self.lengths, **decode_kw)
+
     @property
     def num_blocks(self) -> int:
         return len(self.block_ends)
@@ -126,9 +133,9 @@ class PowerOutput:
 
 # ----------------------------------------------------------------------------- validation
 
-def _validate(model, input_ids, attention_mask, *, alpha, cut, cut_power, num_chains, max_new_tokens, block_size,
-              n_mcmc, top_k, seed):
-    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
+def _validate(model, input_ids, attention_mask, pad_token_id, *, alpha, cut, cut_power, num_chains, max_new_tokens,
+              block_size, n_mcmc, top_k, seed):
+    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, pad_token_id)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite Python number > 0, got {alpha!r}")
     if cut not in CUT_RULES:
@@ -149,9 +156,9 @@ def _setup(model, input_ids, attention_mask, alpha, cut, cut_power, num_chains, 
            top_k, seed, eos_token_id, pad_token_id):
     if block_size is None:
         block_size = max(1, -(-max_new_tokens // 16)) if isinstance(max_new_tokens, int) else max_new_tokens
-    input_ids, attention_mask = _validate(model, input_ids, attention_mask, alpha=alpha, cut=cut, cut_power=cut_power,
-                                          num_chains=num_chains, max_new_tokens=max_new_tokens, block_size=block_size,
-                                          n_mcmc=n_mcmc, top_k=top_k, seed=seed)
+    input_ids, attention_mask = _validate(model, input_ids, attention_mask, pad_token_id, alpha=alpha, cut=cut,
+                                          cut_power=cut_power, num_chains=num_chains, max_new_tokens=max_new_tokens,
+                                          block_size=block_size, n_mcmc=n_mcmc, top_k=top_k, seed=seed)
     input_ids = input_ids.long()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -605,9 +612,14 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     """Sample completions from ``p0^alpha`` by block-wise Metropolis-Hastings with KV reuse (SPEC §5).
 
     Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (or ``[P]``), padding via
-    ``attention_mask`` ``[B, P]`` (left; right padding is left-aligned first). ``num_chains``
+    ``attention_mask`` ``[B, P]`` (left; right padding is left-aligned first; without a mask, tokens
+    equal to the pad id mark padding when it is not an EOS id, as in ``generate``). ``num_chains``
     independent chains run per prompt, all ``M = B * num_chains`` of them batched in one forward
     pass per token. The model runs in eval mode (switched for the call, with a warning, if training).
+    Full-attention decoders only (Llama, Qwen2, GPT-2, Gemma, Phi3, ...): a model with sliding-window
+    or linear-attention layers (Mistral with ``sliding_window``, Gemma2/3, hybrid models) raises
+    ``NotImplementedError``, since its chains' tokens sit in shared arena columns, not at their
+    positions; ``smc_generate`` runs those models.
 
     Args:
         alpha: power of the target ``p0^alpha`` (> 0); the proposal is the model at temperature ``1/alpha``.
@@ -619,7 +631,8 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         top_k: restrict the proposal to its top-k tokens (0 = off). The acceptance ratio corrects for
             the reshaping, but completions with a token outside a top-k set are never proposed: the
             chains then target ``p0^alpha`` restricted to completions made of top-k tokens.
-        seed: all randomness is a function of ``(seed, move, token offset, row)``.
+        seed: all randomness is a function of ``(seed, move, token offset, row)`` (``row = b * C + c``; the
+            seed folded to 32 bits by :func:`~tsmc_kernels.rng.fold_seed`).
         progress: show a tqdm bar over moves (a string is its label).
         eos_token_id, pad_token_id: default from the model's generation config.
         cuda_graph: capture the per-token step (model forward on the KV arena, sampling, the MH

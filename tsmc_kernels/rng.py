@@ -4,7 +4,10 @@ Every kernel that draws randomness (token sampling, resampling) derives it from 
 function of ``(seed, step, stream, row, counter)``, never from global generator state. The
 same arithmetic is written in PyTorch (here, the oracle), Triton (``triton/*.py``), C++
 (``csrc/rng.h``) and CUDA, so all backends draw *identical* numbers and tests can compare
-them exactly. Results therefore do not depend on batch layout, and a kernel that reads
+them exactly. Results therefore do not depend on how a kernel splits its work (tiles, programs,
+backend, which other rows share the launch), but they do depend on ``row``: in the samplers a
+prompt's rows follow from its index in the batch (``b * N + n``), so the same prompt at another
+index draws other numbers (at index 0 it matches a run of it alone). A kernel that reads
 ``step`` from a device tensor can be captured once in a CUDA graph and replayed.
 
 The hash is Chris Wellons' ``lowbias32`` on 32-bit words::

@@ -93,14 +93,21 @@ class ProductPotential(Potential):
 
 
 class CallablePotential(Potential):
-    """Wraps a plain callable ``f(completion_ids, **maybe texts/prompt_index) -> [M]``."""
+    """Wraps a plain callable ``f(completion_ids, **maybe texts/prompt_index) -> [M]``.
+
+    It gets decoded ``texts`` (so the sampler needs a tokenizer) when ``needs_text`` says so, else
+    when ``f`` has a ``needs_text`` attribute that says so, else when ``f`` takes a ``texts``
+    parameter without a default (it could not run on ``texts=None``).
+    """
 
     def __init__(self, fn: Callable, needs_text: bool | None = None, name: str | None = None):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "potential")
         params = _params(fn)
         self._kw = {k for k in ("texts", "prompt_index") if k in params or "**" in params}
-        self.needs_text = bool(getattr(fn, "needs_text", False)) if needs_text is None else needs_text
+        if needs_text is None:
+            needs_text = getattr(fn, "needs_text", None)
+        self.needs_text = _requires_texts(fn) if needs_text is None else bool(needs_text)
 
     def log_phi(self, completion_ids, texts, prompt_index):
         kw = {}
@@ -109,6 +116,14 @@ class CallablePotential(Potential):
         if "prompt_index" in self._kw:
             kw["prompt_index"] = prompt_index
         return self.fn(completion_ids, **kw)
+
+
+def _requires_texts(fn) -> bool:
+    try:
+        param = inspect.signature(fn).parameters.get("texts")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
 
 
 def _params(fn) -> set:
@@ -131,8 +146,20 @@ def as_potential(p) -> Potential:
     raise TypeError(f"potential must be callable, got {type(p).__name__}")
 
 
+def _positional_arity(fn) -> int:
+    """How many positional arguments ``fn`` takes (a large number for ``*args`` or an unreadable signature)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1 << 30
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return 1 << 30
+    return sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params)
+
+
 class RewardPotential(Potential):
-    """``log phi`` from a text reward ``reward_fn(texts, prompt_index) -> [M]`` (list or tensor).
+    """``log phi`` from a text reward ``reward_fn(texts, prompt_index) -> [M]`` (list or tensor;
+    ``reward_fn(texts)`` when it takes one argument).
 
     ``mode="exp"``: ``log phi = beta * r`` (``phi = exp(beta r)``);
     ``mode="indicator"``: ``log phi = 0`` where ``r > threshold`` else ``-inf``.
@@ -145,12 +172,14 @@ class RewardPotential(Potential):
         if mode not in ("exp", "indicator"):
             raise ValueError(f"mode must be 'exp' or 'indicator', got {mode!r}")
         self.reward_fn, self.mode, self.beta, self.threshold = reward_fn, mode, beta, threshold
+        self._with_index = _positional_arity(reward_fn) >= 2
         self.name = name or getattr(reward_fn, "__name__", "reward")
         if math.isnan(float(beta)):
             raise ValueError(f"potential {self.name!r}: beta is NaN")
 
     def rewards(self, texts: Sequence[str], prompt_index: torch.Tensor) -> torch.Tensor:
-        return self.checked_rewards(self.reward_fn(list(texts), prompt_index), texts)
+        args = (list(texts), prompt_index) if self._with_index else (list(texts),)
+        return self.checked_rewards(self.reward_fn(*args), texts)
 
     def checked_rewards(self, r, texts: Sequence[str]) -> torch.Tensor:
         """The reward function's output as fp64 ``[M]``; ``ValueError`` naming the potential for values
@@ -178,10 +207,10 @@ class RewardPotential(Potential):
 
 
 def from_reward(reward_fn: Callable, *, beta: float = 1.0, name: str | None = None) -> RewardPotential:
-    """``phi = exp(beta * r)`` for a text reward ``reward_fn(texts, prompt_index)``."""
+    """``phi = exp(beta * r)`` for a text reward ``reward_fn(texts, prompt_index)`` (or ``reward_fn(texts)``)."""
     return RewardPotential(reward_fn, mode="exp", beta=beta, name=name)
 
 
 def indicator(reward_fn: Callable, *, threshold: float = 0.0, name: str | None = None) -> RewardPotential:
-    """``phi = 1[r > threshold]`` for a text reward ``reward_fn(texts, prompt_index)``."""
+    """``phi = 1[r > threshold]`` for a text reward ``reward_fn(texts, prompt_index)`` (or ``reward_fn(texts)``)."""
     return RewardPotential(reward_fn, mode="indicator", threshold=threshold, name=name)

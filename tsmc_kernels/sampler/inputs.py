@@ -5,9 +5,25 @@ import contextlib
 import functools
 import inspect
 import operator
+import os
+import sys
 import warnings
+from collections.abc import Mapping
 
 import torch
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn_caller(message: str, category=UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line: the first frame outside this package and the
+    torch / contextlib decorators the samplers are wrapped in (not to a line inside the sampler)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and (frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR))
+                                 or frame.f_code.co_filename == contextlib.__file__):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def cache_kwarg(model) -> str:
@@ -44,9 +60,8 @@ def in_eval_mode(sampler):
     @functools.wraps(sampler)
     def wrapped(model, *args, **kwargs):
         if getattr(model, "training", False):
-            warnings.warn(f"{sampler.__name__}: the model is in training mode (dropout would make sampling "
-                          "random); it runs in eval mode for this call. Call model.eval() first to silence this.",
-                          stacklevel=2)
+            warn_caller(f"{sampler.__name__}: the model is in training mode (dropout would make sampling "
+                        "random); it runs in eval mode for this call. Call model.eval() first to silence this.")
         with eval_mode(model), eval_mode(kwargs.get("twist")), eval_mode(kwargs.get("head")):
             return sampler(model, *args, **kwargs)
     return wrapped
@@ -60,9 +75,11 @@ def check_int(name: str, value, low: int, why: str = "") -> None:
 
 def check_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     why: str) -> None:
-    """Raise ``ValueError`` when the longest prompt (its real tokens: padding takes no position) plus
-    ``max_new_tokens`` exceeds the model's position limit (``max_position_embeddings`` or
-    ``n_positions``, when the config has one). ``input_ids``, ``attention_mask``: ``[B, P]``."""
+    """Check that the longest prompt (its real tokens: padding takes no position) plus ``max_new_tokens``
+    fits the model's position limit (``max_position_embeddings`` or ``n_positions``, when the config
+    has one). Past it, a model with a learned position table (GPT-2's ``wpe``, OPT's
+    ``embed_positions``) would index out of range: ``ValueError``; a rotary model runs on with
+    degrading quality: a warning, as ``model.generate`` gives. ``input_ids``, ``attention_mask``: ``[B, P]``."""
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if not isinstance(limit, int):
@@ -70,9 +87,19 @@ def check_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     prompt_len = input_ids.shape[1]
     if attention_mask is not None and prompt_len + max_new_tokens > limit:
         prompt_len = int(attention_mask.sum(1).max())
-    if prompt_len + max_new_tokens > limit:
-        raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's {limit} "
-                         f"positions ({why})")
+    if prompt_len + max_new_tokens <= limit:
+        return
+    what = f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the model's {limit} positions"
+    if _has_position_table(model, limit):
+        raise ValueError(f"{what} ({why})")
+    warn_caller(f"{what}: past them the model extrapolates its rotary positions and its outputs may degrade")
+
+
+def _has_position_table(model, limit: int) -> bool:
+    """Whether ``model`` holds a learned position embedding of ``limit`` rows (by its name: ``wpe``, ``*pos*``)."""
+    return any(isinstance(m, torch.nn.Embedding) and m.num_embeddings >= limit
+               and (name.rsplit(".", 1)[-1] == "wpe" or "pos" in name.rsplit(".", 1)[-1])
+               for name, m in model.named_modules())
 
 
 def eos_ids(model, eos_token_id=None) -> list[int]:
@@ -141,11 +168,8 @@ def check_token_ids(name: str, ids: torch.Tensor, vocab: int | None) -> None:
         raise ValueError(f"{name} contain ids outside the model's vocabulary [0, {vocab})")
 
 
-def pad_id(model, pad_token_id, eos: list[int]) -> int:
-    """Padding id after EOS: ``pad_token_id`` (must be in the vocabulary), else the model's, else the
-    first EOS id, else 0."""
-    if pad_token_id is not None:
-        return _token_id("pad_token_id", pad_token_id, model_vocab(model))
+def configured_pad_id(model) -> int | None:
+    """The model's own pad id (generation config, else config), or None (also for an id outside the vocabulary)."""
     gen = getattr(model, "generation_config", None)
     pad = getattr(gen, "pad_token_id", None) if gen is not None else None
     if pad is None:
@@ -155,11 +179,43 @@ def pad_id(model, pad_token_id, eos: list[int]) -> int:
     vocab = model_vocab(model)
     if pad is not None and vocab is not None and not 0 <= int(pad) < vocab:
         pad = None  # a config reused at another vocabulary size
-    return int(pad) if pad is not None else (eos[0] if eos else 0)
+    return int(pad) if pad is not None else None
 
 
-def check_prompts(model, input_ids, attention_mask=None):
-    """Validate ``input_ids`` ``[B, P]`` (or ``[P]``) and ``attention_mask`` against ``model``.
+def pad_id(model, pad_token_id, eos: list[int]) -> int:
+    """Padding id after EOS: ``pad_token_id`` (must be in the vocabulary), else the model's, else the
+    first EOS id, else 0."""
+    if pad_token_id is not None:
+        return _token_id("pad_token_id", pad_token_id, model_vocab(model))
+    pad = configured_pad_id(model)
+    return pad if pad is not None else (eos[0] if eos else 0)
+
+
+def _inferred_attention_mask(model, input_ids: torch.Tensor, pad_token_id) -> torch.Tensor | None:
+    """As ``model.generate`` does without a mask: the pad id (``pad_token_id``, else the model's) marks
+    padding, unless it is also an EOS id (then padding cannot be told from a prompt's EOS tokens: a
+    warning when a row of a batch starts or ends with it). None: every token is real."""
+    pad = _token_id("pad_token_id", pad_token_id, model_vocab(model)) if pad_token_id is not None \
+        else configured_pad_id(model)
+    if pad is None:
+        return None
+    is_pad = input_ids == pad
+    if not bool(is_pad.any()):
+        return None
+    if pad in eos_ids(model):
+        if input_ids.shape[0] > 1 and bool((is_pad[:, 0] | is_pad[:, -1]).any()):
+            warn_caller(f"attention_mask is not given and the pad id {pad} is also an EOS id, so padding cannot be "
+                        "told from EOS tokens: every token is treated as real. Pass the tokenizer's attention_mask.")
+        return None
+    return (~is_pad).long()
+
+
+def check_prompts(model, input_ids, attention_mask=None, pad_token_id=None):
+    """Validate ``input_ids`` ``[B, P]`` (or ``[P]``, or a tokenizer's ``BatchEncoding`` / a dict with
+    ``input_ids`` and maybe ``attention_mask``) and ``attention_mask`` against ``model``.
+
+    Without ``attention_mask``, padding is inferred as ``model.generate`` infers it: tokens equal to
+    the pad id (``pad_token_id``, else the model's) when that id is not also an EOS id.
 
     Raises ``TypeError``/``ValueError`` naming the argument: not a tensor, wrong rank or dtype,
     empty, on another device than the model, ids outside the vocabulary, a mask of another shape
@@ -169,8 +225,15 @@ def check_prompts(model, input_ids, attention_mask=None):
     Returns:
         ``(input_ids [B, P], attention_mask [B, P] or None)`` with a batch dimension, left-padded.
     """
+    if isinstance(input_ids, Mapping):  # a tokenizer's BatchEncoding (or a dict) given whole
+        if "input_ids" not in input_ids:
+            raise TypeError(f"input_ids is a mapping without an 'input_ids' entry (keys {sorted(input_ids)})")
+        if attention_mask is None:
+            attention_mask = input_ids.get("attention_mask")
+        input_ids = input_ids["input_ids"]
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        raise TypeError(f"input_ids must be a torch.Tensor (or a tokenizer's BatchEncoding), got "
+                        f"{type(input_ids).__name__}")
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
@@ -180,7 +243,11 @@ def check_prompts(model, input_ids, attention_mask=None):
     model_device = next(model.parameters()).device
     if input_ids.device != model_device:
         raise ValueError(f"input_ids is on {input_ids.device} but the model is on {model_device}")
-    if attention_mask is not None:
+    if attention_mask is None:
+        attention_mask = _inferred_attention_mask(model, input_ids, pad_token_id)
+        if attention_mask is not None and bool((attention_mask.sum(1) == 0).any()):
+            raise ValueError("input_ids has a prompt that is all padding (pad id everywhere, no attention_mask given)")
+    else:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
         if attention_mask.dim() == 1:
@@ -194,6 +261,7 @@ def check_prompts(model, input_ids, attention_mask=None):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         if bool((attention_mask.sum(1) == 0).any()):
             raise ValueError("attention_mask has a prompt with no tokens (all padding)")
+    if attention_mask is not None:
         input_ids, attention_mask = left_align(input_ids, attention_mask)
     check_token_ids("input_ids", input_ids, model_vocab(model))
     return input_ids, attention_mask

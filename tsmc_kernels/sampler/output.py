@@ -1,12 +1,33 @@
 """The result of :func:`tsmc_kernels.smc_generate`."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 
-@dataclass
+def compact_repr(obj) -> str:
+    """``Name(field=int64[2, 4, 9], ..., steps=9)``: tensors by dtype and shape, not by value."""
+    def show(v):
+        if isinstance(v, torch.Tensor):
+            return f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+        return repr(v)
+    fields = ", ".join(f"{f.name}={show(getattr(obj, f.name))}" for f in dataclasses.fields(obj))
+    return f"{type(obj).__name__}({fields})"
+
+
+def decode_completions(tokenizer, completions: torch.Tensor, lengths: torch.Tensor, **decode_kw) -> list[list[str]]:
+    """``completions`` int64 ``[B, N, T']`` cut at ``lengths`` ``[B, N]`` and decoded with
+    ``tokenizer.batch_decode`` (``decode_kw``; default ``skip_special_tokens=True``): ``[B][N]`` strings."""
+    decode_kw.setdefault("skip_special_tokens", True)
+    B, N = lengths.shape
+    rows = [completions[b, n, :int(lengths[b, n])].tolist() for b in range(B) for n in range(N)]
+    texts = tokenizer.batch_decode(rows, **decode_kw)
+    return [texts[b * N:(b + 1) * N] for b in range(B)]
+
+
+@dataclass(repr=False)
 class SMCOutput:
     """Particles, weights and diagnostics of one SMC run (``B`` prompts x ``N`` particles).
 
@@ -43,6 +64,14 @@ class SMCOutput:
     log_q: torch.Tensor
     tokens_decoded: int
     steps: int
+
+    __repr__ = compact_repr
+
+    def texts(self, tokenizer, **decode_kw) -> list[list[str]]:
+        """The completions as text, ``[B][N]`` strings (each cut at its length; ``decode_kw`` go to
+        ``tokenizer.batch_decode``, default ``skip_special_tokens=True``). ``sequences`` is
+        ``[B, N, P + T']``: decode it with ``.flatten(0, 1)``."""
+        return decode_completions(tokenizer, self.completions, self.lengths, **decode_kw)
 
     @property
     def ancestry(self) -> torch.Tensor:

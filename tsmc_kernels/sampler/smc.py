@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -33,7 +32,7 @@ from .. import ops
 from ..potentials.base import as_potential, check_log_phi
 from .attention import with_packed_decode_attention
 from .inputs import (check_int, check_prompts, check_token_ids, eos_ids, in_eval_mode, is_any_of, model_vocab,
-                     pad_id, token_id_list)
+                     pad_id, token_id_list, warn_caller)
 from .lm import CACHE_MODES, ParticleLM
 from .output import SMCOutput
 
@@ -41,9 +40,9 @@ TwistFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GRAPH_WARMUP_STEPS = 2  # eager steps before capture (compiles kernels, allocates library workspaces)
 
 
-def _validate(model, input_ids, attention_mask, num_particles, max_new_tokens, ess_threshold, temperature, top_k,
-              cache, cuda_graph, sync_every, reference_completions):
-    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask)
+def _validate(model, input_ids, attention_mask, pad_token_id, num_particles, max_new_tokens, ess_threshold, temperature,
+              top_k, cache, cuda_graph, sync_every, reference_completions):
+    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, pad_token_id)
     for name, value in (("num_particles", num_particles), ("max_new_tokens", max_new_tokens),
                         ("sync_every", sync_every)):
         check_int(name, value, 1)
@@ -99,8 +98,10 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  reference_completions: torch.Tensor | None = None, compile_decode: bool = False) -> SMCOutput:
     """Sample ``num_particles`` completions per prompt from ``sigma ∝ p0 * phi`` by (twisted) SMC.
 
-    Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]``, padding via ``attention_mask`` (left;
-    right padding, a tokenizer's default, is left-aligned first: every prompt continues after its last token).
+    Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (or the tokenizer's ``BatchEncoding``
+    whole: ``smc_generate(model, tok(texts, return_tensors="pt"), ...)``), padding via ``attention_mask`` (left;
+    right padding, a tokenizer's default, is left-aligned first: every prompt continues after its last token;
+    without a mask, tokens equal to the pad id mark padding when that id is not an EOS id, as in ``generate``).
     The model runs in eval mode (a model in training mode is switched for the call, with a warning).
 
     Args:
@@ -115,7 +116,9 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             token outside the k most likely under ``p0 * psi``: the particles and ``Zhat`` then describe
             ``sigma`` restricted to such completions (``Z`` times their share of sigma's mass), not ``sigma``.
         eos_token_id, pad_token_id: default from the model's generation config.
-        seed: all randomness is a function of ``(seed, step, row)``.
+        seed: all randomness is a function of ``(seed, step, row)`` (``row = b * N + n``: a prompt at
+            another batch index draws other numbers); seeds are folded to 32 bits (:func:`~tsmc_kernels.rng.fold_seed`:
+            seeds from 2**32 on can repeat a smaller seed's run).
         cache: ``dynamic`` | ``static`` | ``none`` (recompute; the oracle).
         cuda_graph: capture the two halves of the SMC step (forward + twist + sample; weights +
             resample + KV gather) in CUDA graphs after two eager steps and replay them. CUDA only;
@@ -139,7 +142,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     Returns:
         :class:`SMCOutput`.
     """
-    input_ids, attention_mask = _validate(model, input_ids, attention_mask, num_particles, max_new_tokens,
+    input_ids, attention_mask = _validate(model, input_ids, attention_mask, pad_token_id, num_particles, max_new_tokens,
                                           ess_threshold, temperature, top_k, cache, cuda_graph, sync_every,
                                           reference_completions)
     ops._check_scheme(resampling)
@@ -422,9 +425,9 @@ class _SMCRun:
         if bool(dead.any()):
             ids = torch.nonzero(dead).flatten().tolist()
             shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} prompts)" if len(ids) > 8 else "")
-            warnings.warn(f"all particles of prompt(s) [{shown}] have zero weight "
-                          "(the potential, the twist or the model gave every particle probability 0): their log_z "
-                          "is -inf and weights are -inf")
+            warn_caller(f"all particles of prompt(s) [{shown}] have zero weight "
+                        "(the potential, the twist or the model gave every particle probability 0): their log_z "
+                        "is -inf and weights are -inf")
         # With sync_every > 1 the loop may run idle steps after the last token: not part of T'.
         width = min(steps, int(self.lengths.max()))
         completions = self.tokens[:, :width].reshape(B, N, width)

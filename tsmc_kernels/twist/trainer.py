@@ -72,7 +72,8 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int, device=None) -> tuple[tor
 
 
 def _as_prompt_tensors(prompts, attention_mask, tokenizer, device):
-    """``(input_ids [B, P], attention_mask [B, P])`` from a tensor, a dict/BatchEncoding or strings."""
+    """``(input_ids [B, P], attention_mask [B, P])`` from a tensor, a dict/BatchEncoding, id lists (ragged:
+    left-padded) or strings."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str):
@@ -82,6 +83,10 @@ def _as_prompt_tensors(prompts, attention_mask, tokenizer, device):
     if isinstance(prompts, dict) or hasattr(prompts, "keys"):
         attention_mask = prompts.get("attention_mask", attention_mask)
         prompts = prompts["input_ids"]
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(r, (list, tuple)) for r in prompts):
+        if attention_mask is not None:
+            raise ValueError("prompts given as lists of ids carry their own lengths: pass no attention_mask")
+        return _left_pad(prompts, 0, device)  # ragged id lists, left-padded (the pad id is masked out)
     if isinstance(prompts, (list, tuple)):
         prompts = torch.as_tensor(prompts, dtype=torch.int64)
     if not isinstance(prompts, torch.Tensor):
@@ -117,6 +122,11 @@ def _check(model, head, loss: str, loss_kwargs: dict | None):
     hp = {id(p) for p in head.parameters()}
     if any(id(p) in hp for p in model.parameters()):
         raise ValueError("the twist head shares parameters with the base model; the base model must stay frozen")
+    if any(p.requires_grad and p.dtype == torch.float16 for p in head.parameters()):
+        # Adam's eps (1e-8) is 0 in fp16: a zero gradient gives 0 / 0 = NaN in every such parameter.
+        raise ValueError("the twist head has float16 trainable parameters, which Adam turns into NaN: build it in "
+                         "float32 (e.g. MLPTwistHead.for_model(model, dtype=torch.float32), also for an fp16 model) "
+                         "or bfloat16, and train with autocast for speed")
 
 
 def sample_batch(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, potential, *,
@@ -180,8 +190,9 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
 
     Args:
         model: frozen HF causal LM (never modified). head: a :class:`~.heads.TwistHead` on its device.
-        prompts: int64 ``[B, P]`` (with ``attention_mask``), a dict/BatchEncoding, or a list of
-            strings (with ``tokenizer``). Several identical prompts are independent SMC runs.
+        prompts: int64 ``[B, P]`` (with ``attention_mask``), a dict/BatchEncoding, lists of ids (may be
+            ragged), or a list of strings (with ``tokenizer``). Several identical prompts are
+            independent SMC runs.
         potential: final ``log phi``; ``prompt_index`` refers to the full prompt list.
         loss: ``"ctl"`` (default) | ``"sixo"`` | ``"fudge"`` | ``"soft_q"`` | ``"dpg"``.
         num_particles, max_new_tokens: of each SMC run. steps: sampling rounds.
