@@ -1,6 +1,7 @@
 """The command line on a tiny random model saved with the embedded model's tokenizer."""
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -39,9 +40,12 @@ def test_bad_prompt_potential(tiny_model_dir, capsys, spec, match):
 
 
 def test_run_on_a_task(tiny_model_dir, capsys):
-    code, out, _ = run(["run", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "2",
-                        "--particles", "2", "--max-new-tokens", "3"], capsys)
+    warnings.simplefilter("always")  # over the module's "ignore" (pytest restores the filters after the test)
+    code, out, err = run(["run", "--model", tiny_model_dir, "--task", "arithmetic-short", "-n", "2",
+                          "--particles", "2", "--max-new-tokens", "3"], capsys)
     assert code == 0 and out.count("=== prompt") == 2
+    # A random model never earns the indicator reward: the warning is one line without library file names.
+    assert "tsmc: warning: all particles of prompt(s) [0, 1] have zero weight" in err and ".py:" not in err
 
 
 def test_eval_writes_json(tiny_model_dir, capsys, tmp_path):

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 
 import torch
 
@@ -402,18 +403,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line for a command-line user (the library's file and line mean nothing to them)."""
+    print(f"tsmc: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if extra and args.command != "bench":
         build_parser().parse_args(argv)  # reports the unknown arguments and exits with status 2
     args.pytest_args = extra
-    try:
-        if hasattr(args, "device"):
-            _check_device(args.device)
-        return args.fn(args)
-    except CLIError as exc:
-        print(f"tsmc {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            if hasattr(args, "device"):
+                _check_device(args.device)
+            return args.fn(args)
+        except CLIError as exc:
+            print(f"tsmc {args.command}: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":
