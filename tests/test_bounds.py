@@ -258,6 +258,29 @@ def test_user_samples_equal_enumeration_path(model, enums):
     assert c.log_z_upper_runs.shape == (1, 16)
 
 
+def test_enumerations_are_rescored_and_matched_to_their_prompts(model, enums):
+    """An Enumeration without the potential gives the bounds of one with it (log_z_bounds scores it
+    with this call's potential: a bare one would give p0 samples and an upper bound below log Z);
+    enumerations in another order than the prompts are refused."""
+    kw = dict(potential=potential, num_particles=2, num_runs=8, max_new_tokens=T, seed=fresh_seed())
+    bare = [enumerate_completions(model, p, T) for p in PROMPTS]
+    a = log_z_bounds(model, PROMPTS, exact_samples=bare, **kw)
+    b = log_z_bounds(model, PROMPTS, exact_samples=enums["zeros"], **kw)
+    assert torch.equal(a.log_z_upper_runs, b.log_z_upper_runs) and torch.equal(a.log_z_lower_runs, b.log_z_lower_runs)
+    with pytest.raises(ValueError, match="built for the prompt"):
+        log_z_bounds(model, PROMPTS, exact_samples=enums["zeros"][::-1], **kw)
+
+
+def test_an_exact_sample_may_end_in_the_pad_id():
+    """Only EOS ends a completion early: [2, 1, 3] with pad id 3 is a complete T = 3 sample."""
+    m = tiny_random_model(V, seed=3)
+    m.generation_config.pad_token_id = 3  # not EOS (and not in the prompt, which would read it as padding)
+    samples = torch.tensor([[[2, 1, 3]] * 4])
+    out = log_z_bounds(m, PROMPTS[:1], potential=potential, num_particles=2, num_runs=4, max_new_tokens=T,
+                       exact_samples=samples, seed=fresh_seed())
+    assert torch.isfinite(out.upper).all()
+
+
 # ------------------------------------------------------------------------------ bad input
 
 def test_rejection_needs_phi_at_most_one(model):

@@ -82,6 +82,7 @@ def test_prompts():
     ("7", "7"), (" The answer is 12.", "12"), ("1,200 apples", "1200"), ("3, 4", "3"),
     ("-3 and 5", "-3"), ("3.5", "3.5"), ("no number", None), ("x=12,345,678", "12345678"),
     ("1,2345", "1"), ("12,34", "12"), (".5 apples", ".5"), ("１２", "12"), ("1,200.5", "1200.5"),
+    ("\u22127", "-7"),  # the minus sign (not NFKC's business): -7, never a false 7
 ])
 def test_extract_first_number(text, num):
     assert A.extract_first_number(text) == num

@@ -305,6 +305,25 @@ def test_fit_twist_trains_under_no_grad_and_refuses_inference_mode(model):
         fit_twist(model, head, PROMPT[None], potential, steps=1, max_new_tokens=T)
 
 
+def test_fit_twist_infers_padding_like_the_samplers():
+    """A padded prompt tensor without a mask: trained on the prompts smc_generate would sample."""
+    from types import SimpleNamespace
+
+    from tsmc_kernels.twist import PromptDataset
+
+    m = tiny_random_model(V, seed=3)
+    m.generation_config.pad_token_id = 3  # not the EOS id (4)
+    P = torch.tensor([[3, 3, 0, 1, 2], [0, 1, 2, 1, 2]])
+    kw = dict(num_particles=2, steps=2, lr=1e-2, max_new_tokens=T, seed=1)
+    h1, h2 = MLPTwistHead.for_model(m, seed=0), MLPTwistHead.for_model(m, seed=0)
+    a = fit_twist(m, h1, P, potential, **kw)
+    b = fit_twist(m, h2, P, potential, attention_mask=(P != 3).long(), **kw)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert all(torch.equal(x, y) for x, y in zip(h1.parameters(), h2.parameters()))
+    tok = SimpleNamespace(pad_token_id=3, eos_token_id=4)
+    assert PromptDataset(P, tokenizer=tok).rows == [[0, 1, 2], [0, 1, 2, 1, 2]]
+
+
 def test_fp16_heads_are_refused_before_adam_makes_them_nan():
     m16 = tiny_random_model(V, seed=0, dtype=torch.float16)
     with pytest.raises(ValueError, match="float16 trainable parameters"):
@@ -313,6 +332,15 @@ def test_fp16_heads_are_refused_before_adam_makes_them_nan():
     head = MLPTwistHead.for_model(m16, seed=0, dtype=torch.float32)  # the advice works
     fit_twist(m16, head, PROMPT.repeat(2, 1), potential, num_particles=2, steps=2, max_new_tokens=T)
     assert all(torch.isfinite(p).all() for p in head.parameters())
+
+
+def test_what_is_not_a_twist_is_a_type_error(model):
+    with pytest.raises(TypeError, match="head must be a TwistHead"):
+        fit_twist(model, model, PROMPT[None], potential, steps=1, max_new_tokens=T)
+    with pytest.raises(TypeError, match=r"takes 1 positional argument\(s\); a twist is called as twist\(hidden"):
+        smc_generate(model, PROMPT[None], num_particles=2, max_new_tokens=T, twist=torch.nn.Linear(16, V))
+    with pytest.raises(TypeError, match="twist must be a callable"):
+        smc_generate(model, PROMPT[None], num_particles=2, max_new_tokens=T, twist="ctl")
 
 
 def test_head_size_checks(model):
@@ -496,7 +524,7 @@ def test_base_model_is_untouched(model):
 
 # ----------------------------------------------------------------------------- HF Trainer
 
-def _trainer(model, out_dir, steps, **kw):  # kw: TrainingArguments (overriding the ones here)
+def _trainer(model, out_dir, steps, eval_dataset=None, **kw):  # kw: TrainingArguments (overriding the ones here)
     from transformers import TrainingArguments
 
     from tsmc_kernels.twist import TwistTrainer
@@ -504,9 +532,9 @@ def _trainer(model, out_dir, steps, **kw):  # kw: TrainingArguments (overriding 
                                        per_device_train_batch_size=8, gradient_accumulation_steps=2,
                                        learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
                                        disable_tqdm=True), **kw})
-    head = MLPTwistHead.for_model(model)
-    return TwistTrainer(model, head, potential, args, train_dataset=PROMPT.repeat(32, 1), num_particles=4,
-                        max_new_tokens=T, chunk_size=BIG)
+    head = MLPTwistHead.for_model(model, seed=0)
+    return TwistTrainer(model, head, potential, args, train_dataset=PROMPT.repeat(32, 1), eval_dataset=eval_dataset,
+                        num_particles=4, max_new_tokens=T, chunk_size=BIG)
 
 
 def test_trainer_resumes_from_checkpoint(model, tmp_path):
@@ -527,6 +555,19 @@ def test_trainer_resumes_from_checkpoint(model, tmp_path):
     assert all(torch.equal(final[k], again[k]) for k in final), "resumed training differs from the full run"
     saved = TwistHead.from_pretrained(tmp_path / "run" / "checkpoint-4", model=model)
     assert all(torch.equal(final[k], saved.state_dict()[k]) for k in final)
+
+
+def test_trainer_evaluation_leaves_training_as_it_was(model, tmp_path):
+    """Evaluating between steps draws its own seeds: the trained head is bit for bit the one without evaluation."""
+    heads = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for extra in ({}, dict(eval_strategy="steps", eval_steps=1)):
+            trainer = _trainer(model, tmp_path / f"run{len(heads)}", 3, save_strategy="no",
+                               eval_dataset=PROMPT.repeat(8, 1) if extra else None, **extra)
+            trainer.train()
+            heads.append(trainer.head.state_dict())
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
 
 
 def test_trainer_mixed_precision_reaches_the_head(model, tmp_path):

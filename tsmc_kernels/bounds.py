@@ -261,8 +261,11 @@ def _pad_to(x: torch.Tensor, T: int, pad: int) -> torch.Tensor:
     return torch.cat([x, extra], -1)
 
 
-def _sample_lengths(x: torch.Tensor, eos: Sequence[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lengths (EOS included) of completions ``x [..., T]`` and whether each ended with EOS."""
+def _sample_lengths(x: torch.Tensor, eos: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lengths (EOS included) of completions ``x [..., T]`` and whether each ended with EOS.
+
+    A row without EOS has length ``T``: only EOS ends a completion early, and the pad id is a token
+    like any other before it (a completion may end in it at the length limit)."""
     T = x.shape[-1]
     pos = torch.arange(T, device=x.device)
     if eos:
@@ -271,11 +274,7 @@ def _sample_lengths(x: torch.Tensor, eos: Sequence[int], pad: int) -> tuple[torc
         is_eos = torch.zeros_like(x, dtype=torch.bool)
     has_eos = is_eos.any(-1)
     first_eos = torch.where(is_eos, pos, T).amin(-1) + 1
-    if pad in eos:
-        plain = torch.full_like(first_eos, T)
-    else:
-        plain = torch.where(x != pad, pos + 1, 0).amax(-1)
-    return torch.where(has_eos, first_eos, plain), has_eos
+    return torch.where(has_eos, first_eos, torch.full_like(first_eos, T)), has_eos
 
 
 def _check_exact(exact: torch.Tensor, B: int, R: int, T: int, eos: list[int], pad: int, vocab: int | None):
@@ -291,7 +290,7 @@ def _check_exact(exact: torch.Tensor, B: int, R: int, T: int, eos: list[int], pa
     exact = exact.long()
     if bool((exact < 0).any()) or (vocab is not None and bool((exact >= vocab).any())):
         raise ValueError(f"exact_samples contain ids outside the model's vocabulary [0, {vocab})")
-    lengths, has_eos = _sample_lengths(exact, eos, pad)
+    lengths, has_eos = _sample_lengths(exact, eos)
     if bool((lengths > T).any()):
         b, r = (int(i) for i in torch.nonzero(lengths > T)[0])
         raise ValueError(f"exact sample {r} of prompt {b} has length {int(lengths[b, r])} > max_new_tokens={T}: "
@@ -421,6 +420,25 @@ def rejection_samples(model, input_ids: torch.Tensor, potential, num: int,
     return samples, stats
 
 
+def _enumeration_target(e: Enumeration, b: int, input_ids, attention_mask, potential, tokenizer) -> Enumeration:
+    """Enumeration ``e`` of prompt ``b`` with ``log_phi`` from this call's ``potential`` (whatever it
+    carried: one built without :meth:`~Enumeration.with_potential` would give samples of ``p0``, not
+    of ``sigma``); ``ValueError`` if it was enumerated for another prompt."""
+    if e.prompt is not None:
+        real = input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]
+        if not torch.equal(real.cpu(), e.prompt.to(torch.int64)):
+            raise ValueError(f"exact_samples[{b}]: this Enumeration was built for the prompt {e.prompt.tolist()[:12]}, "
+                             f"not for prompt {b} {real.tolist()[:12]} (pass them in the prompts' order)")
+    fn = as_potential(potential)
+    texts = None
+    if fn.needs_text:
+        if tokenizer is None:
+            raise ValueError(f"potential {fn.name!r} reads text: pass tokenizer= to score the Enumeration")
+        texts = tokenizer.batch_decode([c[:n].tolist() for c, n in zip(e.completions, e.lengths)],
+                                       skip_special_tokens=True)
+    return e.with_potential(fn, texts=texts, prompt_index=b)
+
+
 def _resolve_exact(exact_samples, model, input_ids, attention_mask, potential, *, num_runs, max_new_tokens, seed,
                    tokenizer, eos, pad, max_rows, max_proposals, smc_kw):
     """Exact samples ``[B, R, T]`` from whatever ``exact_samples`` is, and the rejection MC log Z (or NaN)."""
@@ -444,7 +462,9 @@ def _resolve_exact(exact_samples, model, input_ids, attention_mask, potential, *
         if len(exact_samples) != B or not all(isinstance(e, Enumeration) for e in exact_samples):
             raise ValueError(f"exact_samples as a list must hold {B} Enumerations (one per prompt)")
         g = torch.Generator().manual_seed(_derive_seed(seed, "enumeration", 0))
-        rows = [enumeration_samples(e, R, g) for e in exact_samples]
+        targets = [_enumeration_target(e, b, input_ids, attention_mask, potential, tokenizer)
+                   for b, e in enumerate(exact_samples)]
+        rows = [enumeration_samples(e, R, g) for e in targets]
         width = max(r.shape[1] for r in rows)  # _check_exact then checks the lengths against max_new_tokens
         return torch.stack([_pad_to(r, width, pad) for r in rows]).to(input_ids.device), nan
     return exact_samples, nan
@@ -471,8 +491,9 @@ def log_z_bounds(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             free particles multinomially); ``False`` means ``ess_threshold=0``.
         exact_samples: ``None`` / ``"rejection"`` (rejection sampling from ``p0``), an
             :class:`~tsmc_kernels.exact.Enumeration` (one prompt) or a list of them (one per
-            prompt), or an int tensor ``[B, num_runs, T]`` (one exact sample per upper-bound run,
-            padded after EOS; ``T <= max_new_tokens`` unless the rest is padding).
+            prompt, in the prompts' order: checked; their target is re-scored with ``potential``),
+            or an int tensor ``[B, num_runs, T]`` (one exact sample per upper-bound run, padded
+            after EOS; a row without EOS is a completion of exactly ``max_new_tokens`` tokens).
         log_z: known ``log Z`` (float or ``[B]``) for the KL estimates; default the pooled estimate.
         proposal_kl: when the runs resample, also run ``num_runs`` no-resampling runs to estimate
             ``E_q[log p0 phi / q]`` (the proposal KLs); free when ``ess_threshold=0``.
@@ -588,7 +609,7 @@ def _log_w(out) -> torch.Tensor:
 def _check_forced(out, ref: torch.Tensor, j0: int, r: int, eos, pad):
     """Particle 0 of every conditional run must be its exact sample, with ``phi > 0`` and ``q > 0``."""
     got = _pad_to(out.completions[:, 0], ref.shape[1], pad)
-    lengths, _ = _sample_lengths(ref, eos, pad)
+    lengths, _ = _sample_lengths(ref, eos)
     pos = torch.arange(ref.shape[1], device=ref.device)
     same = ((got == ref) | (pos >= lengths[:, None])).all(1)
     if not bool(same.all()):  # would be a bug in smc_generate's conditional path

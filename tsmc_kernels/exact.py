@@ -7,6 +7,7 @@ samples) and the power sampler's checks use this module.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ class Enumeration:
         lengths: int64 ``[S]`` (EOS included).
         log_p0: fp64 ``[S]`` ``log p0(completion | prompt)``; sums to 1 in probability.
         log_phi: fp64 ``[S]`` (zeros until :meth:`with_potential`).
+        prompt: int64 ``[P]`` the prompt's tokens (what :func:`enumerate_completions` was given).
     """
 
     completions: torch.Tensor
@@ -33,16 +35,20 @@ class Enumeration:
     eos: tuple
     pad: int
     vocab_size: int
+    prompt: torch.Tensor | None = None
 
     def keys(self) -> list[tuple]:
         """Completions as tuples without padding (dictionary keys)."""
         return [tuple(c[:n].tolist()) for c, n in zip(self.completions, self.lengths)]
 
-    def with_potential(self, potential, *, texts=None) -> "Enumeration":
-        """A copy with ``log_phi`` evaluated by ``potential`` (protocol of :mod:`tsmc_kernels.potentials`)."""
+    def with_potential(self, potential, *, texts=None, prompt_index: int = 0) -> "Enumeration":
+        """A copy with ``log_phi`` evaluated by ``potential`` (protocol of :mod:`tsmc_kernels.potentials`;
+        ``texts``: the completions decoded, for a text potential; ``prompt_index``: the prompt's index
+        the potential sees, for per-prompt potentials)."""
         fn = as_potential(potential)
-        log_phi = fn(self.completions, texts=texts, prompt_index=torch.zeros(len(self.lengths), dtype=torch.int64))
-        return Enumeration(self.completions, self.lengths, self.log_p0, log_phi.double(), self.eos, self.pad, self.vocab_size)
+        log_phi = fn(self.completions, texts=texts,
+                     prompt_index=torch.full((len(self.lengths),), int(prompt_index), dtype=torch.int64))
+        return dataclasses.replace(self, log_phi=log_phi.double())
 
     @property
     def log_z(self) -> float:
@@ -59,7 +65,7 @@ class Enumeration:
         table = {k: i for i, k in enumerate(self.keys())}
         out = []
         for r, row in enumerate(completions.tolist()):
-            n = int(lengths[r]) if lengths is not None else _length(row, self.eos, self.pad)
+            n = int(lengths[r]) if lengths is not None else _length(row, self.eos)
             out.append(table.get(tuple(row[:n]), -1))
         return torch.tensor(out, dtype=torch.int64)
 
@@ -76,14 +82,12 @@ class Enumeration:
         return TableTwist(table, self.vocab_size)
 
 
-def _length(row: list, eos: tuple, pad: int) -> int:
+def _length(row: list, eos: tuple) -> int:
+    """Up to the first EOS, else the whole row (the pad id may be a completion's last real token)."""
     for i, v in enumerate(row):
         if v in eos:
             return i + 1
-    n = len(row)
-    while n > 0 and row[n - 1] == pad and pad not in eos:
-        n -= 1
-    return n
+    return len(row)
 
 
 class TableTwist:
@@ -150,4 +154,4 @@ def enumerate_completions(model, prompt_ids: torch.Tensor, max_new_tokens: int, 
         comps[i, : len(k)] = torch.tensor(k)
     lengths = torch.tensor([len(k) for k, _ in done])
     log_p0 = torch.tensor([lp for _, lp in done], dtype=torch.float64)
-    return Enumeration(comps, lengths, log_p0, torch.zeros_like(log_p0), eos, pad, V)
+    return Enumeration(comps, lengths, log_p0, torch.zeros_like(log_p0), eos, pad, V, prompt[0].cpu().clone())

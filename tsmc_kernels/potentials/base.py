@@ -146,7 +146,7 @@ def as_potential(p) -> Potential:
     raise TypeError(f"potential must be callable, got {type(p).__name__}")
 
 
-def _positional_arity(fn) -> int:
+def positional_arity(fn) -> int:
     """How many positional arguments ``fn`` takes (a large number for ``*args`` or an unreadable signature)."""
     try:
         params = inspect.signature(fn).parameters.values()
@@ -172,7 +172,7 @@ class RewardPotential(Potential):
         if mode not in ("exp", "indicator"):
             raise ValueError(f"mode must be 'exp' or 'indicator', got {mode!r}")
         self.reward_fn, self.mode, self.beta, self.threshold = reward_fn, mode, beta, threshold
-        self._with_index = _positional_arity(reward_fn) >= 2
+        self._with_index = positional_arity(reward_fn) >= 2
         self.name = name or getattr(reward_fn, "__name__", "reward")
         if math.isnan(float(beta)):
             raise ValueError(f"potential {self.name!r}: beta is NaN")

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from .. import ops
-from ..potentials.base import as_potential, check_log_phi
+from ..potentials.base import as_potential, check_log_phi, positional_arity
 from .attention import with_packed_decode_attention
 from .inputs import (check_int, check_prompts, check_token_ids, eos_ids, in_eval_mode, is_any_of, model_vocab,
                      pad_id, token_id_list, warn_caller)
@@ -75,6 +75,19 @@ def _check_reference_ends(reference_completions: torch.Tensor, max_new_tokens: i
         raise ValueError(f"reference_completions has {reference_completions.shape[1]} columns, fewer than "
                          f"max_new_tokens = {max_new_tokens}, and row(s) {torch.nonzero(~ended).flatten().tolist()[:8]} "
                          "contain no EOS: pass them in full")
+
+
+def _check_twist_callable(twist) -> None:
+    """``TypeError`` for a twist that cannot be called as ``twist(hidden, completion_ids)`` (before the model runs)."""
+    if twist is None:
+        return
+    if not callable(twist):
+        raise TypeError(f"twist must be a callable twist(hidden [M, H], completion_ids [M, t]) -> log psi [M, V] "
+                        f"(e.g. a TwistHead) or None, got {type(twist).__name__}")
+    fn = twist.forward if isinstance(twist, torch.nn.Module) else twist
+    if positional_arity(fn) < 2:
+        raise TypeError(f"twist {type(twist).__name__} takes {positional_arity(fn)} positional argument(s); a twist is "
+                        "called as twist(hidden [M, H], completion_ids [M, t]) -> log psi [M, V] (e.g. a TwistHead)")
 
 
 def _check_graph_twist(twist) -> None:
@@ -134,7 +147,10 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             ``potential``), evaluated every ``intermediate_every`` tokens and/or after a token in
             ``intermediate_delimiters``.
         reference_completions: ``[B, T]`` conditional SMC: particle 0 of each prompt is forced to these
-            tokens (padded after EOS) and always survives resampling (upper bounds, SPEC §4).
+            tokens (padded after EOS) and always survives resampling (upper bounds, SPEC §4); the
+            free particles then resample multinomially whatever ``resampling`` says. A reference
+            the proposal cannot make (outside ``top_k``, ``phi = 0``) is not checked here
+            (:func:`~tsmc_kernels.bounds.log_z_bounds` checks it).
         compile_decode: run the model's one-token decode forward through ``torch.compile`` (inductor
             fuses its small kernels; with ``cuda_graph=True`` the compiled kernels are what the graph
             replays). Needs ``cache="static"`` (implied by ``cuda_graph``). The first call per shape
@@ -146,6 +162,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                                           ess_threshold, temperature, top_k, cache, cuda_graph, sync_every,
                                           reference_completions)
     ops._check_scheme(resampling)
+    _check_twist_callable(twist)
     phi_fn = as_potential(potential) if potential is not None else None
     inter_fn = as_potential(intermediate_potential) if intermediate_potential is not None else None
     if intermediate_every is not None:

@@ -183,9 +183,13 @@ def build_short_prompt(tokenizer, question: str) -> str:
 _NUMBER = re.compile(r"-?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)", re.ASCII)
 
 
+_MINUS_SIGNS = str.maketrans({"\u2212": "-"})  # the minus sign, which NFKC leaves as it is
+
+
 def extract_first_number(completion: str) -> str | None:
-    """The first number in the text (commas removed, e.g. ``"1,200"`` -> ``"1200"``), or ``None``."""
-    m = _NUMBER.search(unicodedata.normalize("NFKC", completion))
+    """The first number in the text (commas removed, e.g. ``"1,200"`` -> ``"1200"``; fullwidth digits
+    and the minus sign U+2212 read as ASCII), or ``None``."""
+    m = _NUMBER.search(unicodedata.normalize("NFKC", completion).translate(_MINUS_SIGNS))
     return None if m is None else m.group(0).replace(",", "")
 
 

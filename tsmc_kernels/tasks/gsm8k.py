@@ -17,6 +17,10 @@ strict pattern accepts one extra trailing ``\\n`` (as in the demo).
 
 The maximum total is 4.0 (a perfect completion with a correct integer answer).
 
+One deliberate difference (SPEC §7): the gold is the text after ``####`` with commas and ``$``
+removed, where the demo compares the raw text, so "1000" is right against the gold "1,000" and
+"1,000" is not (14 of the 1319 test golds have a comma); predictions are compared as written.
+
 Calling convention for potentials: ``reward_fn(texts, prompt_index) -> list[float]`` where row
 ``i`` is scored against ``golds[prompt_index[i]]`` (see :class:`~tsmc_kernels.potentials.base.RewardPotential`).
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from ..potentials.base import Potential, as_potential
-from ..sampler.inputs import check_int
+from ..sampler.inputs import check_int, check_prompts
 from ..sampler.smc import smc_generate
-from .heads import bind_prompts
+from .heads import TwistHead, bind_prompts
 from .losses import check_loss_options, loss_needs, make_batch, twist_loss
 
 __all__ = ["fit_twist", "sample_batch", "TwistTrainer", "TwistModule", "PromptDataset", "PromptCollator",
@@ -71,7 +71,7 @@ def _left_pad(rows: Sequence[Sequence[int]], pad: int, device=None) -> tuple[tor
     return ids.to(device), mask.to(device)
 
 
-def _as_prompt_tensors(prompts, attention_mask, tokenizer, device):
+def _as_prompt_tensors(model, prompts, attention_mask, tokenizer, device):
     """``(input_ids [B, P], attention_mask [B, P])`` from a tensor, a dict/BatchEncoding, id lists (ragged:
     left-padded) or strings."""
     if isinstance(prompts, str):
@@ -93,8 +93,10 @@ def _as_prompt_tensors(prompts, attention_mask, tokenizer, device):
         raise TypeError(f"prompts must be a tensor of ids, a dict with input_ids, or a list of strings; "
                         f"got {type(prompts).__name__}")
     ids = prompts.unsqueeze(0) if prompts.dim() == 1 else prompts
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask.reshape(ids.shape)
-    return ids.to(device), mask.to(device)
+    if attention_mask is None:  # padding inferred as the samplers infer it (the pad id, unless it is EOS)
+        ids, inferred = check_prompts(model, ids.to(device))  # (left-aligned when inferred)
+        return ids, torch.ones_like(ids) if inferred is None else inferred
+    return ids.to(device), attention_mask.reshape(ids.shape).to(device)
 
 
 class IndexedPotential(Potential):
@@ -115,6 +117,9 @@ class IndexedPotential(Potential):
 # ----------------------------------------------------------------------------- one step
 
 def _check(model, head, loss: str, loss_kwargs: dict | None):
+    if not isinstance(head, TwistHead):
+        raise TypeError(f"head must be a TwistHead (MLPTwistHead, EmbeddingTwistHead, ModelTwistHead), "
+                        f"got {type(head).__name__}")
     head.check_compatible(model)
     check_loss_options(loss, loss_kwargs or {})
     if loss_needs(loss) is loss_needs("fudge") and getattr(head, "activation", "none") != "logsigmoid":
@@ -176,6 +181,9 @@ def _metrics(out) -> dict:
     }
 
 
+_EVAL_SEED_OFFSET = 0x5EED_E7A1  # evaluation seeds: another stream than training's
+
+
 def _step_seed(seed: int, step: int, micro: int = 0) -> int:
     return (int(seed) * 1_000_003 + int(step) * 1_009 + int(micro) * 2) % (2 ** 62)
 
@@ -204,11 +212,16 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
         loss_kwargs: options of the loss (``log_phi_floor``). smc_kwargs: more ``smc_generate``
             options (``temperature``, ``top_k``, ``eos_token_id``, ...).
         callback: ``callback(step, record, head)`` after every round; returning True stops training.
+    The head trains in train mode: a :class:`~.heads.ModelTwistHead` copied from a model with dropout
+    (GPT-2's 0.1) computes its loss with dropout on.
+
     Returns:
-        history: one dict per round: ``step, loss``; of the round's samples ``finite_frac``
-        (particles with ``phi > 0``: the reward fraction of an indicator potential),
+        history: one dict per round: ``step, loss``; of the round's samples (twisted SMC under the
+        current head; for ``fudge``, which learns from base-model rollouts, those rollouts)
+        ``finite_frac`` (particles with ``phi > 0``: the reward fraction of an indicator potential),
         ``positive_frac`` (``log phi > 0``), ``mean_log_phi`` (over finite values), ``log_z`` (mean
         finite ``log Zhat``), ``log_z_finite_frac``, ``ess`` (final mean); ``seconds``.
+        ``mean_log_phi`` and ``log_z`` are ``-inf`` in a round where no particle has ``phi > 0``.
     """
     _check(model, head, loss, loss_kwargs)
     if torch.is_inference_mode_enabled():  # its tensors can never take part in autograd
@@ -218,7 +231,7 @@ def fit_twist(model, head, prompts, potential, *, loss: str = "ctl", num_particl
     if batch_size is not None:
         check_int("batch_size", batch_size, 1, " (or None: every prompt)")
     device = next(model.parameters()).device
-    ids, mask = _as_prompt_tensors(prompts, attention_mask, tokenizer, device)
+    ids, mask = _as_prompt_tensors(model, prompts, attention_mask, tokenizer, device)
     B = ids.shape[0]
     pot = as_potential(potential) if potential is not None else None
     params = [p for p in head.parameters() if p.requires_grad]
@@ -274,12 +287,16 @@ class PromptDataset(torch.utils.data.Dataset):
     """Prompts as a dataset of ``{"input_ids": list[int], "prompt_index": int}`` items.
 
     ``prompts``: a list of strings (with ``tokenizer``), a list of id lists, or an int64 ``[B, P]``
-    tensor with an optional ``attention_mask`` (left padding is stripped).
+    tensor with an optional ``attention_mask`` (padding is stripped; without a mask, the tokenizer's
+    pad id marks padding when it is not its EOS id, as the samplers infer it).
     """
 
     def __init__(self, prompts, tokenizer=None, attention_mask: torch.Tensor | None = None):
         if isinstance(prompts, torch.Tensor):
             ids = prompts.unsqueeze(0) if prompts.dim() == 1 else prompts
+            pad = getattr(tokenizer, "pad_token_id", None)
+            if attention_mask is None and pad is not None and pad != getattr(tokenizer, "eos_token_id", None):
+                attention_mask = (ids != pad).long()
             mask = torch.ones_like(ids) if attention_mask is None else attention_mask.reshape(ids.shape)
             self.rows = [r[m.bool()].tolist() for r, m in zip(ids.cpu(), mask.cpu())]
         elif prompts and isinstance(prompts[0], str):
@@ -377,14 +394,16 @@ class TwistTrainer(_trainer_base()):
         self.ess_threshold, self.smc_kwargs, self.chunk_size = float(ess_threshold), dict(smc_kwargs or {}), chunk_size
         self.tokenizer_for_text = tokenizer
         self._stored: dict[str, list[float]] = {}
-        self._micro = (-1, 0)
+        self._micro = {True: (-1, 0), False: (-1, 0)}  # (step, micro-batch index), training and evaluation
 
-    def _seed_for_call(self) -> int:
+    def _seed_for_call(self, training: bool) -> int:
+        """The SMC seed of this micro-batch. Evaluation counts its own calls from another seed, so
+        turning it on leaves the training samples (and the trained head) exactly as they were."""
         step = self.state.global_step
-        last, k = self._micro
+        last, k = self._micro[training]
         k = k + 1 if last == step else 0
-        self._micro = (step, k)
-        return _step_seed(self.args.seed, step, k)
+        self._micro[training] = (step, k)
+        return _step_seed(self.args.seed + (0 if training else _EVAL_SEED_OFFSET), step, k)
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         head = self.accelerator.unwrap_model(model).head
@@ -396,7 +415,7 @@ class TwistTrainer(_trainer_base()):
         pot = IndexedPotential(self.potential, index) if self.potential is not None else None
         batch, out = sample_batch(self.base_model, head, ids, mask, pot, loss=self.twist_loss_name,
                                   num_particles=self.num_particles, max_new_tokens=self.max_new_tokens,
-                                  seed=self._seed_for_call(), ess_threshold=self.ess_threshold,
+                                  seed=self._seed_for_call(model.training), ess_threshold=self.ess_threshold,
                                   tokenizer=self.tokenizer_for_text, chunk_size=self.chunk_size,
                                   smc_kwargs=self.smc_kwargs)
         # The head is called here, not through the wrapped module's forward that accelerate autocasts:
