@@ -474,6 +474,18 @@ def test_save_load_round_trip(model, kind, dtype, tmp_path):
             TwistHead.from_pretrained(tmp_path)
 
 
+def test_a_head_loaded_on_another_kind_of_model_warns(model, tmp_path):
+    """Same sizes, other architecture: it loads (the sizes fit) with a warning naming both models."""
+    head = MLPTwistHead.for_model(model, seed=0)
+    head.save_pretrained(tmp_path)
+    gpt2 = tiny_random_model(V, arch="gpt2", seed=3)
+    with pytest.warns(UserWarning, match="trained for a model with model_type 'llama', not this one .*'gpt2'"):
+        TwistHead.from_pretrained(tmp_path, model=gpt2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert TwistHead.from_pretrained(tmp_path, model=tiny_random_model(V, seed=4)).trained_for["model_type"] == "llama"
+
+
 def test_vocab_mismatch_is_a_clear_error(model, tmp_path):
     other = tiny_random_model(V + 1, seed=3)
     head = MLPTwistHead.for_model(other)

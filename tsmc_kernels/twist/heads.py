@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..sampler.inputs import cache_kwarg, check_int, left_align, model_vocab
+from ..sampler.inputs import cache_kwarg, check_int, left_align, model_vocab, warn_caller
 
 __all__ = ["TwistHead", "MLPTwistHead", "EmbeddingTwistHead", "ModelTwistHead", "TwistInputs", "HEADS",
            "CONFIG_NAME", "WEIGHTS_NAME", "model_vocab_size", "model_hidden_size", "bind_prompts"]
@@ -171,6 +171,13 @@ class TwistHead(nn.Module):
         check_int("vocab_size", vocab_size, 1)
         check_int("hidden_size", hidden_size, 1)
         self.vocab_size, self.hidden_size, self.activation = int(vocab_size), int(hidden_size), activation
+        self.trained_for: dict | None = None  # the model it was built for / attached to (saved with it)
+
+    def remember(self, model) -> None:
+        """Record ``model``'s type and name: saved with the head, checked when it is loaded on a model."""
+        cfg = _text_config(model)
+        self.trained_for = {"model_type": getattr(cfg, "model_type", "") or "",
+                           "name_or_path": str(getattr(model.config, "_name_or_path", "") or "")}
 
     # ------------------------------------------------------------------ config / save / load
     def get_config(self) -> dict:
@@ -194,7 +201,7 @@ class TwistHead(nn.Module):
 
         os.makedirs(save_directory, exist_ok=True)
         config = {"head_type": self.head_type, "format_version": 1, "dtype": _dtype_name(self.dtype),
-                  **self.get_config()}
+                  **self.get_config(), **({"trained_for": self.trained_for} if self.trained_for else {})}
         with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -218,6 +225,7 @@ class TwistHead(nn.Module):
             config = json.load(f)
         head_type = config.pop("head_type", None)
         config.pop("format_version", None)
+        trained_for = config.pop("trained_for", None)
         saved_dtype = getattr(torch, config.pop("dtype", "float32"))
         if head_type not in HEADS:
             raise ValueError(f"unknown twist head type {head_type!r} in {path}; known: {sorted(HEADS)}")
@@ -230,7 +238,9 @@ class TwistHead(nn.Module):
         if device is None:
             device = next(model.parameters()).device if model is not None else torch.device("cpu")
         head = head.to(device=device, dtype=dtype or saved_dtype)
+        head.trained_for = trained_for
         if model is not None:
+            _warn_on_other_model(head, model, directory)
             head.attach(model)
         elif getattr(klass, "needs_model", False):
             raise ValueError(f"{klass.__name__} reuses the base model's output embedding: "
@@ -246,6 +256,7 @@ class TwistHead(nn.Module):
         """Check that ``model`` matches the head (vocabulary, hidden size); heads that reuse model
         weights also take their reference here. Returns ``self``."""
         self.check_compatible(model)
+        self.remember(model)
         return self
 
     def check_compatible(self, model) -> None:
@@ -321,6 +332,7 @@ class MLPTwistHead(TwistHead):
         kwargs.setdefault("dtype", torch.float32)
         with seeded_init(seed):
             head = cls(vocab_size=model_vocab_size(model), hidden_size=model_hidden_size(model), **kwargs)
+        head.remember(model)
         return head.to(next(model.parameters()).device)
 
     def get_config(self) -> dict:
@@ -390,6 +402,7 @@ class EmbeddingTwistHead(TwistHead):
             raise ValueError(f"the model's output embedding has width {emb.weight.shape[1]} but the head was built "
                              f"for {self.embedding_size}")
         self._w_out = (emb.weight,)
+        self.remember(model)
         return self
 
     @property
@@ -483,6 +496,7 @@ class ModelTwistHead(TwistHead):
             own = head.backbone.state_dict()
             shared = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
             head.backbone.load_state_dict(shared, strict=False)
+        head.remember(model)
         head = head.to(next(model.parameters()).device)
         return head.to(dtype) if dtype is not None else head
 
@@ -595,6 +609,23 @@ class ModelTwistHead(TwistHead):
 
     def check_compatible(self, model) -> None:
         super().check_compatible(model)
+
+
+def _warn_on_other_model(head: "TwistHead", model, directory) -> None:
+    """A head loaded on another kind or checkpoint of model than it was saved from still fits when
+    the sizes match, but its twist was learned for other hidden states (and an embedding head takes
+    this model's output embedding): a warning, not an error."""
+    saved = head.trained_for
+    if not saved:
+        return
+    head.remember(model)
+    now, head.trained_for = head.trained_for, saved
+    differs = [k for k in ("model_type", "name_or_path") if saved.get(k) and now.get(k) and saved[k] != now[k]]
+    if differs:
+        was = ", ".join(f"{k} {saved[k]!r}" for k in differs)
+        got = ", ".join(f"{k} {now[k]!r}" for k in differs)
+        warn_caller(f"the twist head in {directory} was trained for a model with {was}, not this one ({got}): "
+                    "its twist may not fit this model's hidden states")
 
 
 def _config_hidden_size(cfg) -> int:
