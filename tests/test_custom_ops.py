@@ -1,6 +1,8 @@
 """Every ``tsmc::`` custom op passes ``torch.library.opcheck``: its schema (what it mutates), its
 fake (meta) kernel against the real one, and its tracing by AOT autograd, the contract that makes
 the ops work under ``torch.compile`` and in CUDA graphs (SPEC §6). Fresh random inputs each run."""
+import os
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ from tsmc_kernels import ops, reference
 
 from conftest import random_ancestors, requires_cuda
 
-BACKENDS = ["reference"] + (["native"] if ops.native_available() else [])
+BACKENDS = ["reference"] + (["native"] if ops.native_available() else []) + \
+    (["triton"] if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else [])  # Triton's interpreter on CPU
 
 
 def op_cases(gen, device):
