@@ -634,7 +634,8 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         seed: all randomness is a function of ``(seed, move, token offset, row)`` (``row = b * C + c``; the
             seed folded to 32 bits by :func:`~tsmc_kernels.rng.fold_seed`).
         progress: show a tqdm bar over moves (a string is its label).
-        eos_token_id, pad_token_id: default from the model's generation config.
+        eos_token_id, pad_token_id: default from the model's generation config (the pad id also marks
+            prompt padding when no attention_mask is given).
         cuda_graph: capture the per-token step (model forward on the KV arena, sampling, the MH
             decisions of completed proposals, the start of the next moves) in a CUDA graph after
             two eager steps and replay it (CUDA only). The chains are the same as with

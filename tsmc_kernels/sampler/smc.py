@@ -128,7 +128,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         temperature, top_k: proposal shaping (the weights correct for it). ``top_k > 0`` never proposes a
             token outside the k most likely under ``p0 * psi``: the particles and ``Zhat`` then describe
             ``sigma`` restricted to such completions (``Z`` times their share of sigma's mass), not ``sigma``.
-        eos_token_id, pad_token_id: default from the model's generation config.
+        eos_token_id, pad_token_id: default from the model's generation config (the pad id also marks
+            prompt padding when no attention_mask is given).
         seed: all randomness is a function of ``(seed, step, row)`` (``row = b * N + n``: a prompt at
             another batch index draws other numbers); seeds are folded to 32 bits (:func:`~tsmc_kernels.rng.fold_seed`:
             seeds from 2**32 on can repeat a smaller seed's run).
