@@ -180,10 +180,11 @@ def test_dense_row_pieces_cover_the_view_once(gen, make):
 
 
 def test_gapped_views_reach_the_kernel_as_dense_pieces(gen, monkeypatch):
-    """ops.kv_gather_ hands the kernel dense-row pieces (a sliced KV cache is not copied row by row)."""
+    """The op hands the kernel dense-row pieces (a sliced KV cache is not copied row by row)."""
     seen = []
-    op = ops._kv_gather_op
-    monkeypatch.setattr(ops, "_kv_gather_op", lambda ts, a: (seen.extend(ts), op(ts, a)))
+    kernel = reference.kv_gather_
+    monkeypatch.setenv("TSMC_BACKEND", "reference")
+    monkeypatch.setattr(reference, "kv_gather_", lambda ts, a: (seen.extend(ts), kernel(ts, a)))
     B, N = 2, 4
     anc = random_ancestors(gen, B, N)
     k = random_data(gen, (B * N, 2, 9, 8), torch.bfloat16)
@@ -191,3 +192,16 @@ def test_gapped_views_reach_the_kernel_as_dense_pieces(gen, monkeypatch):
     ops.kv_gather_([k[:, :, 3:], k[:, :, :3]], anc)
     assert len(seen) == 4 and all(reference.rows_dense(t) for t in seen)
     assert_gathered(k, src, reference.flat_ancestors(anc))
+
+
+def test_compiles_with_dynamic_shapes(gen, backend):
+    """A cache that grows every step recompiles with symbolic sizes: the gather (views with gaps
+    included) must trace without a graph break and still copy exactly the moved rows."""
+    a = random_ancestors(gen, 1, 4)
+    flat = reference.flat_ancestors(a)
+    f = torch.compile(lambda k, a: ops.kv_gather_([k, k[:, :, 2:]], a), fullgraph=True, backend="eager", dynamic=True)
+    for L in (5, 6, 9):
+        k = random_data(gen, (4, 2, L, 3), torch.float32)
+        src = k.clone()
+        f(k, a)
+        assert_gathered(k, src, flat)

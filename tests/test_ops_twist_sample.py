@@ -190,6 +190,8 @@ def test_ops_validates_arguments():
         ops.twist_score(x, torch.zeros(2, 5, dtype=torch.int64), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="temperature"):
         ops.twist_score(x, None, torch.tensor([0, 1]), temperature=float("nan"))
+    with pytest.raises(ValueError, match="temperature must be a finite number"):  # -inf / inf = NaN at -inf logits
+        ops.twist_sample(x, temperature=math.inf)
 
 
 def test_ops_under_torch_compile_fullgraph(gen, monkeypatch):

@@ -472,6 +472,7 @@ def test_all_particles_dead_gives_minus_inf_not_nan(model):
     (dict(num_particles=0), "num_particles"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=0.0), "temperature"),
+    (dict(temperature=math.inf), "temperature must be a finite number"),
     (dict(resampling="bogus"), "scheme"),
     (dict(cache="bogus"), "cache"),
     (dict(cuda_graph=True), "CUDA"),

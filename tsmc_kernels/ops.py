@@ -119,8 +119,8 @@ def _as_int(name: str, value) -> int:
 
 def _check_proposal_options(temperature: float, top_k: int) -> None:
     """The proposal's temperature and top-k, as twist_sample and twist_score take them."""
-    if not temperature > 0:  # also refuses NaN
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:  # also refuses NaN; inf would give -inf / inf = NaN at -inf logits
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if _as_int("top_k", top_k) < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
 
@@ -413,6 +413,11 @@ def reweight(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = None, *, ess_
 
 @torch.library.custom_op("tsmc::kv_gather_", mutates_args=("tensors",))
 def _kv_gather_op(tensors: List[torch.Tensor], ancestors: torch.Tensor) -> None:
+    # Views with gaps between rows are split into dense-row views here, inside the op: traced by
+    # torch.compile, that splitting would sort symbolic strides (dynamic shapes: a growing cache).
+    tensors = [p for t in tensors for p in reference.dense_row_pieces(t)]
+    if not tensors:
+        return
     backend = backend_for(ancestors.device, "kv_gather")
     if backend == "native" and ancestors.device.type == "cuda":
         _C.kv_gather_cuda_(tensors, ancestors)
@@ -459,7 +464,5 @@ def kv_gather_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor, *, vali
         moved = flat != torch.arange(M, device=flat.device)
         if bool(moved[flat[moved]].any()):
             raise ValueError("ancestors violate the permutation property: a row that is copied from is also overwritten")
-    pieces = [p for t in tensors for p in reference.dense_row_pieces(t)]
-    if not pieces:
-        return
-    _kv_gather_op(pieces, flat)
+    if any(t.numel() for t in tensors):
+        _kv_gather_op(tensors, flat)

@@ -47,8 +47,8 @@ def _validate(model, input_ids, attention_mask, pad_token_id, num_particles, max
                         ("sync_every", sync_every)):
         check_int(name, value, 1)
     ops.check_ess_threshold(ess_threshold)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:  # also NaN; an infinite temperature gives NaN weights at -inf logits
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     check_int("top_k", top_k, 0)
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
