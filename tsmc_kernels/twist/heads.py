@@ -175,9 +175,7 @@ class TwistHead(nn.Module):
 
     def remember(self, model) -> None:
         """Record ``model``'s type and name: saved with the head, checked when it is loaded on a model."""
-        cfg = _text_config(model)
-        self.trained_for = {"model_type": getattr(cfg, "model_type", "") or "",
-                           "name_or_path": str(getattr(model.config, "_name_or_path", "") or "")}
+        self.trained_for = _model_identity(model)
 
     # ------------------------------------------------------------------ config / save / load
     def get_config(self) -> dict:
@@ -611,15 +609,18 @@ class ModelTwistHead(TwistHead):
         super().check_compatible(model)
 
 
+def _model_identity(model) -> dict:
+    return {"model_type": getattr(_text_config(model), "model_type", "") or "",
+            "name_or_path": str(getattr(model.config, "_name_or_path", "") or "")}
+
+
 def _warn_on_other_model(head: "TwistHead", model, directory) -> None:
     """A head loaded on another kind or checkpoint of model than it was saved from still fits when
     the sizes match, but its twist was learned for other hidden states (and an embedding head takes
     this model's output embedding): a warning, not an error."""
-    saved = head.trained_for
+    saved, now = head.trained_for, _model_identity(model)
     if not saved:
         return
-    head.remember(model)
-    now, head.trained_for = head.trained_for, saved
     differs = [k for k in ("model_type", "name_or_path") if saved.get(k) and now.get(k) and saved[k] != now[k]]
     if differs:
         was = ", ".join(f"{k} {saved[k]!r}" for k in differs)
