@@ -142,8 +142,8 @@ def _step_tensor(step, device: torch.device, rows: int | None = None) -> torch.T
             raise ValueError(f"step is on {step.device} but the data is on {device}")
         return step.to(torch.int64) if per_row else step.reshape(()).to(torch.int64)
     step = _as_int("step", step)
-    if step < 0:
-        raise ValueError(f"step must be non-negative, got {step}")
+    if not 0 <= step < 2 ** 63:  # an int64 counter
+        raise ValueError(f"step must be in [0, 2**63), got {step}")
     return torch.full((), step, dtype=torch.int64, device=device)  # a fill: capturable, unlike torch.tensor
 
 
