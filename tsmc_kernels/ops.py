@@ -50,7 +50,8 @@ def _load_extension():
         return importlib.import_module("tsmc_kernels._C")
     except ImportError as exc:  # pragma: no cover - depends on the build
         warnings.warn(f"tsmc_kernels._C is present but could not be loaded ({exc}); rebuild it against this "
-                      "torch with `pip install --no-build-isolation .` (`-e .` in a checkout). Using the PyTorch reference on CPU.")
+                      "torch with `pip install --no-build-isolation .` (`-e .` in a checkout). Using the PyTorch "
+                      "reference on CPU.")
         return None
 
 
@@ -117,10 +118,16 @@ def _as_int(name: str, value) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}") from None
 
 
+def check_temperature(temperature: float) -> None:
+    """Raise ``ValueError`` unless ``0 < temperature < inf`` (NaN refused; an infinite temperature
+    would give ``-inf / inf = NaN`` at ``-inf`` logits)."""
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+
+
 def _check_proposal_options(temperature: float, top_k: int) -> None:
     """The proposal's temperature and top-k, as twist_sample and twist_score take them."""
-    if not 0 < temperature < math.inf:  # also refuses NaN; inf would give -inf / inf = NaN at -inf logits
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    check_temperature(temperature)
     if _as_int("top_k", top_k) < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
 
@@ -464,5 +471,4 @@ def kv_gather_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor, *, vali
         moved = flat != torch.arange(M, device=flat.device)
         if bool(moved[flat[moved]].any()):
             raise ValueError("ancestors violate the permutation property: a row that is copied from is also overwritten")
-    if any(t.numel() for t in tensors):
-        _kv_gather_op(tensors, flat)
+    _kv_gather_op(tensors, flat)  # (returns at once when no tensor has a row piece to copy)

@@ -41,8 +41,8 @@ forward pass serves all chains that have a token to decode, whatever move each i
 synchronous batch would idle each row until the longest suffix of the move ends (about 1.4x more
 forward passes for uniform cuts). :func:`power_sample_reference` runs the same chains move by
 move (same random numbers: they are keyed by ``(seed, chain's move, offset, row)``, never by which
-chains share a forward pass, timing or global state) by re-decoding every sequence from scratch; the tests check both
-give identical chains.
+chains share a forward pass, timing or global state) by re-decoding every sequence from scratch;
+the tests check both give identical chains.
 
 Random streams (:mod:`tsmc_kernels.rng`): token noise is ``ops.twist_sample(step=move * T + j)``
 (one step per row) for the ``j``-th token of a proposal; cut uniforms use stream :data:`STREAM_CUT` and accept

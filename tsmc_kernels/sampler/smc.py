@@ -47,8 +47,7 @@ def _validate(model, input_ids, attention_mask, pad_token_id, num_particles, max
                         ("sync_every", sync_every)):
         check_int(name, value, 1)
     ops.check_ess_threshold(ess_threshold)
-    if not 0 < temperature < math.inf:  # also NaN; an infinite temperature gives NaN weights at -inf logits
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    ops.check_temperature(temperature)
     check_int("top_k", top_k, 0)
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
@@ -131,8 +130,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         eos_token_id, pad_token_id: default from the model's generation config (the pad id also marks
             prompt padding when no attention_mask is given).
         seed: all randomness is a function of ``(seed, step, row)`` (``row = b * N + n``: a prompt at
-            another batch index draws other numbers); seeds are folded to 32 bits (:func:`~tsmc_kernels.rng.fold_seed`:
-            seeds from 2**32 on can repeat a smaller seed's run).
+            another batch index draws other numbers); seeds are folded to 32 bits
+            (:func:`~tsmc_kernels.rng.fold_seed`: seeds from 2**32 on can repeat a smaller seed's run).
         cache: ``dynamic`` | ``static`` | ``none`` (recompute; the oracle).
         cuda_graph: capture the two halves of the SMC step (forward + twist + sample; weights +
             resample + KV gather) in CUDA graphs after two eager steps and replay them. CUDA only;
@@ -143,7 +142,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             finished. ``K > 1``: up to ``K`` steps later (still exact; ``ess``/``resampled``/``ancestors``
             get one extra column when potentials are applied after the last token), ``K`` times
             fewer host round trips; not with intermediate potentials.
-        progress: show a tqdm bar (a string is its label; default label "smc"). tokenizer: needed when a potential reads text.
+        progress: show a tqdm bar (a string is its label; default label "smc").
+        tokenizer: needed when a potential reads text.
         intermediate_potential: non-learned twist on partial completions (same protocol as
             ``potential``), evaluated every ``intermediate_every`` tokens and/or after a token in
             ``intermediate_delimiters``.
@@ -204,7 +204,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                        mid_sync=sync_every == 1 and (phi_fn is not None or inter_fn is not None))
 
 
-def _decode(run: "_SMCRun", T: int, *, cuda_graph: bool, sync_every: int, progress: bool | str, mid_sync: bool) -> SMCOutput:
+def _decode(run: "_SMCRun", T: int, *, cuda_graph: bool, sync_every: int, progress: bool | str,
+            mid_sync: bool) -> SMCOutput:
     """The step loop of :func:`smc_generate`: eager steps, then (``cuda_graph``) capture and replay.
     ``mid_sync``: the host looks between the halves (to evaluate potentials; phi = 1 is set on the device)."""
     device = run.input_ids.device
