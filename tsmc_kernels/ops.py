@@ -205,6 +205,8 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
         top_k: restrict the proposal to entries ``>=`` its k-th largest (0 = off).
         seed: non-negative int; with ``step`` (int, int64 0-dim device tensor, or int64 ``[M]``: one
             step per row) keys the noise of row ``m`` and token ``v`` (see :mod:`tsmc_kernels.rng`).
+            An int step must lie in ``[0, 2**63)``; a tensor step's value is not checked (that
+            would synchronise with the host).
         validate: check shapes, devices and dtypes (never synchronises).
     Returns:
         :class:`TwistSampleOutput`: ``token`` int64 ``[M]``; ``logp``, ``logq``, ``log_zpi``,
