@@ -91,6 +91,7 @@ __global__ void __launch_bounds__(kThreads) kv_gather_kernel(const __grid_consta
   for (int64_t i = blockIdx.y; i < M; i += gridDim.y) {
     const int64_t src = a[i];
     if (src == i) continue;  // survivors and untouched rows: no work
+    if (src < 0 || src >= M) continue;  // out of range (possible only unvalidated): copy nothing
     char* d = base + i * stride;
     const char* s = base + src * stride;
     if (vec == 16) copy_chunk16(d, s, len);

@@ -105,6 +105,22 @@ def check_cuda_gather(gather_, gen, device, dtype, row_shapes):
         assert_gathered(d, src, reference.flat_ancestors(anc))
 
 
+def check_gather_skips_out_of_range(gather_, gen, device="cpu"):
+    """Unvalidated ancestors out of ``[0, M)`` copy nothing (the kernels cannot raise without a
+    host sync) and never read past the rows: the view has real rows just outside it on both
+    sides, so a kernel that read ``t[-1]`` or ``t[M]`` would be caught, not crash."""
+    M = 6
+    big = random_data(gen, (M + 2, 3, 5), torch.float32, device)
+    view = big[1:M + 1]
+    anc = torch.tensor([0, 0, -1, M, 4, 4], dtype=torch.int64, device=device)  # rows 2, 3: out of range
+    before = big.clone()
+    gather_([view], anc)
+    expect = before.clone()
+    expect[1 + 1] = before[1 + 0]
+    expect[1 + 5] = before[1 + 4]
+    assert torch.equal(big.view(torch.int32).cpu(), expect.view(torch.int32).cpu())
+
+
 def check_gather_on_views(gather_, gen, B, N):
     """``gather_([view], ancestors)`` on strided, sliced, permuted and transposed views: the view's
     rows are gathered and no byte of the base tensor outside the view is written."""

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from tsmc_kernels import ops, reference, rng
 
+from conftest import check_gather_skips_out_of_range
+
 SKIP = os.environ.get("TSMC_BUILD_EXT") == "0"
 pytestmark = pytest.mark.skipif(SKIP, reason="TSMC_BUILD_EXT=0: the C++ extension is not built")
 HYP = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -321,6 +323,11 @@ def _cuda_C(C):
     if not C.with_cuda:
         pytest.skip("tsmc_kernels._C was built without CUDA")
     return C
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_skips_out_of_range_ancestors(C, cuda_device, gen):
+    check_gather_skips_out_of_range(_cuda_C(C).kv_gather_cuda_, gen, cuda_device)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ from tsmc_kernels.triton import kv_gather as kvg
 from tsmc_kernels.triton.kv_gather import kv_gather_triton_
 
 from conftest import (assert_gathered, check_cuda_gather, check_gather_aliasing_views, check_gather_on_views,
+                      check_gather_skips_out_of_range,
                       random_ancestors, random_data, requires_cuda, row_bytes)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -119,6 +120,10 @@ def test_bad_input():
         kv_gather_triton_([t.numpy()], torch.arange(6))
 
 
+def test_out_of_range_ancestors_copy_nothing(gen):
+    check_gather_skips_out_of_range(kv_gather_triton_, gen)
+
+
 def test_ops_triton_backend(gen, monkeypatch):
     if not INTERPRETED:
         pytest.skip("the Triton backend runs CPU tensors only under TRITON_INTERPRET=1")
@@ -141,6 +146,12 @@ def test_ops_triton_backend(gen, monkeypatch):
 def test_cuda_equals_reference(gen, cuda_device, dtype):
     check_cuda_gather(kv_gather_triton_, gen, cuda_device, dtype,
                       [(2, 33, 64), (3, 1, 5), (77,), (), (2, 40, 128), (2, 1000, 128)])
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_cuda_out_of_range_ancestors_copy_nothing(gen, cuda_device):
+    check_gather_skips_out_of_range(kv_gather_triton_, gen, cuda_device)
 
 
 @requires_cuda

@@ -453,6 +453,9 @@ def kv_gather_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor, *, vali
             one whose rows have gaps (``k[:, :, P:]``) is split into views with dense rows first.
         ancestors: int64 ``[B, N]`` (indices within each prompt) or ``[M]`` (global row indices),
             satisfying the permutation property (rows that are read are never written).
+        validate: check the ancestors' range and permutation property (synchronises with the
+            host). Unvalidated, the GPU kernels copy nothing for a global row index outside
+            ``[0, M)`` (they never read past the rows); the CPU ones raise.
     Returns:
         None; the tensors are modified in place. Zero work when ``a`` is the identity.
     """

@@ -55,12 +55,13 @@ def _copy_words(dst, src, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _kv_gather_kernel(anc_ptr, table_ptr, BLOCK: tl.constexpr):
+def _kv_gather_kernel(anc_ptr, table_ptr, M, BLOCK: tl.constexpr):
     i = tl.program_id(0)
     w = tl.program_id(1)
     a = tl.load(anc_ptr + i)
     i64 = i.to(tl.int64)
-    if a != i64:
+    # An out-of-range ancestor (possible only unvalidated) copies nothing rather than read past the rows.
+    if (a != i64) & (a >= 0) & (a < M):
         rec = table_ptr + w.to(tl.int64) * 5
         base = tl.load(rec)
         stride = tl.load(rec + 1)
@@ -173,4 +174,4 @@ def kv_gather_triton_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor, 
     table = _table_for(tuple(layout), dev)
     if block is None:
         block = 1024 if dev.type == "cuda" else 4096
-    _kv_gather_kernel[(M, table.shape[0])](a, table, BLOCK=block, num_warps=4)
+    _kv_gather_kernel[(M, table.shape[0])](a, table, M, BLOCK=block, num_warps=4)
