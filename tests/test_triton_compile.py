@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent('''
     for mode, scheme, block in [(2, 2, 128), (1, 1, 4096)]:
         compile_(w._weights_kernel, sig, dict(MODE=mode, HAS_INC=mode == 2, ALWAYS=False, SCHEME=scheme, BLOCK=block,
                  LOG=int(math.log2(block)) + 1), 4)
-    compile_(kv._kv_gather_kernel, {"anc_ptr": "*i64", "table_ptr": "*i64"}, dict(BLOCK=1024), 4)
+    compile_(kv._kv_gather_kernel, {"anc_ptr": "*i64", "table_ptr": "*i64", "M": "i64"}, dict(BLOCK=1024), 4)
     print("ALL OK")
 ''')
 
