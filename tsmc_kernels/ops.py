@@ -454,8 +454,9 @@ def kv_gather_(tensors: Sequence[torch.Tensor], ancestors: torch.Tensor, *, vali
         ancestors: int64 ``[B, N]`` (indices within each prompt) or ``[M]`` (global row indices),
             satisfying the permutation property (rows that are read are never written).
         validate: check the ancestors' range and permutation property (synchronises with the
-            host). Unvalidated, the GPU kernels copy nothing for a global row index outside
-            ``[0, M)`` (they never read past the rows); the CPU ones raise.
+            host). Unvalidated, the Triton and CUDA kernels copy nothing for a global row index
+            outside ``[0, M)`` (they never read past the rows); the C++ CPU kernel and the
+            reference raise.
     Returns:
         None; the tensors are modified in place. Zero work when ``a`` is the identity.
     """
