@@ -6,7 +6,7 @@
 //     mix32(x):  x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
 //     key   = mix32(mix32(mix32(seed32 ^ (stream * 0x9E3779B9)) ^ step32) ^ row32)
 //     bits  = mix32(key ^ (counter * 0x85EBCA6B))
-//     u     = ((bits >> 8) + 0.5) / 2**24            // in (0, 1), exact in fp32 and fp64
+//     u     = (bits + 0.5) / 2**32                   // in [2**-33, 1 - 2**-33], exact in fp64
 //
 // with seed32 = (seed ^ (seed >> 32)) mod 2**32 and step32 / row32 taken mod 2**32.
 // Header-only, torch-free, usable from host and device code.
@@ -52,9 +52,10 @@ TSMC_HD uint32_t bits(uint32_t key, int64_t counter) {
   return mix32(key ^ (static_cast<uint32_t>(counter) * kCounterMul));
 }
 
-// Uniform in (0, 1) in fp64: ((bits >> 8) + 0.5) * 2**-24, exact.
+// Uniform in (0, 1) in fp64: (bits + 0.5) * 2**-32, exact (all 32 bits: the Gumbel tails need them,
+// see tsmc_kernels/rng.py).
 TSMC_HD double uniform(uint32_t key, int64_t counter) {
-  return (static_cast<double>(bits(key, counter) >> 8) + 0.5) * (1.0 / 16777216.0);
+  return (static_cast<double>(bits(key, counter)) + 0.5) * (1.0 / 4294967296.0);
 }
 
 }  // namespace rng

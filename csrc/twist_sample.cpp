@@ -14,8 +14,8 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-// Upper bound of the Gumbel noise: u <= 1 - 2**-25 gives g = -log(-log u) <= 25 log 2 = 17.33.
-constexpr double kGumbelMax = 17.5;
+// Upper bound of the Gumbel noise: u <= 1 - 2**-33 gives g = -log(-log u) <= 33 log 2 = 22.87.
+constexpr double kGumbelMax = 23.0;
 
 void write_row(const TwistSampleArgs& a, int64_t m, int64_t token, double logp, double logq, double log_zpi,
                double log_psi, double entropy) {

@@ -98,18 +98,18 @@ def row_key(key_base, step_ptr, row):
 
 
 @helper
-def hash_bits24(key, counter):
-    """``mix32(key ^ counter * 0x85EBCA6B) >> 8`` as int32 in ``[0, 2**24)``."""
+def hash_bits(key, counter):
+    """``mix32(key ^ counter * 0x85EBCA6B)`` as ``tl.uint32``."""
     c = tl.mul((counter.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32), tl.full((), 0x85EBCA6B, tl.uint32),
                sanitize_overflow=False)
-    return (mix32(key ^ c) >> 8).to(tl.int32)
+    return mix32(key ^ c)
 
 
 @helper
 def uniform_f64(key, counter):
-    """``rng.uniform`` in fp64: ``((bits >> 8) + 0.5) / 2**24``, exact."""
-    k = hash_bits24(key, counter)
-    return (k.to(tl.float64) + 0.5) * 5.9604644775390625e-08
+    """``rng.uniform`` in fp64: ``(bits + 0.5) / 2**32``, exact."""
+    k = hash_bits(key, counter)
+    return (k.to(tl.float64) + 0.5) * 2.3283064365386963e-10
 
 
 if is_interpreter() or torch.version.hip is not None:
@@ -151,18 +151,21 @@ else:
 def gumbel_f32(key, counter):
     """``rng.gumbel`` in fp32, accurate to a few 1e-7 absolute everywhere.
 
-    ``u = (k + 0.5) / 2**24`` is not exact in fp32 once ``k >= 2**23`` and a plain
-    ``-log(-log(u))`` would lose all accuracy (or return +inf) as ``u -> 1``, which is exactly
-    where the Gumbel-max winner lives. So ``E = -log(u)`` is computed as ``-log(u)`` for
-    ``u < 1/2`` (exact ``u``) and, for ``u >= 1/2``, from the exact ``d = 1 - u`` as
-    ``-log1p(-d) = 2 atanh(d / (2 - d))`` by its series (``t <= 1/3``, 8 terms, rel. err < 2e-9);
-    neither branch takes the log of a number near 1 where precision matters, so the approximate
-    hardware ``log`` (``lg2.approx``, about 1e-7 absolute error on ``g``) is used on CUDA.
+    ``u = (k + 0.5) / 2**32`` rounds in fp32 and a plain ``-log(-log(u))`` would lose all accuracy
+    (or return +inf) as ``u -> 1``, which is exactly where the Gumbel-max winner lives. So
+    ``E = -log(u)`` is computed as ``-log(u)`` for ``u < 1/2`` (``u`` within 6e-8 relative, so
+    ``E >= log 2`` within 1e-7 absolute) and, for ``u >= 1/2``, from ``d = 1 - u = (~k + 0.5) / 2**32``
+    (the complement is exact in the integers; fp32 rounding leaves 6e-8 relative, and the tail
+    ``~k < 2**24``, where the winners live, is exact) as ``-log1p(-d) = 2 atanh(d / (2 - d))`` by its
+    series (``t <= 1/3``, 8 terms, rel. err < 2e-9). Either way ``E`` is accurate relative to
+    itself, which is what ``g = -log(E)`` needs; neither branch takes the log of a number near 1, so
+    the approximate hardware ``log`` (``lg2.approx``, about 1e-7 absolute error on ``g``) is used
+    on CUDA.
     """
-    k = hash_bits24(key, counter)
-    u = (k.to(tl.float32) + 0.5) * 5.9604644775390625e-08
+    k = hash_bits(key, counter)
+    u = (k.to(tl.float32) + 0.5) * 2.3283064365386963e-10
     e_lo = -fast_log(u)
-    d = ((16777216 - k).to(tl.float32) - 0.5) * 5.9604644775390625e-08
+    d = ((~k).to(tl.float32) + 0.5) * 2.3283064365386963e-10
     t = fast_div(d, 2.0 - d)
     t2 = t * t
     p = 0.058823529411764705  # 1/17
@@ -175,7 +178,7 @@ def gumbel_f32(key, counter):
     p = p * t2 + 0.3333333333333333
     p = p * t2 + 1.0
     e_hi = 2.0 * t * p
-    e = tl.where(k < 8388608, e_lo, e_hi)
+    e = tl.where((k >> 31) == 0, e_lo, e_hi)
     return -fast_log(e)
 
 

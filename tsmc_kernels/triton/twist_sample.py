@@ -67,8 +67,8 @@ _FLOOR = tl.constexpr(-1e30)
 _D_MIN = tl.constexpr(-1e30)  # v - m is clamped here: exp(-1e30) = 0 and 0 * -1e30 = 0
 _POS_INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
-# Upper bound of the kernel's Gumbel noise: u <= 1 - 2**-25 gives g <= 25 log 2 = 17.33.
-_G_MAX = tl.constexpr(17.5)
+# Upper bound of the kernel's Gumbel noise: u <= 1 - 2**-33 gives g <= 33 log 2 = 22.87.
+_G_MAX = tl.constexpr(23.0)
 
 
 @helper
