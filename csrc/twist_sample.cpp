@@ -82,7 +82,13 @@ void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
     const double kth = kth_buf[a.top_k - 1];
     for (int64_t v = 0; v < V; ++v) r[v] = r[v] >= kth ? r[v] : -kInf;
   }
-  for (int64_t v = 0; v < V; ++v) mr = r[v] > mr ? r[v] : mr;
+  int64_t v_mr = 0;  // the first index of the proposal's maximum: the Gumbel-max scan starts from it
+  for (int64_t v = 0; v < V; ++v) {
+    if (r[v] > mr) {
+      mr = r[v];
+      v_mr = v;
+    }
+  }
 
   // Pass 4: log Zpi = logsumexp(s), lse_r = logsumexp(r). Without a twist s = logp0, whose
   // logsumexp is lse0 - lse0 = 0 (the reference's own sum gives 0 within an ulp): no second pass.
@@ -99,15 +105,18 @@ void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
   }
 
   // Pass 5: Gumbel-max over logq + g, noise only where it can still win (earliest index on ties).
+  // The scan starts with the proposal's mode as the best so far, so the skip bound cuts from the
+  // first entry on instead of only after the running best has grown.
   const int64_t step = a.steps[m * a.step_stride];
   const uint32_t key = rng::row_key(a.seed32, step, rng::kStreamToken, m);
-  double best = -kInf;
-  int64_t token = 0;
+  auto noise = [&](int64_t v) { return -std::log(-std::log(rng::uniform(key, v))); };
+  int64_t token = v_mr;
+  double best = (r[v_mr] - lse_r) + noise(v_mr);
   for (int64_t v = 0; v < V; ++v) {
     const double lq = r[v] - lse_r;
-    if (lq == -kInf || lq + kGumbelMax <= best) continue;
-    const double val = lq + -std::log(-std::log(rng::uniform(key, v)));
-    if (val > best) {
+    if (v == v_mr || lq == -kInf || lq + kGumbelMax < best) continue;
+    const double val = lq + noise(v);
+    if (val > best || (val == best && v < token)) {
       best = val;
       token = v;
     }

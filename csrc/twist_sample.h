@@ -15,9 +15,8 @@
 //
 // Rows with bad values: a NaN or +inf logit makes logp, logq, log_zpi and entropy NaN and the token
 // 0 (log_psi is tw[0]); a NaN or +inf twist makes logq and log_zpi NaN and the token 0. A row whose
-// proposal has no finite entry gets token 0 and logq = -inf, as in the reference. (The reference has
-// no convention for bad rows, it propagates them: e.g. a +inf twist gives it log_zpi = +inf and the
-// token of that entry. These follow the Triton kernel's, except that the token is 0 here.)
+// proposal has no finite entry gets token 0 and logq = -inf. Every backend, the reference included,
+// follows these conventions (ops.twist_sample).
 #pragma once
 
 #include <cstdint>

@@ -210,7 +210,11 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
         validate: check shapes, devices and dtypes (never synchronises).
     Returns:
         :class:`TwistSampleOutput`: ``token`` int64 ``[M]``; ``logp``, ``logq``, ``log_zpi``,
-        ``log_psi``, ``entropy`` fp32 ``[M]``. A row with NaN logits has NaN ``log_zpi``.
+        ``log_psi``, ``entropy`` fp32 ``[M]``. Rows with bad values, on every backend: a NaN or
+        ``+inf`` logit gives token 0, NaN ``logp``, ``logq``, ``log_zpi``, ``entropy`` (``log_psi`` is
+        ``log_twist[m, 0]``); a NaN or ``+inf`` twist gives token 0 and NaN ``logq``, ``log_zpi``
+        (``logp``, ``log_psi``, ``entropy`` as usual); a row whose proposal has no finite entry
+        (all ``-inf``) gives token 0 and ``logq = -inf``.
     """
     if validate:
         _check_tensor("logits", logits, 2, _FLOATS)
@@ -248,7 +252,8 @@ def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: to
     """:func:`twist_sample`'s outputs for given ``tokens`` (int64 ``[M]``): teacher forcing, no randomness.
 
     Used by conditional SMC (a forced particle) and twist training. Shapes as in
-    :func:`twist_sample`; a token outside the top-k has ``logq = -inf``. (CPU: the C++ kernel;
+    :func:`twist_sample`, and so are its values for rows with bad values (the given token is kept);
+    a token outside the top-k has ``logq = -inf``. (CPU: the C++ kernel;
     CUDA: the PyTorch reference, since it runs on few rows or off the hot path.) ``validate``: also
     check that every token is in ``[0, V)`` (a host synchronisation; skipped under capture / compile).
     """

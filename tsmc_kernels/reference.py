@@ -56,23 +56,31 @@ def _logsumexp(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def _proposal(logits, log_twist, temperature, top_k):
-    """fp64 ``(logp0, tw, logq, log_zpi, entropy, dead)``: every per-vocab quantity of SPEC §6.1."""
+    """fp64 ``(logp0, tw, logq, log_zpi, entropy, dead, bad)``: every per-vocab quantity of SPEC §6.1.
+
+    Rows with bad values follow the convention every backend shares (see ``ops.twist_sample``):
+    ``bad`` marks rows with a NaN / +inf logit or twist; a bad logit makes ``logp0`` and
+    ``entropy`` NaN, either kind makes ``logq`` and ``log_zpi`` NaN.
+    """
     x = logits.double()
     lse0 = _logsumexp(x)
+    bad_x = torch.isnan(lse0) | torch.isposinf(lse0)  # a NaN or +inf logit
     logp0 = torch.where(torch.isneginf(lse0)[:, None], torch.full_like(x, -math.inf), x - lse0[:, None])
+    logp0 = torch.where(bad_x[:, None], torch.full_like(x, math.nan), logp0)
     tw = log_twist.double() if log_twist is not None else torch.zeros_like(x)
+    bad = bad_x | (torch.isnan(tw) | torch.isposinf(tw)).any(-1)
     s = logp0 + tw
-    log_zpi = _logsumexp(s)
+    log_zpi = torch.where(bad, torch.full_like(lse0, math.nan), _logsumexp(s))
     r = s / temperature
     if 0 < top_k < x.shape[1]:
         kth = torch.topk(r, top_k, dim=-1).values[:, -1:]
         r = torch.where(r >= kth, r, torch.full_like(r, -math.inf))
     lse_r = _logsumexp(r)
-    logq = r - lse_r[:, None]
+    logq = torch.where(bad[:, None], torch.full_like(r, math.nan), r - lse_r[:, None])
     p0 = logp0.exp()
     entropy = -torch.where(p0 > 0, p0 * logp0, torch.zeros_like(p0)).sum(-1)
-    entropy = torch.where(torch.isnan(lse0), lse0, entropy)
-    return logp0, tw, logq, log_zpi, entropy, torch.isneginf(lse_r)
+    entropy = torch.where(bad_x, torch.full_like(entropy, math.nan), entropy)
+    return logp0, tw, logq, log_zpi, entropy, torch.isneginf(lse_r) & ~bad, bad
 
 
 def _at(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
@@ -93,12 +101,12 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
     Returns:
         :class:`TwistSampleOutput` of ``[M]`` tensors.
     """
-    logp0, tw, logq, log_zpi, entropy, dead = _proposal(logits, log_twist, temperature, top_k)
+    logp0, tw, logq, log_zpi, entropy, dead, bad = _proposal(logits, log_twist, temperature, top_k)
     M, V = logp0.shape
     key = rng.row_key(seed, step, rng.STREAM_TOKEN, torch.arange(M, device=logp0.device))
     g = rng.gumbel(key[:, None], torch.arange(V, device=logp0.device)[None, :])
     token = torch.argmax(torch.where(torch.isneginf(logq), logq, logq + g), dim=-1)
-    token = torch.where(dead, torch.zeros_like(token), token)
+    token = torch.where(dead | bad, torch.zeros_like(token), token)
     logq_tok = torch.where(dead, torch.full_like(log_zpi, -math.inf), _at(logq, token))
     return TwistSampleOutput(token, _at(logp0, token).float(), logq_tok.float(), log_zpi.float(),
                              _at(tw, token).float(), entropy.float())
@@ -111,7 +119,7 @@ def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: to
     Used for teacher forcing (twist training, conditional SMC): the same proposal, no randomness.
     A token outside the top-k gets ``logq = -inf``.
     """
-    logp0, tw, logq, log_zpi, entropy, dead = _proposal(logits, log_twist, temperature, top_k)
+    logp0, tw, logq, log_zpi, entropy, _dead, _bad = _proposal(logits, log_twist, temperature, top_k)
     tokens = tokens.to(torch.int64)
     return TwistSampleOutput(tokens, _at(logp0, tokens).float(), _at(logq, tokens).float(), log_zpi.float(),
                              _at(tw, tokens).float(), entropy.float())

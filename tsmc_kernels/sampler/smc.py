@@ -349,7 +349,7 @@ class _SMCRun:
         self.sum_logp += torch.where(active, logp, 0.0)
         self.sum_logq += torch.where(active, logq, 0.0)
         self.decoded += active.sum()
-        # NaN or +inf logits / twists: log Zpi is NaN or +inf, log q NaN (inf - inf); -inf is a dead row.
+        # NaN or +inf logits / twists: log Zpi and log q are NaN (ops.twist_sample); -inf is a dead row.
         self.nan |= ~((out.log_zpi < math.inf) & ~torch.isnan(out.logq)) & active
         if self.delim_t.numel():
             self.delim_hit.copy_(is_any_of(tok, self.delim_t) & active & ~terminal)

@@ -37,10 +37,9 @@ way as in the kernel) is found first with ``torch.topk``, a **second read** of t
 kernel then keeps the entries ``>=`` it. The reference picks the k-th largest in fp64, so the
 kept sets can differ only where fp32 rounding creates a tie at the boundary.
 
-Conventions for rows with bad values (beyond the reference, which just propagates NaN): a NaN or
-``+inf`` logit makes ``logp``, ``logq``, ``log_zpi`` and ``entropy`` NaN and the token 0; a NaN or
-``+inf`` twist makes ``logq`` and ``log_zpi`` NaN (the token is drawn among the other entries).
-A row whose proposal has no finite entry returns token 0 and ``logq = -inf``.
+Rows with bad values follow the convention of every backend (``ops.twist_sample``): token 0; a NaN
+or ``+inf`` logit makes ``logp``, ``logq``, ``log_zpi`` and ``entropy`` NaN, a NaN or ``+inf`` twist
+``logq`` and ``log_zpi``. A row whose proposal has no finite entry returns token 0 and ``logq = -inf``.
 """
 from __future__ import annotations
 
@@ -128,7 +127,7 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
     no_draw = best_val == _NEG_INF  # the proposal has no finite entry: token 0
     bx = bad_x != 0
     bt = bad_tw != 0
-    tok = tl.where(no_draw | bx, 0, best_idx)
+    tok = tl.where(no_draw | bx | bt, 0, best_idx)
     # The winner's logit and twist are read again here (two scalar loads, cached).
     tx = tl.load(logits_ptr + row64 * stride_l + tok).to(tl.float32)
     if HAS_TWIST:
@@ -148,7 +147,7 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
         r_tok = r_tok * inv_temp
     log_s2 = tl.log(tl.where(s2 == 0.0, 1.0, s2)).to(tl.float32)
     logq = tl.where(no_draw, _NEG_INF, (r_tok - m2) - log_s2)
-    # Bad values: NaN / +inf logits poison the row (token 0), NaN / +inf twists its log Zpi and logq.
+    # Bad values (token 0, above): NaN / +inf logits poison the row, NaN / +inf twists its log Zpi and logq.
     logp = tl.where(bx, _NAN, logp)
     entropy = tl.where(bx, _NAN, entropy)
     log_zpi = tl.where(bx | bt, _NAN, log_zpi)
