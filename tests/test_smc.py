@@ -6,10 +6,12 @@ measure ``sum_r Zhat_r sum_i W_ri delta(x_ri) / sum_r Zhat_r`` is a ratio of unb
 so it converges to ``sigma`` without the O(1/N) bias of a single run: a wrong weight makes it miss.
 """
 import math
+import warnings
 
 import pytest
 import torch
 
+import tsmc_kernels
 from tsmc_kernels import smc_generate
 from tsmc_kernels.exact import TableTwist, enumerate_completions
 from tsmc_kernels.models import tiny_random_model
@@ -461,11 +463,15 @@ def test_potential_wrong_shape_is_an_error(model):
 
 
 def test_all_particles_dead_gives_minus_inf_not_nan(model):
-    with pytest.warns(UserWarning, match="zero weight"):
-        out = smc_generate(model, replicas(2), num_particles=3, max_new_tokens=2,
-                           potential=lambda c: torch.full((c.shape[0],), -math.inf))
+    kill = dict(num_particles=3, max_new_tokens=2, potential=lambda c: torch.full((c.shape[0],), -math.inf))
+    with pytest.warns(tsmc_kernels.ZeroWeightWarning, match="zero weight"):
+        out = smc_generate(model, replicas(2), **kill)
     assert torch.isneginf(out.log_z).all() and not torch.isnan(out.log_weights).any()
     assert (out.ess[:, -1] == 0).all()
+    with warnings.catch_warnings():  # its own category: silenced without matching the text
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", tsmc_kernels.ZeroWeightWarning)
+        smc_generate(model, replicas(2), **kill)
 
 
 @pytest.mark.parametrize("kw,match", [

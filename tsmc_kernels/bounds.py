@@ -57,6 +57,7 @@ import torch
 from .exact import Enumeration
 from .potentials.base import Potential, as_potential
 from .sampler.inputs import check_int, check_prompts, eos_ids, model_vocab, pad_id
+from .sampler.output import ZeroWeightWarning
 from .sampler.smc import smc_generate
 
 __all__ = ["LogZBounds", "RejectionStats", "log_z_bounds", "iwae_bounds", "rejection_samples",
@@ -247,7 +248,7 @@ def _runs(model, input_ids, attention_mask, *, runs: int, num_particles: int, ma
             if kw_c.get(key) is not None:
                 kw_c[key] = _PromptMap(as_potential(kw_c[key]), index)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="all particles of prompt")
+            warnings.simplefilter("ignore", ZeroWeightWarning)
             out = smc_generate(model, ids, mask, num_particles=num_particles, seed=_derive_seed(seed, tag, c),
                                reference_completions=ref, **kw_c)
         yield j0, j1, out
@@ -389,7 +390,7 @@ def rejection_samples(model, input_ids: torch.Tensor, potential, num: int,
         n = min(n, max(1, max_rows // len(pending)), max(max_proposals - n_prop[b] for b in pending))
         idx = torch.tensor(pending, device=device)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="all particles of prompt")
+            warnings.simplefilter("ignore", ZeroWeightWarning)
             out = smc_generate(model, input_ids[idx], attention_mask[idx] if attention_mask is not None else None,
                                num_particles=n, max_new_tokens=T, potential=_PromptMap(fn, idx.cpu()),
                                ess_threshold=0.0,

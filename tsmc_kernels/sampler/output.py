@@ -27,6 +27,13 @@ def decode_completions(tokenizer, completions: torch.Tensor, lengths: torch.Tens
     return [texts[b * N:(b + 1) * N] for b in range(B)]
 
 
+class ZeroWeightWarning(UserWarning):
+    """Warned by :func:`~tsmc_kernels.smc_generate` when every particle of a prompt has zero weight
+    (its ``log_z`` is ``-inf``). Silence it with
+    ``warnings.simplefilter("ignore", tsmc_kernels.ZeroWeightWarning)`` where that is expected (rare
+    rewards); the library's own callers (bounds, twist training) do."""
+
+
 @dataclass(repr=False)
 class SMCOutput:
     """Particles, weights and diagnostics of one SMC run (``B`` prompts x ``N`` particles).

@@ -34,7 +34,7 @@ from .attention import with_packed_decode_attention
 from .inputs import (check_int, check_prompts, check_token_ids, eos_ids, in_eval_mode, is_any_of, model_vocab,
                      pad_id, token_id_list, warn_caller)
 from .lm import CACHE_MODES, ParticleLM
-from .output import SMCOutput
+from .output import SMCOutput, ZeroWeightWarning
 
 TwistFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GRAPH_WARMUP_STEPS = 2  # eager steps before capture (compiles kernels, allocates library workspaces)
@@ -446,7 +446,7 @@ class _SMCRun:
             shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} prompts)" if len(ids) > 8 else "")
             warn_caller(f"all particles of prompt(s) [{shown}] have zero weight "
                         "(the potential, the twist or the model gave every particle probability 0): their log_z "
-                        "is -inf and weights are -inf")
+                        "is -inf and weights are -inf", ZeroWeightWarning)
         # With sync_every > 1 the loop may run idle steps after the last token: not part of T'.
         width = min(steps, int(self.lengths.max()))
         completions = self.tokens[:, :width].reshape(B, N, width)

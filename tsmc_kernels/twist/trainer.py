@@ -26,6 +26,7 @@ from torch import nn
 
 from ..potentials.base import Potential, as_potential
 from ..sampler.inputs import check_int, check_prompts
+from ..sampler.output import ZeroWeightWarning
 from ..sampler.smc import smc_generate
 from .heads import TwistHead, bind_prompts
 from .losses import check_loss_options, loss_needs, make_batch, twist_loss
@@ -151,7 +152,7 @@ def sample_batch(model, head, input_ids: torch.Tensor, attention_mask: torch.Ten
         with torch.no_grad(), warnings.catch_warnings():
             # A round where some prompt earns no reward is normal with rare rewards (not a warning per
             # round): the round's record reports it as log_z_finite_frac.
-            warnings.filterwarnings("ignore", message="all particles of prompt")
+            warnings.simplefilter("ignore", ZeroWeightWarning)
             out = ref = None
             if spec.needs_twisted:
                 with bind_prompts(head, input_ids, attention_mask, num_particles):
