@@ -62,6 +62,21 @@ else:
     cumsum = tl.cumsum
 
 
+if is_interpreter():
+    def rmax_pair(a, b):
+        """``(max of a, max of b)`` over axis 0."""
+        return rmax(a, 0), rmax(b, 0)
+else:
+    @triton.jit
+    def _max_pair(a0, b0, a1, b1):
+        return tl.maximum(a0, a1), tl.maximum(b0, b1)
+
+    @triton.jit
+    def rmax_pair(a, b):
+        """``(max of a, max of b)`` over axis 0 in one reduction (one shared-memory exchange)."""
+        return tl.reduce((a, b), 0, _max_pair)
+
+
 def _host_mix32(x: int) -> int:
     x &= _M32
     x ^= x >> 16
