@@ -134,10 +134,6 @@ if is_interpreter() or torch.version.hip is not None:
         return tl.log(x)
 
     @helper
-    def fast_div(x, y):
-        return x / y
-
-    @helper
     def exp_neg_abs(x):
         """``exp(-|x|)`` (interpreter / ROCm: ``tl.exp``)."""
         return tl.exp(-tl.abs(x))
@@ -148,11 +144,6 @@ else:
     def fast_log(x):
         """``lg2.approx`` based natural log (abs. error ~1e-7 near 1, rel. ~1e-7 elsewhere)."""
         return libdevice.fast_logf(x)
-
-    @helper
-    def fast_div(x, y):
-        """``div.approx`` (2 ulp)."""
-        return libdevice.fast_dividef(x, y)
 
     @helper
     def exp_neg_abs(x):
@@ -175,7 +166,7 @@ def gumbel_f32(key, counter):
     ``x = 1 - u`` otherwise, where ``E = -log1p(-x) = x * P(x)`` by a polynomial (no division, no
     log near 1). Each element costs two logs (``lg2.approx`` on CUDA) and eleven FMAs; the former
     atanh series with a division cost a third MUFU op and ~8 more instructions per element
-    (``sm_90`` SASS of the twisted bf16 kernel: 74 instructions per element in the main loop, from 82).
+    (``bench/sass_profile.py`` counts them).
     """
     k = hash_bits(key, counter)
     hi = (k >> 31) != 0  # u >= 1/2
