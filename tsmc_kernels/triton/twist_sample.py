@@ -193,8 +193,7 @@ def _load_pair(base, offs, v_end, other, BLOCK: tl.constexpr):
 @helper
 def _tile_draw(key, r, offs, bv, bi):
     """Gumbel-max over one tile: per-lane running maxima ``bv`` of ``r + g`` at indices ``bi``."""
-    g = gumbel_f32(key, offs)
-    val = tl.where(r == _NEG_INF, _NEG_INF, r + g)
+    val = r + gumbel_f32(key, offs)  # the noise is finite: -inf entries stay -inf
     upd = val > bv
     return tl.where(upd, val, bv), tl.where(upd, offs, bi)
 
