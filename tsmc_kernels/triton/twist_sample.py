@@ -161,15 +161,14 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
 
 
 @helper
-def _tile_stats(x, tw, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2, bad_tw,
+def _tile_stats(x, tw, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
                 HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr):
     """One tile's update of the per-lane accumulators; returns them and the proposal ``r``."""
-    # NaN / +inf logits are not masked: they surface in m0 / s0 (see _online).
+    # NaN / +inf logits and twists are not masked: they surface in m0 / s0 and m1 / s1 (see
+    # _online), which flag the row (its token is then 0, whatever the draw found).
     m0, s0, a0 = _online_entropy(m0, s0, a0, x)  # log p0 and its entropy
     if HAS_TWIST:
-        okt = tw < _POS_INF  # False for NaN and +inf: drawn among the other entries, flagged
-        bad_tw = bad_tw | (~okt)
-        u = tl.where(okt, x + tw, _NEG_INF)
+        u = x + tw
         m1, s1, _d1, _e1, _g1 = _online(m1, s1, u)  # log p0 + log psi
     else:
         u = x
@@ -180,7 +179,7 @@ def _tile_stats(x, tw, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2, bad_tw,
         r = tl.where(u >= thr, r, _NEG_INF)
     if not SAME_R:
         m2, s2, _d2, _e2, _g2 = _online(m2, s2, r)
-    return m0, s0, a0, m1, s1, m2, s2, bad_tw, r
+    return m0, s0, a0, m1, s1, m2, s2, r
 
 
 @helper
@@ -225,7 +224,6 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     s1 = zero
     m2 = zero + _FLOOR
     s2 = zero
-    bad_tw = lanes < 0
     bv = zero + _NEG_INF  # per-lane running max of r + g
     bi = tl.full((BLOCK,), 0, tl.int32)
 
@@ -254,10 +252,10 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
         else:
             ta = xa
             tb = xb
-        m0, s0, a0, m1, s1, m2, s2, bad_tw, ra = _tile_stats(xa, ta, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
-                                                             bad_tw, HAS_TWIST, TEMPERED, TOPK, SAME_R)
-        m0, s0, a0, m1, s1, m2, s2, bad_tw, rb = _tile_stats(xb, tb, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
-                                                             bad_tw, HAS_TWIST, TEMPERED, TOPK, SAME_R)
+        m0, s0, a0, m1, s1, m2, s2, ra = _tile_stats(xa, ta, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
+                                                     HAS_TWIST, TEMPERED, TOPK, SAME_R)
+        m0, s0, a0, m1, s1, m2, s2, rb = _tile_stats(xb, tb, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
+                                                     HAS_TWIST, TEMPERED, TOPK, SAME_R)
         # Gumbel-max. The kernel's Gumbel noise is < G_MAX, so tiles whose best r is more than
         # G_MAX below the best r + g seen so far (the max of the per-lane bests) cannot hold the
         # winner: skip their noise. The result is unchanged. It pays on peaked rows (low
@@ -271,16 +269,17 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     m0, s0, a0 = _lanes_to_scalar(m0, s0, a0, True)
     if HAS_TWIST:
         m1, s1, _a1 = _lanes_to_scalar(m1, s1, s1, False)
+        bad_tw = ((m1 == _POS_INF) | (s1 != s1)).to(tl.int32)  # a +inf / NaN in logit + twist
     else:
         m1 = m0
         s1 = s0
+        bad_tw = tl.full((), 0, tl.int32)
     if SAME_R:
         m2 = m1
         s2 = s1
     else:
         m2, s2, _a2 = _lanes_to_scalar(m2, s2, s2, False)
     bad_x = ((m0 == _POS_INF) | (s0 != s0)).to(tl.int32)  # a +inf / NaN logit (see _online)
-    bad_tw = rmax(bad_tw.to(tl.int32), axis=0)
     best_val = rmax(bv, axis=0)
     best_idx = rmin(tl.where(bv == best_val, bi, 2147483647), axis=0)
     if SPLIT:
