@@ -106,8 +106,9 @@ def _triton_devices():
 
 @pytest.mark.parametrize("device", _triton_devices())
 def test_triton_noise_matches_reference_at_the_extremes(gen, device):
-    """``gumbel_f32`` within 1e-6 of the fp64 noise (the interpreter's exact log; ``lg2.approx`` on
-    CUDA) and ``uniform_f64`` bit-identical, at the edges of both branches and at random words."""
+    """``gumbel_f32`` within 4e-7 plus two fp32 ulps of ``g`` of the fp64 noise (the fp32 result
+    itself rounds by half an ulp, 1e-6 at ``g >= 16``; CUDA's ``lg2.approx`` rounds its log2 once
+    more) and ``uniform_f64`` bit-identical, at the edges of both branches and at random words."""
     seed = int(torch.randint(0, 1 << 40, (1,), generator=gen))
     step, row = int(torch.randint(0, 1 << 32, (1,), generator=gen)), 3
     key = int(rng.row_key(seed, step, rng.STREAM_TOKEN, torch.tensor([row])))
@@ -125,7 +126,9 @@ def test_triton_noise_matches_reference_at_the_extremes(gen, device):
     assert torch.equal(u.cpu(), ref_u)
     ref_g = rng.gumbel(torch.tensor([key]), counters)
     assert torch.equal(ref_g, -torch.log(-torch.log(ref_u)))
-    torch.testing.assert_close(g.cpu().double(), ref_g, rtol=0, atol=1e-6)
+    ulp = torch.nextafter(ref_g.float().abs(), torch.tensor(math.inf)).double() - ref_g.float().abs().double()
+    err = (g.cpu().double() - ref_g).abs()
+    assert bool((err <= 4e-7 + 2 * ulp).all()), (float(err.max()), words[int((err - 2 * ulp).argmax())])
 
 
 @pytest.fixture(params=BACKENDS)
