@@ -8,13 +8,17 @@ noise drawn for (almost) every tile, as on real LM logits, the loop is bound by 
 measures it. Run: ``python bench/sass_profile.py`` (a few seconds per variant).
 """
 import collections
+import os
 import re
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real: under the interpreter helpers are plain Python
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the counts assume FMA fusion (Triton 3.10 turns it off)
 
-from tsmc_kernels.triton import twist_sample as ts
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from tsmc_kernels.triton import twist_sample as ts  # noqa: E402
 
 BLOCK, NUM_WARPS = 1024, 8  # the kernel's GPU defaults
 OUTS = {"token_ptr": "*i64", "logp_ptr": "*fp32", "logq_ptr": "*fp32", "lzpi_ptr": "*fp32", "lpsi_ptr": "*fp32",

@@ -11,7 +11,8 @@
 //
 // so tokens equal the reference's (the noise is bit-identical; only libm-vs-PyTorch last-bit
 // differences in exp / log could flip an exact tie). The noise is drawn only where it can win:
-// g < 23 for every 32-bit uniform, so an entry with logq + 23 <= the best score so far is skipped.
+// g < 23 for every 32-bit uniform, so an entry with logq + 23 < the best score so far is skipped
+// (strict: the scan starts at the mode, and an earlier index that ties it must still win).
 //
 // Rows with bad values: a NaN or +inf logit makes logp, logq, log_zpi and entropy NaN and the token
 // 0 (log_psi is tw[0]); a NaN or +inf twist makes logq and log_zpi NaN and the token 0. A row whose

@@ -278,3 +278,34 @@ def step_test_model(vocab_size: int, arch: str, seed: int):
 
     gqa = {} if arch == "gpt2" else dict(num_heads=4, num_kv_heads=2)
     return tiny_random_model(vocab_size, arch=arch, seed=seed, **gqa)
+
+
+def bad_rows(gen, V=40, device="cpu", twist=True):
+    """Logits ``[8, V]`` (and twists, or None) whose rows hold the bad values of ``ops.twist_sample``'s
+    convention (rows 6, 7 are clean), and per row the output fields expected NaN. Rows with bad
+    values must get token 0."""
+    x = torch.randn(8, V, generator=gen) * 2
+    t = torch.randn(8, V, generator=gen)
+    x[0, 7] = math.nan
+    x[1, 3] = math.inf
+    x[2, 5], t[2, 9] = math.inf, math.nan  # both kinds: the logit rule wins
+    t[3, 11] = math.nan
+    t[4, 2] = math.inf
+    t[5] = -math.inf
+    t[5, 30] = math.inf  # a bad twist beside an otherwise dead proposal
+    nan_x = ("logp", "logq", "log_zpi", "entropy")
+    nan_t = ("logq", "log_zpi") if twist else ()
+    return x.to(device), (t.to(device) if twist else None), [nan_x, nan_x, nan_x, nan_t, nan_t, nan_t, (), ()]
+
+
+def check_bad_rows(out, x, t, expect_nan, tokens=None):
+    """``out`` (a TwistSampleOutput on the CPU) against :func:`bad_rows`' expectations; ``tokens``:
+    the given tokens of ``twist_score`` (kept instead of 0)."""
+    for m, nans in enumerate(expect_nan):
+        if nans:
+            assert int(out.token[m]) == (0 if tokens is None else int(tokens[m])), m
+            want = float(t[m, int(out.token[m])]) if t is not None else 0.0
+            psi = float(out.log_psi[m])
+            assert psi == want or (math.isnan(psi) and math.isnan(want)), m
+        for name in ("logp", "logq", "log_zpi", "entropy"):
+            assert math.isnan(float(getattr(out, name)[m])) == (name in nans), (m, name, getattr(out, name)[m])

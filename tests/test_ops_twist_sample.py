@@ -14,7 +14,7 @@ from scipy import stats
 
 from tsmc_kernels import ops, reference
 
-from conftest import fresh_seed, requires_cuda
+from conftest import bad_rows, check_bad_rows, fresh_seed, requires_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -151,51 +151,26 @@ def test_ops_matches_reference(gen, backend, dtype):
         assert out.token[m] == ops.twist_sample(x, t, seed=seed, step=int(steps[m])).token[m]
 
 
-def bad_rows(gen, V=40, device="cpu"):
-    """Logits and twists ``[8, V]`` whose rows 0-5 hold the bad values of ``ops.twist_sample``'s
-    convention (rows 6, 7 are clean), and the expected (token, which fields are NaN) per row."""
-    x = torch.randn(8, V, generator=gen) * 2
-    t = torch.randn(8, V, generator=gen)
-    x[0, 7] = math.nan
-    x[1, 3] = math.inf
-    x[2, 5], t[2, 9] = math.inf, math.nan  # both kinds: the logit rule wins
-    t[3, 11] = math.nan
-    t[4, 2] = math.inf
-    t[5] = -math.inf
-    t[5, 30] = math.inf  # a bad twist beside an otherwise dead proposal
-    nan_x = ("logp", "logq", "log_zpi", "entropy")
-    nan_t = ("logq", "log_zpi")
-    return x.to(device), t.to(device), [nan_x, nan_x, nan_x, nan_t, nan_t, nan_t, (), ()]
-
-
-def _check_bad_rows(out, x, t, expect_nan, tokens=None):
-    for m, nans in enumerate(expect_nan):
-        if m < 6:
-            assert int(out.token[m]) == (0 if tokens is None else int(tokens[m])), m
-            psi, want = float(out.log_psi[m]), float(t[m, int(out.token[m])])
-            assert psi == want or (math.isnan(psi) and math.isnan(want)), m
-        for name in ("logp", "logq", "log_zpi", "entropy"):
-            assert math.isnan(float(getattr(out, name)[m])) == (name in nans), (m, name, getattr(out, name)[m])
-
-
 def test_ops_bad_rows_follow_one_convention(gen, backend):
     """Every backend (and the reference) gives rows with NaN / +inf logits or twists the documented
     outputs, for sampling and for scoring given tokens."""
     x, t, expect_nan = bad_rows(gen)
     out = ops.twist_sample(x, t, temperature=0.9, seed=fresh_seed(), step=2)
-    _check_bad_rows(out, x, t, expect_nan)
+    check_bad_rows(out, x, t, expect_nan)
     ref = reference.twist_sample(x, t, temperature=0.9, seed=0, step=0)
-    _check_bad_rows(ref, x, t, expect_nan)
+    check_bad_rows(ref, x, t, expect_nan)
     tokens = torch.randint(0, x.shape[1], (8,), generator=gen)
-    _check_bad_rows(ops.twist_score(x, t, tokens, top_k=5), x, t, expect_nan, tokens)
+    check_bad_rows(ops.twist_score(x, t, tokens, top_k=5), x, t, expect_nan, tokens)
 
 
 @requires_cuda
 @pytest.mark.gpu
 def test_ops_cuda_bad_rows(gen, cuda_device):
-    x, t, expect_nan = bad_rows(gen, V=3000, device=cuda_device)
-    out = ops.twist_sample(x, t, temperature=0.9, seed=fresh_seed(), step=2)
-    _check_bad_rows(type(out)(*[o.cpu() for o in out]), x.cpu(), t.cpu(), expect_nan)
+    """V = 16384: the default launch splits each of the 8 rows over several programs."""
+    for twist in (True, False):
+        x, t, expect_nan = bad_rows(gen, V=16384, device=cuda_device, twist=twist)
+        out = ops.twist_sample(x, t, temperature=0.9, seed=fresh_seed(), step=2)
+        check_bad_rows(type(out)(*[o.cpu() for o in out]), x.cpu(), t.cpu() if twist else None, expect_nan)
 
 
 def test_ops_backends_agree(gen, monkeypatch):

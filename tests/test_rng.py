@@ -100,15 +100,15 @@ def _noise_kernel(counter_ptr, key_base, step_ptr, row, g_ptr, u_ptr, n, BLOCK: 
 def _triton_devices():
     devices = ["cpu"] if INTERPRETED else []
     if torch.cuda.is_available() and not INTERPRETED:
-        devices.append("cuda")
+        devices.append(pytest.param("cuda", marks=pytest.mark.gpu))
     return devices
 
 
 @pytest.mark.parametrize("device", _triton_devices())
 def test_triton_noise_matches_reference_at_the_extremes(gen, device):
-    """``gumbel_f32`` within 4e-7 plus two fp32 ulps of ``g`` of the fp64 noise (the fp32 result
-    itself rounds by half an ulp, 1e-6 at ``g >= 16``; CUDA's ``lg2.approx`` rounds its log2 once
-    more) and ``uniform_f64`` bit-identical, at the edges of both branches and at random words."""
+    """``gumbel_f32`` within 4e-7 (CUDA's ``lg2.approx``: 1.5e-6) plus two fp32 ulps of ``g`` of the
+    fp64 noise (the fp32 result itself rounds by half an ulp, 1e-6 at ``g >= 16``) and
+    ``uniform_f64`` bit-identical, at the edges of both branches and at random words."""
     seed = int(torch.randint(0, 1 << 40, (1,), generator=gen))
     step, row = int(torch.randint(0, 1 << 32, (1,), generator=gen)), 3
     key = int(rng.row_key(seed, step, rng.STREAM_TOKEN, torch.tensor([row])))
@@ -128,7 +128,8 @@ def test_triton_noise_matches_reference_at_the_extremes(gen, device):
     assert torch.equal(ref_g, -torch.log(-torch.log(ref_u)))
     ulp = torch.nextafter(ref_g.float().abs(), torch.tensor(math.inf)).double() - ref_g.float().abs().double()
     err = (g.cpu().double() - ref_g).abs()
-    assert bool((err <= 4e-7 + 2 * ulp).all()), (float(err.max()), words[int((err - 2 * ulp).argmax())])
+    base = 4e-7 if device == "cpu" else 1.5e-6  # CUDA's __logf: ~3.6e-7 absolute per log, two logs, 1/E >= 1.44
+    assert bool((err <= base + 2 * ulp).all()), (float(err.max()), words[int((err - 2 * ulp).argmax())])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -15,7 +15,7 @@ from scipy import stats
 from tsmc_kernels import reference, rng
 from tsmc_kernels.triton.twist_sample import twist_sample_triton
 
-from conftest import requires_cuda
+from conftest import bad_rows, check_bad_rows, fresh_seed, requires_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy log(0) etc. in the interpreter
 
@@ -245,6 +245,18 @@ def test_nan_rows_are_flagged(gen, block_v):
     for m in (0, 3):  # clean rows unaffected
         assert out[0][m] == ref.token[m]
         assert abs(float(out[3][m] - ref.log_zpi[m])) < ATOL
+
+
+@pytest.mark.parametrize("num_splits,block_v", [(1, None), (3, 8)])
+@pytest.mark.parametrize("twist", [True, False])
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.8, 5)])
+def test_bad_rows_convention_in_every_launch(gen, num_splits, block_v, twist, temperature, top_k):
+    """The bad-row convention (token 0, NaN fields) also when a row is split over programs: the
+    flags then travel through the partials to the combine kernel."""
+    x, t, expect_nan = bad_rows(gen, twist=twist)
+    out = run_kernel(x, t, temperature=temperature, top_k=top_k, seed=fresh_seed(), step=3,
+                     num_splits=num_splits, block_v=block_v)
+    check_bad_rows(reference.TwistSampleOutput(*out), x, t, expect_nan)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

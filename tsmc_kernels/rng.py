@@ -23,7 +23,7 @@ with ``seed32 = (seed ^ (seed >> 32)) mod 2**32`` and ``step32``/``row32`` taken
 All 32 bits are used because the Gumbel-max sampler's accuracy rests on the uniform's tails: the
 noise ``-log(-log u)`` lies in ``[-log(33 log 2), 33 log 2] = [-3.13, 22.87]``, so a token about 26
 nats below its row's best can never be proposed, and tokens a little closer are proposed slightly
-too rarely. With 24-bit uniforms that reach was ~20 nats, which at V = 262144 moved up to 1.7e-3 of
+too rarely. With 24-bit uniforms that reach was ~20 nats, which at V = 262144 moved up to 1.8e-3 of
 the proposal's mass per step; with 32 bits at most ~7e-6 (README, "Kernel API").
 """
 from __future__ import annotations

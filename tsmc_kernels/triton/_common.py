@@ -40,7 +40,7 @@ def helper(fn):
 # interpreter ``tl.max`` etc. are nested jit functions (slow, see :func:`helper`); calling
 # ``tl.reduce`` / ``tl.associative_scan`` with Triton's own combine functions hits the
 # interpreter's numpy fast paths instead (same results; NaN is ignored by the interpreter's max,
-# which the kernels never rely on: they mask NaN themselves).
+# which the kernels' outputs never depend on: a row holding a NaN is flagged and its outputs set).
 if is_interpreter():
     _std = tl.standard
 

@@ -17,9 +17,9 @@ inside the loop but the Gumbel skip test, once per two tiles), reduced once at t
   ties, like ``torch.argmax``), together with its logit and twist.
 
 Compiled for sm_90 (bf16 inputs, 1024-wide tiles, 8 warps; ``exp`` is ``ex2.approx.ftz``), the loop
-issues 21-22 SASS instructions per element without a twist and 34-37 with one (Triton 3.9 / 3.6;
-the single-tile loop before took 34-38 and 53-60), about what an H100 issues while it streams 2 / 4
-bytes per element at HBM speed.
+issues 55 SASS instructions per element without a twist and 67 with one, Gumbel noise included
+(``bench/sass_profile.py``, Triton 3.9); real LM logits at ``T = 1`` need the noise in nearly every
+tile (``bench/skip_fraction.py``), so by issue rate the loop is compute-bound, below HBM speed.
 
 Everything is fp32 inside (the final cross-lane / cross-split sums in fp64); inputs may be
 fp32/bf16/fp16/fp64.
