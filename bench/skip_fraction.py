@@ -16,9 +16,10 @@ import torch
 
 from tsmc_kernels import rng
 from tsmc_kernels.models import load_default_model
+from tsmc_kernels.triton.twist_sample import _G_MAX
 
 BLOCK = 1024  # the kernel's GPU tile; a pair is 2 * BLOCK entries
-G_MAX = 23.0
+G_MAX = float(_G_MAX.value)
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k", "test.jsonl")
 
 

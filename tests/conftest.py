@@ -28,6 +28,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def cpu_backends():
+    """The ``TSMC_BACKEND`` values that run ``twist_sample`` on CPU tensors here."""
+    from tsmc_kernels import ops
+    return ["reference"] + (["native"] if ops.native_available() else []) + (["triton"] if INTERPRETED else [])
+
+
+@pytest.fixture(params=cpu_backends())
+def backend(request, monkeypatch):
+    """Runs the test once per :func:`cpu_backends` entry, with ``TSMC_BACKEND`` set to it (a module
+    whose ops have other backends defines its own ``backend`` fixture, which takes precedence)."""
+    monkeypatch.setenv("TSMC_BACKEND", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A folder with a tiny random Llama saved next to the embedded model's tokenizer (skips without it)."""

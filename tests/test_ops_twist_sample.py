@@ -6,7 +6,6 @@ and a deliberately broken sampler must fail the same test (the test has power). 
 inputs every run (the seed is printed; set TSMC_TEST_SEED to replay one).
 """
 import math
-import os
 
 import pytest
 import torch
@@ -14,18 +13,11 @@ from scipy import stats
 
 from tsmc_kernels import ops, reference
 
-from conftest import bad_rows, check_bad_rows, fresh_seed, requires_cuda
+from conftest import INTERPRETED, bad_rows, check_bad_rows, cpu_backends, fresh_seed, requires_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CPU_BACKENDS = ["reference"] + (["native"] if ops.native_available() else []) + (["triton"] if INTERPRETED else [])
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TSMC_BACKEND", request.param)
-    return request.param
+CPU_BACKENDS = cpu_backends()
 
 
 def exact_q(logits, log_twist, temperature, top_k):

@@ -8,7 +8,6 @@ reached without drawing 2**32 numbers. With 24-bit uniforms (noise at most 17.33
 tests fail.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -19,13 +18,11 @@ from tsmc_kernels import ops, rng
 from tsmc_kernels.triton import _common
 from tsmc_kernels.triton.twist_sample import twist_sample_triton
 
-from conftest import requires_cuda
+from conftest import INTERPRETED, requires_cuda
 
 M32 = 0xFFFFFFFF
 G_TOP = 33 * math.log(2)  # the largest noise: u = 1 - 2**-33 gives -log(-log u) = 22.87
 G_BOTTOM = -math.log(33 * math.log(2))  # the smallest: u = 2**-33 gives -3.13
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-BACKENDS = ["reference"] + (["native"] if ops.native_available() else []) + (["triton"] if INTERPRETED else [])
 
 
 def mix32_inverse(x: int) -> int:
@@ -132,44 +129,34 @@ def test_triton_noise_matches_reference_at_the_extremes(gen, device):
     assert bool((err <= base + 2 * ulp).all()), (float(err.max()), words[int((err - 2 * ulp).argmax())])
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("TSMC_BACKEND", request.param)
-    return request.param
+def deep_token_row(gen, V, deep, margin, device="cpu"):
+    """Logits ``[1, V]``: the best at token 0 (logit 0), token ``deep`` ``22.87 - g_0 - margin`` nats
+    lower with the largest noise there is (22.87: the step is chosen for it), the rest at -40 (out of
+    reach). Returns ``(logits, seed, step, the token the draw must give)``."""
+    seed = int(torch.randint(0, 1 << 40, (1,), generator=gen))
+    step = step_for(seed, rng.STREAM_TOKEN, 0, deep, M32)
+    g0 = float(rng.gumbel(rng.row_key(seed, step, rng.STREAM_TOKEN, torch.tensor([0])), torch.tensor([0])))
+    logits = torch.full((1, V), -40.0, device=device)
+    logits[0, 0] = 0.0
+    logits[0, deep] = -(G_TOP - g0 - margin)
+    return logits, seed, step, (deep if margin > 0 else 0)
 
 
 @pytest.mark.parametrize("margin", [0.25, -0.25])
 def test_deep_token_is_proposed_where_the_noise_reaches(gen, backend, margin):
-    """Row best at token 0 (logit 0), a token ``d`` nats lower late in the row whose noise is the
-    largest there is (22.87), the rest out of reach. It wins exactly when ``d < 22.87 - g_0``: here
-    ``d`` is ~20 to ~26 nats, beyond the reach of 24-bit noise and of a Gumbel skip bound below 22.87
-    (on CPU the Triton kernel's row splits into 2 programs of 2 tile pairs of 4096 here: token 0 is
-    in the first pair, the deep token in the second, which a smaller bound skips)."""
-    V, deep = 20000, 12000
-    seed = int(torch.randint(0, 1 << 40, (1,), generator=gen))
-    step = step_for(seed, rng.STREAM_TOKEN, 0, deep, M32)
-    key = rng.row_key(seed, step, rng.STREAM_TOKEN, torch.tensor([0]))
-    g0 = float(rng.gumbel(key, torch.tensor([0])))
-    d = G_TOP - g0 - margin
-    logits = torch.full((1, V), -40.0)
-    logits[0, 0] = 0.0
-    logits[0, deep] = -d
-    out = ops.twist_sample(logits, None, seed=seed, step=step)
-    assert int(out.token[0]) == (deep if margin > 0 else 0), (backend, g0, d)
+    """The deep token of :func:`deep_token_row` wins exactly when its gap is below 22.87 - g_0: ~20
+    to ~26 nats, beyond the reach of 24-bit noise and of a Gumbel skip bound below 22.87 (on CPU the
+    Triton kernel's row splits into 2 programs of 2 tile pairs of 4096 here: token 0 is in the
+    first pair, the deep token in the second, which a smaller bound skips)."""
+    logits, seed, step, expect = deep_token_row(gen, 20000, 12000, margin)
+    assert int(ops.twist_sample(logits, None, seed=seed, step=step).token[0]) == expect, backend
 
 
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("margin", [0.25, -0.25])
 def test_deep_token_is_proposed_on_cuda(gen, cuda_device, margin):
-    V, deep = 1 << 17, (1 << 17) - 5
-    seed = int(torch.randint(0, 1 << 40, (1,), generator=gen))
-    step = step_for(seed, rng.STREAM_TOKEN, 0, deep, M32)
-    g0 = float(rng.gumbel(rng.row_key(seed, step, rng.STREAM_TOKEN, torch.tensor([0])), torch.tensor([0])))
-    logits = torch.full((1, V), -40.0, device=cuda_device)
-    logits[0, 0] = 0.0
-    logits[0, deep] = -(G_TOP - g0 - margin)
-    expect = deep if margin > 0 else 0
+    logits, seed, step, expect = deep_token_row(gen, 1 << 17, (1 << 17) - 5, margin, cuda_device)
     assert int(ops.twist_sample(logits, None, seed=seed, step=step).token[0]) == expect
     # One program per row: the deep token's tile comes after 127 pairs the skip bound is tested on.
     out = twist_sample_triton(logits, None, seed=rng.fold_seed(seed), step=step, num_splits=1)

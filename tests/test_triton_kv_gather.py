@@ -5,7 +5,6 @@ with the untouched source; ancestors come from real resampling steps (permutatio
 Runs under the Triton interpreter on CPU and compiled on CUDA when present. Fresh random inputs
 every run (the seed is printed; set TSMC_TEST_SEED to replay one).
 """
-import os
 
 import pytest
 import torch
@@ -14,11 +13,10 @@ from tsmc_kernels import ops, reference
 from tsmc_kernels.triton import kv_gather as kvg
 from tsmc_kernels.triton.kv_gather import kv_gather_triton_
 
-from conftest import (assert_gathered, check_cuda_gather, check_gather_aliasing_views, check_gather_on_views,
-                      check_gather_skips_out_of_range,
-                      random_ancestors, random_data, requires_cuda, row_bytes)
+from conftest import (INTERPRETED, assert_gathered, check_cuda_gather, check_gather_aliasing_views,
+                      check_gather_on_views, check_gather_skips_out_of_range, random_ancestors, random_data,
+                      requires_cuda, row_bytes)
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
           torch.bool]
 

@@ -6,7 +6,6 @@ and compiled on CUDA when present. Fresh random inputs every run (the seed is pr
 TSMC_TEST_SEED to replay one).
 """
 import math
-import os
 
 import pytest
 import torch
@@ -17,12 +16,11 @@ from tsmc_kernels import ops, reference, rng
 from tsmc_kernels.triton import weights as tw
 from tsmc_kernels.triton.weights import normalize_triton, resample_triton, reweight_triton
 
-from conftest import requires_cuda
+from conftest import INTERPRETED, requires_cuda
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 SCHEMES = ("systematic", "stratified", "multinomial")
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def random_log_w(gen, B, N, *, p_dead=0.3, dead_prompts=(), dtype=torch.float32):
