@@ -2,10 +2,10 @@
 
 Compiles the kernel ahead of time (as ``tests/test_triton_compile.py`` does; needs Triton's NVIDIA
 backend with its bundled ``ptxas`` / ``nvdisasm``) and reads the SASS of its main loop: the
-instructions per vocabulary element, and how many are MUFU (``ex2`` / ``lg2`` / ``rcp``) ops. With
-noise drawn for (almost) every tile, as on real LM logits, the loop is bound by instruction issue
-(4 warp instructions per SM per cycle), so this count predicts its speed on compute before a GPU
-measures it. Run: ``python bench/sass_profile.py`` (a few seconds per variant).
+instructions per vocabulary element on the loop's common path (a group that does not take the
+lead: the token draw of the few that do is left out), and how many are MUFU (``ex2`` / ``lg2`` /
+``rcp``) ops. Divided into the SM's issue rate (4 warp instructions per cycle) this bounds the
+loop's speed on compute before a GPU measures it. Run: ``python bench/sass_profile.py`` (a few seconds per variant).
 """
 import collections
 import os
@@ -27,9 +27,10 @@ OUTS = {"token_ptr": "*i64", "logp_ptr": "*fp32", "logq_ptr": "*fp32", "lzpi_ptr
 
 def compile_sass(dtype: str, twist: bool) -> str:
     sig = {"logits_ptr": dtype, "stride_l": "i32", "twist_ptr": dtype, "stride_t": "i32", "thr_ptr": "*fp32",
-           "step_ptr": "*i64", "step_stride": "i32", "key_base": "i32", "inv_temp": "fp32", "V": "i32",
-           "tiles_per_split": "i32", "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **OUTS}
-    consts = dict(HAS_TWIST=twist, TEMPERED=False, TOPK=False, SAME_R=True, SPLIT=False, BLOCK=BLOCK)
+           "step_ptr": "*i64", "step_stride": "i32", "key_base": "i32", "group_key_base": "i32", "inv_temp": "fp32",
+           "V": "i32", "tiles_per_split": "i32", "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **OUTS}
+    consts = dict(HAS_TWIST=twist, TEMPERED=False, TOPK=False, SAME_R=True, SPLIT=False, BLOCK=BLOCK,
+                  TILES_PER_GROUP=2 * 1024 // BLOCK)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
              if sig[n].startswith("*") or n.startswith("stride") or n == "V"}
     sig = dict(sig, **{k: "constexpr" for k in consts})
@@ -38,9 +39,9 @@ def compile_sass(dtype: str, twist: bool) -> str:
     return k.asm["sass"]
 
 
-def main_loop(sass: str) -> list[str]:
-    """Opcodes from the first label that a later branch jumps back to, up to that branch."""
-    rows = []  # (label or None, opcode, branch target or None)
+def _rows(sass: str):
+    """``(label or None, opcode or None, branch target or None)`` per SASS line."""
+    rows = []
     for line in sass.splitlines():
         if "\t" not in line:
             rows.append((line.strip().rstrip(":"), None, None))
@@ -49,13 +50,26 @@ def main_loop(sass: str) -> list[str]:
         toks = toks[1:] if toks and toks[0].startswith("@") else toks
         target = re.sub(r"[;,].*", "", toks[1]) if toks and toks[0].startswith("BRA") and len(toks) > 1 else None
         rows.append((None, toks[0] if toks else "?", target))
-    seen = {}
-    for i, (label, _, target) in enumerate(rows):
-        if label:
-            seen[label] = i
-        elif target in seen:
-            return [op for _, op, _ in rows[seen[target] + 1:i + 1] if op]
-    raise RuntimeError("no backward branch found in the SASS")
+    return rows
+
+
+def main_loop(sass: str) -> list[str]:
+    """Opcodes of the vocabulary loop's common path: the outermost loop (the backward branch that
+    spans the most lines) without the longest forward branch inside it, which jumps over the token
+    draw of a group that takes the lead (a few groups per row)."""
+    rows = _rows(sass)
+    where = {label: i for i, (label, _, _) in enumerate(rows) if label}
+    loops = [(where[t], i) for i, (_, _, t) in enumerate(rows) if t in where and where[t] < i]
+    if not loops:
+        raise RuntimeError("no backward branch found in the SASS")
+    start, end = max(loops, key=lambda se: se[1] - se[0])
+    skips = [(i, where[t]) for i, (_, _, t) in enumerate(rows[start:end], start)
+             if t in where and i < where[t] <= end]
+    body = set(range(start + 1, end + 1))
+    if skips:
+        i, j = max(skips, key=lambda ij: ij[1] - ij[0])
+        body -= set(range(i + 1, j))
+    return [rows[k][1] for k in sorted(body) if rows[k][1]]
 
 
 def main():

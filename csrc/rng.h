@@ -12,6 +12,7 @@
 // Header-only, torch-free, usable from host and device code.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -25,6 +26,8 @@ namespace rng {
 
 constexpr uint32_t kStreamToken = 1;     // Gumbel noise for token sampling
 constexpr uint32_t kStreamResample = 2;  // resampling uniforms: row = prompt, counter = draw
+constexpr uint32_t kStreamTokenGroup = 3;  // Gumbel noise for the vocabulary group: counter = group
+constexpr int64_t kTokenGroup = 2048;      // vocabulary ids per group (rng.TOKEN_GROUP)
 constexpr uint32_t kGolden = 0x9E3779B9u;
 constexpr uint32_t kCounterMul = 0x85EBCA6Bu;
 
@@ -57,6 +60,9 @@ TSMC_HD uint32_t bits(uint32_t key, int64_t counter) {
 TSMC_HD double uniform(uint32_t key, int64_t counter) {
   return (static_cast<double>(bits(key, counter)) + 0.5) * (1.0 / 4294967296.0);
 }
+
+// Standard Gumbel noise -log(-log u) in fp64 (host code).
+inline double gumbel(uint32_t key, int64_t counter) { return -std::log(-std::log(uniform(key, counter))); }
 
 }  // namespace rng
 }  // namespace tsmc

@@ -14,8 +14,6 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-// Upper bound of the Gumbel noise: u <= 1 - 2**-33 gives g = -log(-log u) <= 33 log 2 = 22.87.
-constexpr double kGumbelMax = 23.0;
 
 void write_row(const TwistSampleArgs& a, int64_t m, int64_t token, double logp, double logq, double log_zpi,
                double log_psi, double entropy) {
@@ -82,13 +80,7 @@ void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
     const double kth = kth_buf[a.top_k - 1];
     for (int64_t v = 0; v < V; ++v) r[v] = r[v] >= kth ? r[v] : -kInf;
   }
-  int64_t v_mr = 0;  // the first index of the proposal's maximum: the Gumbel-max scan starts from it
-  for (int64_t v = 0; v < V; ++v) {
-    if (r[v] > mr) {
-      mr = r[v];
-      v_mr = v;
-    }
-  }
+  for (int64_t v = 0; v < V; ++v) mr = r[v] > mr ? r[v] : mr;
 
   // Pass 4: log Zpi = logsumexp(s), lse_r = logsumexp(r). Without a twist s = logp0, whose
   // logsumexp is lse0 - lse0 = 0 (the reference's own sum gives 0 within an ulp): no second pass.
@@ -104,19 +96,34 @@ void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
     return;
   }
 
-  // Pass 5: Gumbel-max over logq + g, noise only where it can still win (earliest index on ties).
-  // The scan starts with the proposal's mode as the best so far, so the skip bound cuts from the
-  // first entry on instead of only after the running best has grown.
+  // Pass 5: the two-level Gumbel-max of reference.gumbel_max. The group with the largest
+  // log mass + group noise (earliest on ties), then the token with the largest logq + token noise
+  // inside it: token noise for one group only.
   const int64_t step = a.steps[m * a.step_stride];
+  const uint32_t group_key = rng::row_key(a.seed32, step, rng::kStreamTokenGroup, m);
+  int64_t group = 0;
+  double best_group = -kInf;
+  for (int64_t g0 = 0, g = 0; g0 < V; g0 += rng::kTokenGroup, ++g) {
+    const int64_t n = std::min<int64_t>(rng::kTokenGroup, V - g0);
+    const double* rg = r + g0;
+    const double gmax = *std::max_element(rg, rg + n) - lse_r;
+    if (gmax == -kInf) continue;
+    const double mass = logsumexp_given_max([&](int64_t v) { return rg[v] - lse_r; }, n, gmax);
+    const double val = mass + rng::gumbel(group_key, g);
+    if (val > best_group) {
+      best_group = val;
+      group = g0;
+    }
+  }
   const uint32_t key = rng::row_key(a.seed32, step, rng::kStreamToken, m);
-  auto noise = [&](int64_t v) { return -std::log(-std::log(rng::uniform(key, v))); };
-  int64_t token = v_mr;
-  double best = (r[v_mr] - lse_r) + noise(v_mr);
-  for (int64_t v = 0; v < V; ++v) {
+  const int64_t g_end = std::min<int64_t>(group + rng::kTokenGroup, V);
+  int64_t token = group;
+  double best = -kInf;
+  for (int64_t v = group; v < g_end; ++v) {
     const double lq = r[v] - lse_r;
-    if (v == v_mr || lq == -kInf || lq + kGumbelMax < best) continue;
-    const double val = lq + noise(v);
-    if (val > best || (val == best && v < token)) {
+    if (lq == -kInf) continue;
+    const double val = lq + rng::gumbel(key, v);
+    if (val > best) {
       best = val;
       token = v;
     }

@@ -6,13 +6,13 @@
 //   logp0  = x - lse0                          (-inf everywhere when lse0 = -inf)
 //   s      = logp0 + tw;  log_zpi = logsumexp(s)
 //   r      = s / T, kept where r >= its k-th largest (top-k), else -inf;  logq = r - logsumexp(r)
-//   token  = argmax_v (logq_v + g_v),  g_v = -log(-log(rng::uniform(row_key(seed, step, TOKEN, m), v)))
+//   token  = the two-level Gumbel-max of reference.gumbel_max over logq: the group of
+//            rng::kTokenGroup ids with the largest logsumexp + gumbel(STREAM_TOKEN_GROUP, group),
+//            then argmax_v in it of logq_v + gumbel(STREAM_TOKEN, v)
 //   entropy = logsumexp(x) - sum_v p0_v x_v    (computed as log S0 - sum e^(x-m0) (x-m0) / S0)
 //
 // so tokens equal the reference's (the noise is bit-identical; only libm-vs-PyTorch last-bit
-// differences in exp / log could flip an exact tie). The noise is drawn only where it can win:
-// g < 23 for every 32-bit uniform, so an entry with logq + 23 < the best score so far is skipped
-// (strict: the scan starts at the mode, and an earlier index that ties it must still win).
+// differences in exp / log could flip an exact tie).
 //
 // Rows with bad values: a NaN or +inf logit makes logp, logq, log_zpi and entropy NaN and the token
 // 0 (log_psi is tw[0]); a NaN or +inf twist makes logq and log_zpi NaN and the token 0. A row whose

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from tsmc_kernels import ops, reference
+from tsmc_kernels import ops, reference, rng
 
 from conftest import INTERPRETED, bad_rows, check_bad_rows, cpu_backends, fresh_seed, requires_cuda
 
@@ -77,6 +77,54 @@ def test_reference_frequencies_match_exact_proposal(gen, V, temperature, top_k, 
     lse0 = torch.logsumexp(x[0], -1)
     torch.testing.assert_close(out.log_zpi.double(), torch.logsumexp(x[0] - lse0 + t[0], -1).expand(20000),
                                atol=1e-5, rtol=0)
+
+
+def grouped_row(gen):
+    """``[1, V]`` logits over four vocabulary groups of the two-level draw (V = 3 * 2048 + 10): six
+    hot tokens at group edges and inside, and a bulk whose mass differs between groups (the last
+    group is short); ``cells`` maps every token to a hot token's cell or its group's bulk cell."""
+    G = rng.TOKEN_GROUP
+    V = 3 * G + 10
+    x = torch.randn(1, V, generator=gen, dtype=torch.float64) * 0.5 - 1.0
+    x[0, G:2 * G] -= 1.5  # a lighter group
+    hot = torch.tensor([5, G - 1, G, 2 * G + 7, 3 * G + 3, 3 * G + 9])
+    x[0, hot] = 5.5 + torch.randn(6, generator=gen, dtype=torch.float64)
+    cells = torch.arange(V) // G + len(hot)
+    cells[hot] = torch.arange(len(hot))
+    return x, cells
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"], indirect=True)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_frequencies_across_vocabulary_groups(gen, backend, temperature):
+    """Both levels of the draw (which group, which token in it) against the exact proposal. (The
+    interpreted Triton kernel is too slow for this many rows; it matches the reference token by
+    token on such rows in test_triton_twist_sample.py.)"""
+    x, cells = grouped_row(gen)
+    t = torch.randn(1, x.shape[1], generator=gen, dtype=torch.float64) * 0.3
+    M = 4000
+    out = ops.twist_sample(x.float().expand(M, -1), t.float().expand(M, -1), temperature=temperature,
+                           seed=fresh_seed(), step=1)
+    q = exact_q(x, t, temperature, 0)[0]
+    n_cells = int(cells.max()) + 1
+    q_cells = torch.zeros(n_cells, dtype=torch.float64).index_add_(0, cells, q)
+    p = chi_square_p(cells[out.token], q_cells)
+    assert p > 1e-4, f"p={p:.3g}, counts={torch.bincount(cells[out.token], minlength=n_cells).tolist()}"
+
+
+def test_group_mass_by_max_fails_the_grouped_check(gen, monkeypatch):
+    """The test above has power: a draw that ranks groups by their best score instead of their
+    log mass (``_logsumexp`` of the grouped ``[M, groups, 2048]`` view replaced by a max) fails it."""
+    x, cells = grouped_row(gen)
+    q = exact_q(x, None, 1.0, 0)[0]
+    q_cells = torch.zeros(int(cells.max()) + 1, dtype=torch.float64).index_add_(0, cells, q)
+    seed = fresh_seed()
+    good = reference.twist_sample(x.expand(4000, -1), None, seed=seed, step=1).token
+    real = reference._logsumexp
+    monkeypatch.setattr(reference, "_logsumexp", lambda v, dim=-1: v.amax(dim) if v.dim() == 3 else real(v, dim))
+    bad = reference.twist_sample(x.expand(4000, -1), None, seed=seed, step=1).token
+    assert chi_square_p(cells[good], q_cells) > 1e-4
+    assert chi_square_p(cells[bad], q_cells) < 1e-6
 
 
 def _ignore_twist(logits, log_twist, **kw):

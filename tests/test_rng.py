@@ -16,7 +16,6 @@ import triton.language as tl
 
 from tsmc_kernels import ops, rng
 from tsmc_kernels.triton import _common
-from tsmc_kernels.triton.twist_sample import twist_sample_triton
 
 from conftest import INTERPRETED, requires_cuda
 
@@ -130,34 +129,34 @@ def test_triton_noise_matches_reference_at_the_extremes(gen, device):
 
 
 def deep_token_row(gen, V, deep, margin, device="cpu"):
-    """Logits ``[1, V]``: the best at token 0 (logit 0), token ``deep`` ``22.87 - g_0 - margin`` nats
-    lower with the largest noise there is (22.87: the step is chosen for it), the rest at -40 (out of
-    reach). Returns ``(logits, seed, step, the token the draw must give)``."""
+    """Logits ``[1, V]``: token 0 at logit 0, token ``deep`` ``22.87 - g_0 - margin`` nats lower with
+    the largest noise there is (22.87: the step is chosen for it), every other entry ``-inf``. In token
+    0's group the token noise decides; alone in a later group the group noise does (``g_0`` is then
+    group 0's). Returns ``(logits, seed, step, the token the draw must give)``."""
     seed = int(torch.randint(0, 1 << 40, (1,), generator=gen))
-    step = step_for(seed, rng.STREAM_TOKEN, 0, deep, M32)
-    g0 = float(rng.gumbel(rng.row_key(seed, step, rng.STREAM_TOKEN, torch.tensor([0])), torch.tensor([0])))
-    logits = torch.full((1, V), -40.0, device=device)
+    group = deep // rng.TOKEN_GROUP
+    stream, counter = (rng.STREAM_TOKEN, deep) if group == 0 else (rng.STREAM_TOKEN_GROUP, group)
+    step = step_for(seed, stream, 0, counter, M32)
+    g0 = float(rng.gumbel(rng.row_key(seed, step, stream, torch.tensor([0])), torch.tensor([0])))
+    logits = torch.full((1, V), -math.inf, device=device)
     logits[0, 0] = 0.0
     logits[0, deep] = -(G_TOP - g0 - margin)
     return logits, seed, step, (deep if margin > 0 else 0)
 
 
+@pytest.mark.parametrize("deep", [1500, 19000])
 @pytest.mark.parametrize("margin", [0.25, -0.25])
-def test_deep_token_is_proposed_where_the_noise_reaches(gen, backend, margin):
-    """The deep token of :func:`deep_token_row` wins exactly when its gap is below 22.87 - g_0: ~20
-    to ~26 nats, beyond the reach of 24-bit noise and of a Gumbel skip bound below 22.87 (on CPU the
-    Triton kernel's row splits into 2 programs of 2 tile pairs of 4096 here: token 0 is in the
-    first pair, the deep token in the second, which a smaller bound skips)."""
-    logits, seed, step, expect = deep_token_row(gen, 20000, 12000, margin)
+def test_deep_token_is_proposed_where_the_noise_reaches(gen, backend, deep, margin):
+    """The deep token of :func:`deep_token_row` wins exactly when its gap is below 22.87 - g_0 (~20 to
+    ~26 nats, beyond the reach of 24-bit noise), inside token 0's group and in a group of its own."""
+    logits, seed, step, expect = deep_token_row(gen, 20000, deep, margin)
     assert int(ops.twist_sample(logits, None, seed=seed, step=step).token[0]) == expect, backend
 
 
 @requires_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("deep", [1500, (1 << 17) - 5])
 @pytest.mark.parametrize("margin", [0.25, -0.25])
-def test_deep_token_is_proposed_on_cuda(gen, cuda_device, margin):
-    logits, seed, step, expect = deep_token_row(gen, 1 << 17, (1 << 17) - 5, margin, cuda_device)
+def test_deep_token_is_proposed_on_cuda(gen, cuda_device, deep, margin):
+    logits, seed, step, expect = deep_token_row(gen, 1 << 17, deep, margin, cuda_device)
     assert int(ops.twist_sample(logits, None, seed=seed, step=step).token[0]) == expect
-    # One program per row: the deep token's tile comes after 127 pairs the skip bound is tested on.
-    out = twist_sample_triton(logits, None, seed=rng.fold_seed(seed), step=step, num_splits=1)
-    assert int(out[0][0]) == expect

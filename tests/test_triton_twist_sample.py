@@ -36,12 +36,29 @@ def exact_proposal(logits, log_twist, temperature, top_k):
 
 
 def gumbel_scores(logits, log_twist, temperature, top_k, seed, step):
-    """fp64 ``log q + g`` (the reference's argmax target) for every (row, token)."""
+    """fp64 scores of the reference's two-level draw (``reference.gumbel_max``): ``(group_score
+    [M, n_groups]`` = log mass + group noise, ``token_score [M, V]`` = log q + token noise, ``logq)``."""
     logq = exact_proposal(logits, log_twist, temperature, top_k)
     M, V = logq.shape
-    key = rng.row_key(seed, step, rng.STREAM_TOKEN, torch.arange(M))
-    g = rng.gumbel(key[:, None], torch.arange(V)[None, :])
-    return torch.where(torch.isneginf(logq), logq, logq + g), logq
+    G = rng.TOKEN_GROUP
+    n_groups = -(-V // G)
+    rows = torch.arange(M)
+    mass = torch.logsumexp(torch.nn.functional.pad(logq, (0, n_groups * G - V), value=-math.inf)
+                           .view(M, n_groups, G), dim=-1)
+    gg = rng.gumbel(rng.row_key(seed, step, rng.STREAM_TOKEN_GROUP, rows)[:, None], torch.arange(n_groups)[None, :])
+    g = rng.gumbel(rng.row_key(seed, step, rng.STREAM_TOKEN, rows)[:, None], torch.arange(V)[None, :])
+    return mass + gg, torch.where(torch.isneginf(logq), logq, logq + g), logq
+
+
+def check_near_tie(group_score, token_score, m, ref_token, token):
+    """A token other than the reference's is only allowed at an fp32-level near-tie of the draw: of
+    the two groups' scores, or (same group) of the two tokens' scores."""
+    G = rng.TOKEN_GROUP
+    if ref_token // G != token // G:
+        a, b = float(group_score[m, ref_token // G]), float(group_score[m, token // G])
+    else:
+        a, b = float(token_score[m, ref_token]), float(token_score[m, token])
+    assert math.isfinite(b) and abs(a - b) <= 1e-5 * max(1.0, abs(a)), (m, ref_token, token, a, b)
 
 
 def run_kernel(logits, log_twist=None, *, temperature=1.0, top_k=0, seed=0, step=0, **kw):
@@ -61,13 +78,12 @@ def check_against_reference(logits, log_twist=None, *, temperature=1.0, top_k=0,
     token = out[0]
     assert token.dtype == torch.int64 and token.shape == ref.token.shape
     assert all(t.dtype == torch.float32 for t in out[1:])
-    score, logq = gumbel_scores(lc, tc, temperature, top_k, seed, step)
+    group_score, token_score, logq = gumbel_scores(lc, tc, temperature, top_k, seed, step)
     M = token.shape[0]
     differ = (token != ref.token).nonzero().flatten()
     assert len(differ) <= max(1, int(max_mismatch * M)), f"{len(differ)} / {M} tokens differ from the reference"
-    for m in differ.tolist():  # a different choice must be a near-tie of log q + g
-        a, b = float(score[m, ref.token[m]]), float(score[m, token[m]])
-        assert math.isfinite(b) and abs(a - b) <= 1e-5 * max(1.0, abs(a)), (m, a, b)
+    for m in differ.tolist():
+        check_near_tie(group_score, token_score, m, int(ref.token[m]), int(token[m]))
     # Values of the kernel's own token must equal the reference's values for that token.
     same = token == ref.token
     for name, k_val, r_val in zip(FIELDS, out[1:], ref[1:]):
@@ -115,28 +131,50 @@ def test_temperature_and_top_k(gen, temperature, top_k):
         assert bool((s.gather(1, out[0][:, None])[:, 0] >= kth).all())
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("splits", [1, 2, 3, 4])
 def test_split_vocabulary_same_result(gen, splits):
-    x, t = make_inputs(gen, 3, 700)
-    base = run_kernel(x, t, temperature=0.9, seed=9, step=1, num_splits=1, block_v=64)
-    out, _ = check_against_reference(x, t, temperature=0.9, seed=9, step=1, num_splits=splits, block_v=64)
+    # Four vocabulary groups; a split takes whole groups (here 8 tiles of 256 each).
+    x, t = make_inputs(gen, 3, 3 * rng.TOKEN_GROUP + 300)
+    base = run_kernel(x, t, temperature=0.9, seed=9, step=1, num_splits=1, block_v=256)
+    out, _ = check_against_reference(x, t, temperature=0.9, seed=9, step=1, num_splits=splits, block_v=256)
     assert torch.equal(out[0], base[0])
     for a, b in zip(out[1:], base[1:]):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("splits", [1, 3])
-def test_peaked_logits_skip_noise_of_hopeless_tiles(gen, splits):
-    # LM-like rows: a few tokens far above the rest. Tiles that cannot hold the Gumbel-max
-    # winner skip their noise; the result must not change (winners in early and late tiles).
-    M, V = 6, 600
+def test_peaked_logits_winner_in_any_group(gen, splits):
+    # LM-like rows: a few tokens far above the rest, in any of the three groups; the winner of
+    # row 0 sits in the last tile of the last group, of row 1 in the first tile of the first.
+    M, V = 6, 2 * rng.TOKEN_GROUP + 600
     x, t = make_inputs(gen, M, V, scale=1.0)
     for m in range(M):
         hot = torch.randint(0, V, (3,), generator=gen)
         x[m, hot] += 25.0
-    x[0, V - 1] += 40.0  # the winner sits in the last tile
-    out, ref = check_against_reference(x, t, seed=21, step=2, num_splits=splits, block_v=32, max_mismatch=0.0)
-    assert out[0][0] == V - 1
+    x[0, V - 1] += 40.0
+    x[1, 0] += 40.0
+    out, ref = check_against_reference(x, t, seed=21, step=2, num_splits=splits, block_v=512, max_mismatch=0.0)
+    assert out[0][0] == V - 1 and out[0][1] == 0
+
+
+@pytest.mark.parametrize("splits", [None, 1, 2, 3])
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.6, 0), (1.0, 3000)])
+def test_dead_groups_and_splits(gen, splits, temperature, top_k):
+    """Whole groups without a finite entry (first, middle, last), rows with a single live group,
+    and rows whose only live entries straddle a group boundary."""
+    G = rng.TOKEN_GROUP
+    M, V = 5, 3 * G + 77
+    x, t = make_inputs(gen, M, V)
+    x[0, :G] = -math.inf
+    x[1, G:2 * G] = -math.inf
+    x[2, 3 * G:] = -math.inf
+    x[3, :] = -math.inf
+    x[3, 2 * G + 5: 2 * G + 9] = 0.0
+    t[4, :] = -math.inf
+    t[4, G - 2: G + 2] = 0.0
+    out, _ = check_against_reference(x, t, temperature=temperature, top_k=top_k, seed=fresh_seed(), step=4,
+                                     num_splits=splits, block_v=256)
+    assert 2 * G + 5 <= int(out[0][3]) < 2 * G + 9 and G - 2 <= int(out[0][4]) < G + 2
 
 
 def test_large_vocab_single_row(gen):
@@ -185,7 +223,7 @@ def test_non_contiguous_rows(gen):
 
 
 def test_outputs_every_row_written(gen, monkeypatch):
-    x, t = make_inputs(gen, 5, 40)
+    x, t = make_inputs(gen, 5, rng.TOKEN_GROUP + 40)
     real_empty = torch.empty
 
     def poisoned_empty(*args, **kwargs):
@@ -193,7 +231,7 @@ def test_outputs_every_row_written(gen, monkeypatch):
         return out.fill_(float("nan")) if out.is_floating_point() else out.fill_(-7)
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
-    out = run_kernel(x, t, seed=4, step=4, num_splits=2, block_v=16)
+    out = run_kernel(x, t, seed=4, step=4, num_splits=2, block_v=256)  # two groups: two splits
     monkeypatch.undo()
     assert bool((out[0] >= 0).all())
     for v in out[1:]:
@@ -247,13 +285,13 @@ def test_nan_rows_are_flagged(gen, block_v):
         assert abs(float(out[3][m] - ref.log_zpi[m])) < ATOL
 
 
-@pytest.mark.parametrize("num_splits,block_v", [(1, None), (3, 8)])
+@pytest.mark.parametrize("num_splits,block_v", [(1, None), (3, 512)])
 @pytest.mark.parametrize("twist", [True, False])
 @pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.8, 5)])
 def test_bad_rows_convention_in_every_launch(gen, num_splits, block_v, twist, temperature, top_k):
     """The bad-row convention (token 0, NaN fields) also when a row is split over programs: the
     flags then travel through the partials to the combine kernel."""
-    x, t, expect_nan = bad_rows(gen, twist=twist)
+    x, t, expect_nan = bad_rows(gen, V=2 * rng.TOKEN_GROUP + 40, twist=twist)  # three groups
     out = run_kernel(x, t, temperature=temperature, top_k=top_k, seed=fresh_seed(), step=3,
                      num_splits=num_splits, block_v=block_v)
     check_bad_rows(reference.TwistSampleOutput(*out), x, t, expect_nan)

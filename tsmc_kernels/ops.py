@@ -204,7 +204,9 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
             ``q ∝ exp((log p0 + log psi) / temperature)``.
         top_k: restrict the proposal to entries ``>=`` its k-th largest (0 = off).
         seed: non-negative int; with ``step`` (int, int64 0-dim device tensor, or int64 ``[M]``: one
-            step per row) keys the noise of row ``m`` and token ``v`` (see :mod:`tsmc_kernels.rng`).
+            step per row) keys the noise of row ``m`` (see :mod:`tsmc_kernels.rng`). The draw is the
+            two-level Gumbel-max of :func:`tsmc_kernels.reference.gumbel_max` (a group of 2048
+            token ids, then a token in it), the same on every backend.
             An int step must lie in ``[0, 2**63)``; a tensor step's value is not checked (that
             would synchronise with the host).
         validate: check shapes, devices and dtypes (never synchronises).

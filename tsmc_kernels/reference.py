@@ -96,20 +96,47 @@ def twist_sample(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *,
         log_twist: log-twists ``log psi_t(s_<t, v)`` ``[M, V]`` or ``None`` (``psi = 1``).
         temperature: proposal temperature (> 0), applied to ``log p0 + log psi``.
         top_k: keep only proposal entries ``>=`` the k-th largest (0 = all).
-        seed, step: RNG key; row ``m`` draws noise ``gumbel(seed, step, STREAM_TOKEN, m, v)`` (``step``:
-            an int, a 0-dim tensor, or ``[M]``: one step per row).
+        seed, step: RNG key of row ``m`` (``step``: an int, a 0-dim tensor, or ``[M]``: one step per
+            row); the draw is :func:`gumbel_max`.
     Returns:
         :class:`TwistSampleOutput` of ``[M]`` tensors.
     """
     logp0, tw, logq, log_zpi, entropy, dead, bad = _proposal(logits, log_twist, temperature, top_k)
-    M, V = logp0.shape
-    key = rng.row_key(seed, step, rng.STREAM_TOKEN, torch.arange(M, device=logp0.device))
-    g = rng.gumbel(key[:, None], torch.arange(V, device=logp0.device)[None, :])
-    token = torch.argmax(torch.where(torch.isneginf(logq), logq, logq + g), dim=-1)
+    token = gumbel_max(torch.where(bad[:, None], torch.zeros_like(logq), logq), seed, step)
     token = torch.where(dead | bad, torch.zeros_like(token), token)
     logq_tok = torch.where(dead, torch.full_like(log_zpi, -math.inf), _at(logq, token))
     return TwistSampleOutput(token, _at(logp0, token).float(), logq_tok.float(), log_zpi.float(),
                              _at(tw, token).float(), entropy.float())
+
+
+def gumbel_max(scores: torch.Tensor, seed: int = 0, step=0) -> torch.Tensor:
+    """The token each row of ``scores`` (fp64 ``[M, V]``, ``log q`` up to a per-row constant; ``-inf``
+    allowed) draws: a two-level Gumbel-max, exact for ``q ∝ exp(scores)``.
+
+    The vocabulary is cut into groups of ``G = rng.TOKEN_GROUP`` consecutive ids (the last one
+    shorter). Row ``m`` picks the group ``g* = argmax_g L_g + gumbel(seed, step, STREAM_TOKEN_GROUP, m, g)``
+    with ``L_g = logsumexp`` of the group's scores (a group with mass ``e^L_g`` wins with probability
+    proportional to it), then the token ``argmax_{v in g*} scores_v + gumbel(seed, step, STREAM_TOKEN,
+    m, v)``; ties go to the earliest index at both levels (as ``torch.argmax``). A kernel can therefore
+    stream the row once, keep only the best group so far, and draw token noise for the groups that
+    lead when they are read (a few per row) instead of for every entry. A row without a finite
+    score returns 0. ``step`` is an int, a 0-dim tensor or ``[M]``. Returns int64 ``[M]``.
+    """
+    M, V = scores.shape
+    G = min(rng.TOKEN_GROUP, V)  # (one short group when V is smaller: no padding to 2048)
+    n_groups = -(-V // G)
+    dev = scores.device
+    rows = torch.arange(M, device=dev)
+    padded = torch.nn.functional.pad(scores, (0, n_groups * G - V), value=-math.inf).view(M, n_groups, G)
+    mass = _logsumexp(padded)  # [M, n_groups]
+    g_noise = rng.gumbel(rng.row_key(seed, step, rng.STREAM_TOKEN_GROUP, rows)[:, None],
+                         torch.arange(n_groups, device=dev)[None, :])
+    group = torch.argmax(torch.where(torch.isneginf(mass), mass, mass + g_noise), dim=-1)  # [M]
+    inside = padded[rows, group]  # [M, G]
+    ids = group[:, None] * G + torch.arange(G, device=dev)[None, :]
+    t_noise = rng.gumbel(rng.row_key(seed, step, rng.STREAM_TOKEN, rows)[:, None], ids)
+    token = ids.gather(1, torch.argmax(torch.where(torch.isneginf(inside), inside, inside + t_noise), dim=-1)[:, None])
+    return token[:, 0]
 
 
 def twist_score(logits: torch.Tensor, log_twist: torch.Tensor | None, tokens: torch.Tensor, *,

@@ -22,9 +22,11 @@ with ``seed32 = (seed ^ (seed >> 32)) mod 2**32`` and ``step32``/``row32`` taken
 
 All 32 bits are used because the Gumbel-max sampler's accuracy rests on the uniform's tails: the
 noise ``-log(-log u)`` lies in ``[-log(33 log 2), 33 log 2] = [-3.13, 22.87]``, so a token about 26
-nats below its row's best can never be proposed, and tokens a little closer are proposed slightly
-too rarely. With 24-bit uniforms that reach was ~20 nats, which at V = 262144 moved up to 1.8e-3 of
-the proposal's mass per step; with 32 bits at most ~7e-6 (README, "Kernel API").
+nats below the best of its group (a group 26 nats below the best group) can never be proposed, and
+ones a little closer are proposed slightly too rarely. With 24-bit uniforms that reach was ~20 nats,
+which over V = 262144 candidates moved up to 1.8e-3 of the proposal's mass per step; with 32 bits
+at most ~7e-6, and the two-level draw compares only 2048 tokens (or at most 128 groups) at a time
+(README, "Kernel API").
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ import torch
 MASK32 = 0xFFFFFFFF
 STREAM_TOKEN = 1  # Gumbel noise for token sampling: row = particle row, counter = vocab id
 STREAM_RESAMPLE = 2  # resampling uniforms: row = prompt index, counter = draw index
+STREAM_TOKEN_GROUP = 3  # Gumbel noise for the vocabulary group: row = particle row, counter = group index
+# Token sampling is a two-level Gumbel-max (reference.gumbel_max): first a group of TOKEN_GROUP
+# consecutive vocabulary ids, then a token inside it. Part of the contract: every backend uses it.
+TOKEN_GROUP = 2048
 
 _GOLDEN = 0x9E3779B9
 _COUNTER_MUL = 0x85EBCA6B

@@ -63,18 +63,18 @@ else:
 
 
 if is_interpreter():
-    def rmax_pair(a, b):
-        """``(max of a, max of b)`` over axis 0."""
-        return rmax(a, 0), rmax(b, 0)
+    def rsum_pair(a, b):
+        """``(sum of a, sum of b)`` over axis 0."""
+        return rsum(a, 0), rsum(b, 0)
 else:
     @triton.jit
-    def _max_pair(a0, b0, a1, b1):
-        return tl.maximum(a0, a1), tl.maximum(b0, b1)
+    def _add_pair(a0, b0, a1, b1):
+        return a0 + a1, b0 + b1
 
     @triton.jit
-    def rmax_pair(a, b):
-        """``(max of a, max of b)`` over axis 0 in one reduction (one shared-memory exchange)."""
-        return tl.reduce((a, b), 0, _max_pair)
+    def rsum_pair(a, b):
+        """``(sum of a, sum of b)`` over axis 0 in one reduction (one shared-memory exchange)."""
+        return tl.reduce((a, b), 0, _add_pair)
 
 
 def _host_mix32(x: int) -> int:

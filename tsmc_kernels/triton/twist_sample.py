@@ -2,35 +2,47 @@
 
 Each program streams a range of vocabulary tiles of one row, reading every logit and twist
 once, two tiles per iteration with the next two already being loaded. Every lane keeps online
-accumulators (one ``exp`` per element and quantity: see :func:`_online`; no cross-lane reduction
-inside the loop but the Gumbel skip test, once per two tiles), reduced once at the end, for
+accumulators (one ``exp`` per element and quantity: see :func:`_online`), reduced once at the end, for
 
 * ``logsumexp(x)`` (max ``m0``, sum ``S0``) and the entropy of ``p0``: ``A0 = sum e^(x-m0) (x-m0)``
   (rescaled as ``A <- e^(m-m')(A + (m-m') S)``; maxima start at ``-1e30`` and ``x - m`` is
   clamped there, so that ``-inf`` entries add exactly 0 and ``0 * inf`` never appears; entries
   below ``-1e30`` count as ``-inf``, and a row with nothing above it as a row without a finite
   entry), giving ``H = log S0 - A0 / S0``;
-* ``logsumexp(x + log psi)`` (``m1, S1``), giving ``log Zpi = (m1 - m0) + log S1 - log S0``;
-* ``logsumexp`` of the tempered, top-k-restricted proposal ``r = (x + log psi) / T`` (``m2, S2``);
-  with ``T == 1`` and no top-k, ``r`` is ``x + log psi`` and the third sum is not computed;
-* the Gumbel-max winner ``argmax_v r_v + g_v`` (per-lane running maxima, earliest index wins
-  ties, like ``torch.argmax``), together with its logit and twist.
+* ``logsumexp(x + log psi)`` (``m1, S1``), giving ``log Zpi = (m1 - m0) + log S1 - log S0``, when the
+  proposal differs from ``x + log psi`` (a temperature or top-k).
+
+Without a twist, at ``T = 1`` and without top-k the proposal is ``x`` itself: then the base's sums
+(entropy included) are taken per tile pair as the proposal's are (below), one ``exp`` per element
+for both.
+
+The proposal ``r = (x + log psi) / T`` (top-k restricted) is summed per tile pair instead (two
+block reductions): those sums give each vocabulary group's log mass, and over the row
+``logsumexp(r)`` (``m2, S2``). The token is drawn by the two-level Gumbel-max of
+:func:`tsmc_kernels.reference.gumbel_max`: when a group of ``rng.TOKEN_GROUP = 2048`` ids (a tile
+pair by default) is complete, its log mass plus its group noise is compared with the best so
+far; only a group that takes the lead has its tokens drawn (``argmax r + g`` over the group, read
+again from cache): about ``ln(#groups) + 0.6`` times per row (5 at V = 151936) unless the groups'
+masses grow along the vocabulary (at worst every group). Token noise is thus drawn for a few
+groups instead of every entry.
 
 Compiled for sm_90 (bf16 inputs, 1024-wide tiles, 8 warps; ``exp`` is ``ex2.approx.ftz``), the loop
-issues 55 SASS instructions per element without a twist and 67 with one, Gumbel noise included
-(``bench/sass_profile.py``, Triton 3.9); real LM logits at ``T = 1`` need the noise in nearly every
-tile (``bench/skip_fraction.py``), so by issue rate the loop is compute-bound, below HBM speed.
+issues 31 SASS instructions per element without a twist and 40 with one, group noise included
+(``bench/sass_profile.py``, Triton 3.9; 55 / 67 when every entry drew token noise). By issue rate
+that is about HBM speed with a twist (4 bytes per element) and ~2/3 of it without (2 bytes).
 
-Everything is fp32 inside (the final cross-lane / cross-split sums in fp64); inputs may be
-fp32/bf16/fp16/fp64.
-The noise is the counter-based hash of :mod:`tsmc_kernels.rng` (stream ``STREAM_TOKEN``,
-row = particle row, counter = vocabulary index) in ``tl.uint32`` arithmetic: the same bits as
-the reference, so tokens agree with it except at fp32-level near-ties of ``r + g``.
-``step`` is read from a device tensor inside the kernel (CUDA-graph safe, no host sync).
+Everything is fp32 inside (the cross-lane / cross-split sums of ``x`` in fp64, the row's proposal
+sum in fp64); inputs may be fp32/bf16/fp16/fp64.
+The noise is the counter-based hash of :mod:`tsmc_kernels.rng` (streams ``STREAM_TOKEN_GROUP``,
+counter = group index, and ``STREAM_TOKEN``, counter = vocabulary index; row = particle row) in
+``tl.uint32`` arithmetic: the same bits as the reference, so tokens agree with it except at
+fp32-level near-ties of a group's or a token's score. ``step`` is read from a device tensor inside
+the kernel (CUDA-graph safe, no host sync).
 
 When there are few rows (``M < 4 * #SMs``) the vocabulary is split across several programs per
-row that write partial accumulators; a second tiny kernel combines them (no atomics, the result
-does not depend on the split). With one split the first kernel writes the outputs directly.
+row, each with whole groups, that write partial sums and their best group; a second small kernel
+combines them and draws the token in the winning group (no atomics, the result does not depend
+on the split). With one split the first kernel writes the outputs directly.
 
 Top-k (``top_k > 0``): the per-row k-th largest value of ``x + log psi`` (fp32, computed the same
 way as in the kernel) is found first with ``torch.topk``, a **second read** of the inputs; the
@@ -50,7 +62,8 @@ import triton
 import triton.language as tl
 
 from .. import rng
-from ._common import (exp_neg_abs, gumbel_f32, helper, host_key_base, num_sms, rmax, rmax_pair, rmin, row_key, rsum,
+from ._common import (exp_neg_abs, gumbel_f32, helper, host_key_base, num_sms, rmax, rmin, row_key, rsum,
+                      rsum_pair,
                       step_tensor)
 
 __all__ = ["twist_sample_triton"]
@@ -66,8 +79,6 @@ _FLOOR = tl.constexpr(-1e30)
 _D_MIN = tl.constexpr(-1e30)  # v - m is clamped here: exp(-1e30) = 0 and 0 * -1e30 = 0
 _POS_INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
-# Upper bound of the kernel's Gumbel noise: u <= 1 - 2**-33 gives g <= 33 log 2 = 22.87.
-_G_MAX = tl.constexpr(23.0)
 
 
 @helper
@@ -120,11 +131,11 @@ def _lanes_to_scalar(m, s, a, WITH_A: tl.constexpr):
 
 @helper
 def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
-              m0, s0, a0, m1, s1, m2, s2, best_val, best_idx, bad_x, bad_tw,
+              m0, s0, a0, m1, s1, m2, s2, best_idx, bad_x, bad_tw,
               token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
               HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr):
     row64 = row.to(tl.int64)
-    no_draw = best_val == _NEG_INF  # the proposal has no finite entry: token 0
+    no_draw = s2 == 0.0  # the proposal has no finite entry: token 0
     bx = bad_x != 0
     bt = bad_tw != 0
     tok = tl.where(no_draw | bx | bt, 0, best_idx)
@@ -161,25 +172,73 @@ def _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
 
 
 @helper
-def _tile_stats(x, tw, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
-                HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr):
-    """One tile's update of the per-lane accumulators; returns them and the proposal ``r``."""
-    # NaN / +inf logits and twists are not masked: they surface in m0 / s0 and m1 / s1 (see
-    # _online), which flag the row (its token is then 0, whatever the draw found).
-    m0, s0, a0 = _online_entropy(m0, s0, a0, x)  # log p0 and its entropy
-    if HAS_TWIST:
-        u = x + tw
-        m1, s1, _d1, _e1, _g1 = _online(m1, s1, u)  # log p0 + log psi
-    else:
-        u = x
-    r = u  # the proposal actually sampled from
+def _proposal_r(x, u, thr, inv_temp, TEMPERED: tl.constexpr, TOPK: tl.constexpr):
+    """The proposal's scores ``r = u / T`` (``-inf`` outside the top-k) from ``u = x + log psi``."""
+    r = u
     if TEMPERED:
         r = r * inv_temp
     if TOPK:
         r = tl.where(u >= thr, r, _NEG_INF)
-    if not SAME_R:
-        m2, s2, _d2, _e2, _g2 = _online(m2, s2, r)
-    return m0, s0, a0, m1, s1, m2, s2, r
+    return r
+
+
+@helper
+def _tile_stats(x, tw, thr, inv_temp, m0, s0, a0, m1, s1,
+                HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr):
+    """One tile's update of the per-lane accumulators; returns them and the proposal ``r``."""
+    # NaN / +inf logits and twists are not masked: they surface in m0 / s0 and m1 / s1 (see
+    # _online) or in the proposal's sums (_pair_lse), which flag the row (its token is then 0).
+    m0, s0, a0 = _online_entropy(m0, s0, a0, x)  # log p0 and its entropy
+    if HAS_TWIST:
+        u = x + tw
+        if not SAME_R:  # else r = u: its sums are the proposal's
+            m1, s1, _d1, _e1, _g1 = _online(m1, s1, u)  # log p0 + log psi
+    else:
+        u = x
+    return m0, s0, a0, m1, s1, _proposal_r(x, u, thr, inv_temp, TEMPERED, TOPK)
+
+
+@helper
+def _pair_lse(ra, rb):
+    """``(max, sum e^(r - max))`` of two tiles as fp32 scalars, the max at least ``_FLOOR`` (an all
+    ``-inf`` pair: ``(_FLOOR, 0)``); a NaN or ``+inf`` entry makes the sum NaN."""
+    mx = tl.maximum(rmax(tl.maximum(ra, rb), axis=0), _FLOOR)
+    return mx, rsum(exp_neg_abs(ra - mx) + exp_neg_abs(rb - mx), axis=0)
+
+
+@helper
+def _fold(m, s, m_add, s_add):
+    """Online logsumexp of scalars, one ``exp``: ``(m, s)`` and ``(m_add, s_add)`` (sums relative to
+    maxima that are at least ``_FLOOR``, so ``m_add - m`` is never NaN) into one, in ``s``'s dtype."""
+    gt = m_add > m
+    e = exp_neg_abs(m_add - m)
+    return tl.maximum(m, m_add), tl.where(gt, s * e.to(s.dtype) + s_add, s + s_add * e)
+
+
+@helper
+def _pair_lse_entropy(xa, xb):
+    """``(max, sum e^(x - max), sum e^(x - max) (x - max))`` of two tiles as fp32 scalars, with
+    ``x - max`` clamped at ``-1e30`` as in :func:`_online` (the max at least ``_FLOOR``)."""
+    mx = tl.maximum(rmax(tl.maximum(xa, xb), axis=0), _FLOOR)
+    da = tl.maximum(xa - mx, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
+    db = tl.maximum(xb - mx, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
+    ea = exp_neg_abs(da)
+    eb = exp_neg_abs(db)
+    s, a = rsum_pair(ea + eb, ea * da + eb * db)
+    return mx, s, a
+
+
+@helper
+def _fold_entropy(m, s, a, m_add, s_add, a_add):
+    """:func:`_fold` of ``(max, sum, entropy sum)`` scalars (the entropy sum rescaled as in
+    :func:`_online_entropy`; ``e * d`` first, so that a huge ``d`` next to a zero sum gives 0)."""
+    d = m_add - m
+    gt = d > 0
+    e = exp_neg_abs(d)
+    ed = e * d
+    s_new = tl.where(gt, s * e.to(s.dtype) + s_add, s + s_add * e)
+    a_new = tl.where(gt, a * e.to(a.dtype) - ed.to(a.dtype) * s + a_add, a + (a_add * e + ed * s_add))
+    return tl.maximum(m, m_add), s_new, a_new
 
 
 @helper
@@ -197,16 +256,58 @@ def _tile_draw(key, r, offs, bv, bi):
     return tl.where(upd, val, bv), tl.where(upd, offs, bi)
 
 
-@triton.jit(do_not_specialize=["key_base", "inv_temp", "tiles_per_split"])
+@helper
+def _group_draw(key, l_base, t_base, thr, inv_temp, g_start, V, lanes,
+                HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr,
+                BLOCK: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
+    """The token drawn in the group starting at ``g_start``: ``argmax r + g`` over its entries, read
+    again (earliest index on ties); ``r`` is formed exactly as in the main loop."""
+    bv = tl.full((BLOCK,), 0, tl.float32) + _NEG_INF
+    bi = tl.full((BLOCK,), 0, tl.int32)
+    for tile_start in range(g_start, tl.minimum(g_start + TILES_PER_GROUP * BLOCK, V), BLOCK):
+        offs = tile_start + lanes
+        x = tl.load(l_base + offs, mask=offs < V, other=_NEG_INF).to(tl.float32)
+        if HAS_TWIST:
+            u = x + tl.load(t_base + offs, mask=offs < V, other=0.0).to(tl.float32)
+        else:
+            u = x
+        bv, bi = _tile_draw(key, _proposal_r(x, u, thr, inv_temp, TEMPERED, TOPK), offs, bv, bi)
+    best = rmax(bv, axis=0)
+    return rmin(tl.where(bv == best, bi, 2147483647), axis=0)
+
+
+@helper
+def _close_group(gm, gs, group, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr, inv_temp, V,
+                 lanes, HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
+    """A group is complete (log mass ``gm + log gs``): the upper level of reference.gumbel_max. It
+    leads when its log mass + group noise beats every earlier group's; only then are its tokens
+    drawn (read again, from cache; about ``log(#groups)`` times per row), or, when the row is split,
+    once for the winner by the combine kernel. Folds the group into the row's sums ``(m2, s2)``."""
+    group = tl.full((), 0, tl.int32) + group  # (a Python int under the interpreter)
+    cand = tl.where(gs > 0.0, gm + tl.log(gs), _NEG_INF) + gumbel_f32(group_key, group)
+    if cand > best_val:
+        best_val = cand
+        if SPLIT:
+            best_idx = group
+        else:
+            best_idx = _group_draw(key, l_base, t_base, thr, inv_temp, group * TILES_PER_GROUP * BLOCK, V, lanes,
+                                   HAS_TWIST, TEMPERED, TOPK, BLOCK, TILES_PER_GROUP)
+    m2, s2 = _fold(m2, s2, gm, gs)
+    return m2, s2, best_val, best_idx
+
+
+@triton.jit(do_not_specialize=["key_base", "group_key_base", "inv_temp", "tiles_per_split"])
 def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, step_ptr, step_stride, key_base,
-                         inv_temp, V, tiles_per_split, part_f_ptr, part_i_ptr,
+                         group_key_base, inv_temp, V, tiles_per_split, part_f_ptr, part_i_ptr,
                          token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
                          HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr,
-                         SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+                         SPLIT: tl.constexpr, BLOCK: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     row64 = row.to(tl.int64)
     key = row_key(key_base, step_ptr + row * step_stride, row)
+    group_key = row_key(group_key_base, step_ptr + row * step_stride, row)
     lanes = tl.arange(0, BLOCK)
     l_base = logits_ptr + row64 * stride_l
     t_base = twist_ptr + row64 * stride_t
@@ -215,24 +316,35 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     else:
         thr = 0.0
 
-    # Per-lane accumulators: no cross-lane reduction inside the loop.
+    # Per-lane accumulators (no cross-lane reduction inside the loop for them); without a twist,
+    # at T = 1 and without top-k the base's are scalars summed per pair (BASE_PAIRS).
+    BASE_PAIRS: tl.constexpr = SAME_R and not HAS_TWIST
     zero = tl.full((BLOCK,), 0, tl.float32)
-    m0 = zero + _FLOOR
-    s0 = zero
-    a0 = zero
+    if BASE_PAIRS:
+        m0 = tl.full((), 0, tl.float32) + _FLOOR
+        s0 = tl.full((), 0, tl.float64)
+        a0 = tl.full((), 0, tl.float64)
+    else:
+        m0 = zero + _FLOOR
+        s0 = zero
+        a0 = zero
     m1 = zero + _FLOOR
     s1 = zero
-    m2 = zero + _FLOOR
-    s2 = zero
-    bv = zero + _NEG_INF  # per-lane running max of r + g
-    bi = tl.full((BLOCK,), 0, tl.int32)
+    # The proposal's sums are scalars, reduced once per pair: this group's (gm, gs) (unused when
+    # the pair is the group), the row's so far (m2, s2; the sum in fp64).
+    gm = tl.full((), 0, tl.float32) + _FLOOR
+    gs = tl.full((), 0, tl.float32)
+    m2 = tl.full((), 0, tl.float32) + _FLOOR
+    s2 = tl.full((), 0, tl.float64)
+    best_val = tl.full((), 0, tl.float32) + _NEG_INF  # the leading group's log mass + group noise
+    best_idx = tl.full((), 0, tl.int32)  # SPLIT: that group's index; else the token drawn in it
 
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, (V + BLOCK - 1) // BLOCK)
     v_end = tl.minimum(t_end * BLOCK, V)
-    # Two tiles per iteration, one Gumbel skip test (a block-wide reduction) for both. The next
-    # pair is loaded while this one is reduced (registers, double-buffered): otherwise every
-    # iteration would wait out a full memory latency with one load per program in flight.
+    # Two tiles per iteration (a group holds an even number of them). The next pair is loaded
+    # while this one is reduced (registers, double-buffered): otherwise every iteration would wait
+    # out a full memory latency with one load per program in flight.
     offs = t_begin * BLOCK + lanes
     xa_next, xb_next = _load_pair(l_base, offs, v_end, _NEG_INF, BLOCK)
     if HAS_TWIST:
@@ -252,36 +364,42 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
         else:
             ta = xa
             tb = xb
-        m0, s0, a0, m1, s1, m2, s2, ra = _tile_stats(xa, ta, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
-                                                     HAS_TWIST, TEMPERED, TOPK, SAME_R)
-        m0, s0, a0, m1, s1, m2, s2, rb = _tile_stats(xb, tb, thr, inv_temp, m0, s0, a0, m1, s1, m2, s2,
-                                                     HAS_TWIST, TEMPERED, TOPK, SAME_R)
-        # Gumbel-max. The kernel's Gumbel noise is < G_MAX, so tiles whose best r is more than
-        # G_MAX below the best r + g seen so far (the max of the per-lane bests) cannot hold the
-        # winner: skip their noise. The result is unchanged. It pays on peaked rows (low
-        # temperature, confident models); on SmolLM2's logits at T = 1 nearly every pair is drawn,
-        # so the test is kept to one joint reduction of the two maxima.
-        top, best = rmax_pair(tl.maximum(ra, rb), bv)
-        if top + _G_MAX > best:
-            bv, bi = _tile_draw(key, ra, offs, bv, bi)
-            bv, bi = _tile_draw(key, rb, offs + BLOCK, bv, bi)
+        if BASE_PAIRS:  # the proposal is the base: one exp per element serves both sums
+            pm, ps, pa = _pair_lse_entropy(xa, xb)
+            m0, s0, a0 = _fold_entropy(m0, s0, a0, pm, ps, pa)
+        else:
+            m0, s0, a0, m1, s1, ra = _tile_stats(xa, ta, thr, inv_temp, m0, s0, a0, m1, s1,
+                                                 HAS_TWIST, TEMPERED, TOPK, SAME_R)
+            m0, s0, a0, m1, s1, rb = _tile_stats(xb, tb, thr, inv_temp, m0, s0, a0, m1, s1,
+                                                 HAS_TWIST, TEMPERED, TOPK, SAME_R)
+            pm, ps = _pair_lse(ra, rb)
+        if TILES_PER_GROUP == 2:  # the pair is a group (the GPU default)
+            m2, s2, best_val, best_idx = _close_group(
+                pm, ps, t // 2, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr, inv_temp, V, lanes,
+                HAS_TWIST, TEMPERED, TOPK, SPLIT, BLOCK, TILES_PER_GROUP)
+        else:
+            gm, gs = _fold(gm, gs, pm, ps)
+            if ((t + 2) % TILES_PER_GROUP == 0) | (t + 2 >= t_end):
+                m2, s2, best_val, best_idx = _close_group(
+                    gm, gs, t // TILES_PER_GROUP, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr,
+                    inv_temp, V, lanes, HAS_TWIST, TEMPERED, TOPK, SPLIT, BLOCK, TILES_PER_GROUP)
+                gm = tl.full((), 0, tl.float32) + _FLOOR
+                gs = tl.full((), 0, tl.float32)
 
-    m0, s0, a0 = _lanes_to_scalar(m0, s0, a0, True)
+    if not BASE_PAIRS:
+        m0, s0, a0 = _lanes_to_scalar(m0, s0, a0, True)
     if HAS_TWIST:
-        m1, s1, _a1 = _lanes_to_scalar(m1, s1, s1, False)
+        if SAME_R:
+            m1 = m2
+            s1 = s2
+        else:
+            m1, s1, _a1 = _lanes_to_scalar(m1, s1, s1, False)
         bad_tw = ((m1 == _POS_INF) | (s1 != s1)).to(tl.int32)  # a +inf / NaN in logit + twist
     else:
         m1 = m0
         s1 = s0
         bad_tw = tl.full((), 0, tl.int32)
-    if SAME_R:
-        m2 = m1
-        s2 = s1
-    else:
-        m2, s2, _a2 = _lanes_to_scalar(m2, s2, s2, False)
     bad_x = ((m0 == _POS_INF) | (s0 != s0)).to(tl.int32)  # a +inf / NaN logit (see _online)
-    best_val = rmax(bv, axis=0)
-    best_idx = rmin(tl.where(bv == best_val, bi, 2147483647), axis=0)
     if SPLIT:
         nsplit = tl.num_programs(1)
         p = part_f_ptr + (row64 * nsplit + split) * 10
@@ -298,7 +416,7 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
         tl.store(part_i_ptr + row64 * nsplit + split, best_idx)
     else:
         _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
-                  m0, s0, a0, m1, s1, m2, s2, best_val, best_idx, bad_x, bad_tw,
+                  m0, s0, a0, m1, s1, m2, s2, best_idx, bad_x, bad_tw,
                   token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr, HAS_TWIST, TEMPERED)
 
 
@@ -311,10 +429,12 @@ def _combine_pair(m, s, mask):
     return mm, rsum(sc * s, axis=0), sc, safe
 
 
-@triton.jit(do_not_specialize=["inv_temp"])
-def _twist_combine_kernel(logits_ptr, stride_l, twist_ptr, stride_t, inv_temp, nsplit, part_f_ptr, part_i_ptr,
+@triton.jit(do_not_specialize=["key_base", "inv_temp"])
+def _twist_combine_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, step_ptr, step_stride, key_base,
+                          inv_temp, V, nsplit, part_f_ptr, part_i_ptr,
                           token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
-                          HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, BLOCK_S: tl.constexpr):
+                          HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
     row = tl.program_id(0)
     row64 = row.to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
@@ -337,11 +457,22 @@ def _twist_combine_kernel(logits_ptr, stride_l, twist_ptr, stride_t, inv_temp, n
     a0 = rsum(tl.where(sc0 > 0.0, sc0 * (a0v + delta * s0v), 0.0), axis=0)
     m1, s1, _sc1, _safe1 = _combine_pair(m1v, s1v, ok)
     m2, s2, _sc2, _safe2 = _combine_pair(m2v, s2v, ok)
+    # The winning group is the splits' best (earliest on ties); its token is drawn here.
     best_val = rmax(bvv, axis=0)
-    best_idx = rmin(tl.where(ok & (bvv == best_val), biv, 2147483647), axis=0)
+    group = rmin(tl.where(ok & (bvv == best_val), biv, 2147483647), axis=0)
+    tok = tl.full((), 0, tl.int32)
+    if best_val > float("-inf"):
+        if TOPK:
+            thr = tl.load(thr_ptr + row)
+        else:
+            thr = 0.0
+        key = row_key(key_base, step_ptr + row * step_stride, row)
+        tok = _group_draw(key, logits_ptr + row64 * stride_l, twist_ptr + row64 * stride_t, thr, inv_temp,
+                          group * TILES_PER_GROUP * BLOCK, V, tl.arange(0, BLOCK), HAS_TWIST, TEMPERED, TOPK,
+                          BLOCK, TILES_PER_GROUP)
     _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
               m0.to(tl.float32), s0, a0, m1.to(tl.float32), s1, m2.to(tl.float32), s2,
-              best_val.to(tl.float32), best_idx, bad_x, bad_tw,
+              tok, bad_x, bad_tw,
               token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr, HAS_TWIST, TEMPERED)
 
 
@@ -363,14 +494,13 @@ def _topk_threshold(logits: torch.Tensor, log_twist: torch.Tensor | None, top_k:
     return torch.topk(u, top_k, dim=-1).values[:, -1].contiguous()
 
 
-def _default_splits(M: int, n_tiles: int, device: torch.device) -> int:
-    """Programs per row: 1 when the rows alone fill the GPU, else ~8 programs per SM in all,
-    each with at least 2 vocabulary tiles (so the partial write + combine stays negligible)."""
+def _default_splits(M: int, n_groups: int, device: torch.device) -> int:
+    """Programs per row: 1 when the rows alone fill the GPU, else ~8 programs per SM in all, each
+    with whole vocabulary groups (the draw's groups: a split never cuts one)."""
     sms = num_sms(device)
-    if M >= 4 * sms or n_tiles < 4:
+    if M >= 4 * sms or n_groups < 2:
         return 1
-    want = -(-8 * sms // M)
-    return max(1, min(want, n_tiles // 2))
+    return max(1, min(-(-8 * sms // M), n_groups))
 
 
 def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *, temperature: float = 1.0,
@@ -415,12 +545,16 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     inv_temp = 1.0 / float(temperature)
     key_base = host_key_base(int(seed), rng.STREAM_TOKEN)
 
+    group = rng.TOKEN_GROUP
     if block_v is None:
-        cap = 4096 if dev.type == "cpu" else 1024
-        block_v = min(cap, max(16, triton.next_power_of_2(V)))
+        block_v = min(group // 2, max(16, triton.next_power_of_2(V)))
+    elif not (8 <= block_v <= group // 2 and block_v & (block_v - 1) == 0):
+        raise ValueError(f"block_v must be a power of two in [8, {group // 2}], got {block_v}")
+    tiles_per_group = group // block_v  # even: the kernel takes tiles in pairs
     n_tiles = triton.cdiv(V, block_v)
-    splits = _default_splits(M, n_tiles, dev) if num_splits is None else max(1, min(int(num_splits), n_tiles))
-    tiles_per_split = 2 * triton.cdiv(n_tiles, 2 * splits)  # even: the kernel takes tiles in pairs
+    n_groups = triton.cdiv(V, group)
+    splits = _default_splits(M, n_groups, dev) if num_splits is None else max(1, min(int(num_splits), n_groups))
+    tiles_per_split = tiles_per_group * triton.cdiv(n_groups, splits)  # whole groups
     splits = triton.cdiv(n_tiles, tiles_per_split)
     if num_warps is None:
         num_warps = max(1, min(8, block_v // 128))
@@ -429,14 +563,16 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
         part_i = torch.empty(M, splits, dtype=torch.int32, device=dev)
     else:
         part_f, part_i = outs[0], token  # unused
+    step_stride = int(step_t.numel() > 1)
     _twist_sample_kernel[(M, splits)](
-        logits, logits.stride(0), twist, twist.stride(0), thr, step_t, int(step_t.numel() > 1), key_base, inv_temp,
-        V, tiles_per_split, part_f, part_i, token, *outs,
+        logits, logits.stride(0), twist, twist.stride(0), thr, step_t, step_stride, key_base,
+        host_key_base(int(seed), rng.STREAM_TOKEN_GROUP), inv_temp, V, tiles_per_split, part_f, part_i, token, *outs,
         HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, SAME_R=not (tempered or topk), SPLIT=splits > 1,
-        BLOCK=block_v,
-        num_warps=num_warps)
+        BLOCK=block_v, TILES_PER_GROUP=tiles_per_group, num_warps=num_warps)
     if splits > 1:
         _twist_combine_kernel[(M,)](
-            logits, logits.stride(0), twist, twist.stride(0), inv_temp, splits, part_f, part_i, token, *outs,
-            HAS_TWIST=has_twist, TEMPERED=tempered, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=1)
+            logits, logits.stride(0), twist, twist.stride(0), thr, step_t, step_stride, key_base, inv_temp, V, splits,
+            part_f, part_i, token, *outs,
+            HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            BLOCK=block_v, TILES_PER_GROUP=tiles_per_group, num_warps=num_warps)
     return (token, *outs)
