@@ -29,7 +29,8 @@ def compile_sass(dtype: str, twist: bool) -> str:
     sig = {"logits_ptr": dtype, "stride_l": "i32", "twist_ptr": dtype, "stride_t": "i32", "thr_ptr": "*fp32",
            "step_ptr": "*i64", "step_stride": "i32", "key_base": "i32", "group_key_base": "i32", "inv_temp": "fp32",
            "V": "i32", "tiles_per_split": "i32", "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **OUTS}
-    consts = dict(HAS_TWIST=twist, TEMPERED=False, TOPK=False, SAME_R=True, SPLIT=False, BLOCK=BLOCK,
+    consts = dict(HAS_TWIST=twist, TEMPERED=False, TOPK=False, SAME_R=True, BASE_PAIRS=not twist, SPLIT=False,
+                  BLOCK=BLOCK,
                   TILES_PER_GROUP=2 * 1024 // BLOCK)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
              if sig[n].startswith("*") or n.startswith("stride") or n == "V"}

@@ -38,8 +38,9 @@ SCRIPT = textwrap.dedent('''
                "inv_temp": "fp32", "V": "i32", "tiles_per_split": "i32",
                "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **out}
         for block in (1024, 256):  # a pair per group (the default), and four
-            compile_(ts._twist_sample_kernel, sig, dict(HAS_TWIST=tw, TEMPERED=temp, TOPK=topk,
-                     SAME_R=not (temp or topk), SPLIT=split, BLOCK=block, TILES_PER_GROUP=2048 // block), 8)
+            same_r = not (temp or topk)
+            compile_(ts._twist_sample_kernel, sig, dict(HAS_TWIST=tw, TEMPERED=temp, TOPK=topk, SAME_R=same_r,
+                     BASE_PAIRS=same_r and not tw, SPLIT=split, BLOCK=block, TILES_PER_GROUP=2048 // block), 8)
     sig = {"logits_ptr": "*fp16", "stride_l": "i32", "twist_ptr": "*fp16", "stride_t": "i32", "thr_ptr": "*fp32",
            "step_ptr": "*i64", "step_stride": "i32", "key_base": "i32", "inv_temp": "fp32", "V": "i32",
            "nsplit": "i32", "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **out}

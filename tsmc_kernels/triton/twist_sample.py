@@ -302,7 +302,8 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
                          group_key_base, inv_temp, V, tiles_per_split, part_f_ptr, part_i_ptr,
                          token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
                          HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr,
-                         SPLIT: tl.constexpr, BLOCK: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
+                         BASE_PAIRS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                         TILES_PER_GROUP: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     row64 = row.to(tl.int64)
@@ -316,9 +317,8 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     else:
         thr = 0.0
 
-    # Per-lane accumulators (no cross-lane reduction inside the loop for them); without a twist,
-    # at T = 1 and without top-k the base's are scalars summed per pair (BASE_PAIRS).
-    BASE_PAIRS: tl.constexpr = SAME_R and not HAS_TWIST
+    # Per-lane accumulators (no cross-lane reduction inside the loop for them); BASE_PAIRS (no
+    # twist, T = 1, no top-k): the base's are scalars summed per pair instead.
     zero = tl.full((BLOCK,), 0, tl.float32)
     if BASE_PAIRS:
         m0 = tl.full((), 0, tl.float32) + _FLOOR
@@ -564,10 +564,12 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     else:
         part_f, part_i = outs[0], token  # unused
     step_stride = int(step_t.numel() > 1)
+    same_r = not (tempered or topk)
     _twist_sample_kernel[(M, splits)](
         logits, logits.stride(0), twist, twist.stride(0), thr, step_t, step_stride, key_base,
         host_key_base(int(seed), rng.STREAM_TOKEN_GROUP), inv_temp, V, tiles_per_split, part_f, part_i, token, *outs,
-        HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, SAME_R=not (tempered or topk), SPLIT=splits > 1,
+        HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, SAME_R=same_r, BASE_PAIRS=same_r and not has_twist,
+        SPLIT=splits > 1,
         BLOCK=block_v, TILES_PER_GROUP=tiles_per_group, num_warps=num_warps)
     if splits > 1:
         _twist_combine_kernel[(M,)](
