@@ -48,14 +48,24 @@ void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
     return;
   }
 
-  // Pass 2: lse0 and the entropy (S0 = sum e^(x - m0), A0 = sum e^(x - m0) (x - m0)).
+  // Pass 2: lse0 and the entropy (S0 = sum e^(x - m0), A0 = sum e^(x - m0) (x - m0)). When the
+  // proposal is p0 itself (no twist, T = 1, no top-k) these exps are also its group sums (pass 4).
+  const bool same_r = a.temperature == 1.0 && !(a.top_k > 0 && a.top_k < V);
+  const bool base_is_proposal = same_r && tw == nullptr;
+  double* group_sum = kth_buf;  // [#groups] (kth_buf's top-k use excludes base_is_proposal)
   const double shift0 = std::isinf(m0) ? 0.0 : m0;
   double s0 = 0.0, a0 = 0.0;
-  for (int64_t v = 0; v < V; ++v) {
-    const double d = static_cast<double>(x[v]) - shift0;
-    const double e = std::exp(d);
-    s0 += e;
-    a0 += e > 0.0 ? e * d : 0.0;
+  for (int64_t g0 = 0, g = 0; g0 < V; g0 += rng::kTokenGroup, ++g) {
+    const int64_t g_end = std::min<int64_t>(g0 + rng::kTokenGroup, V);
+    double sg = 0.0;
+    for (int64_t v = g0; v < g_end; ++v) {
+      const double d = static_cast<double>(x[v]) - shift0;
+      const double e = std::exp(d);
+      sg += e;
+      a0 += e > 0.0 ? e * d : 0.0;
+    }
+    s0 += sg;
+    if (base_is_proposal) group_sum[g] = sg;
   }
   const double lse0 = std::log(s0) + shift0;
   const bool dead0 = lse0 == -kInf;
@@ -67,7 +77,6 @@ void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
   }
 
   // Pass 3: r = (logp0 + tw) / T, its max (and top-k threshold), the max of s = logp0 + tw.
-  const bool same_r = a.temperature == 1.0 && !(a.top_k > 0 && a.top_k < V);
   double ms = -kInf, mr = -kInf;
   for (int64_t v = 0; v < V; ++v) {
     const double s = logp0(v) + twist(v);
@@ -82,11 +91,25 @@ void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
   }
   for (int64_t v = 0; v < V; ++v) mr = r[v] > mr ? r[v] : mr;
 
-  // Pass 4: log Zpi = logsumexp(s), lse_r = logsumexp(r). Without a twist s = logp0, whose
-  // logsumexp is lse0 - lse0 = 0 (the reference's own sum gives 0 within an ulp): no second pass.
+  // Pass 4: sums of e^(r - max r) per vocabulary group, one exp per entry (pass 2's when the base
+  // is the proposal: r - max r = x - m0): the proposal's logsumexp and each group's log mass for
+  // the draw. log Zpi = logsumexp(s): without a twist s = logp0, whose logsumexp is lse0 - lse0 = 0
+  // (the reference's own sum gives 0 within an ulp); with a twist at T = 1 and no top-k s = r, the
+  // same sum; otherwise a pass of its own.
+  const double shift_r = base_is_proposal ? shift0 - (dead0 ? 0.0 : lse0) : std::isinf(mr) ? 0.0 : mr;
+  double total = base_is_proposal ? s0 : 0.0;
+  for (int64_t g0 = 0, g = 0; g0 < V && !base_is_proposal; g0 += rng::kTokenGroup, ++g) {
+    const int64_t g_end = std::min<int64_t>(g0 + rng::kTokenGroup, V);
+    double sg = 0.0;
+    for (int64_t v = g0; v < g_end; ++v) sg += std::exp(r[v] - shift_r);
+    group_sum[g] = sg;
+    total += sg;
+  }
+  const double lse_r_sum = std::log(total) + shift_r;
   const double log_zpi = tw == nullptr ? (dead0 ? -kInf : 0.0)
+                         : same_r      ? lse_r_sum
                                        : logsumexp_given_max([&](int64_t v) { return logp0(v) + twist(v); }, V, ms);
-  const double lse_r = same_r ? log_zpi : logsumexp_given_max([&](int64_t v) { return r[v]; }, V, mr);
+  const double lse_r = same_r ? log_zpi : lse_r_sum;
   if (a.given != nullptr) {  // teacher forcing: the reference's values at the given token
     write_row(a, m, tok0, logp0(tok0), r[tok0] - lse_r, log_zpi, twist(tok0), entropy);
     return;
@@ -104,12 +127,8 @@ void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
   int64_t group = 0;
   double best_group = -kInf;
   for (int64_t g0 = 0, g = 0; g0 < V; g0 += rng::kTokenGroup, ++g) {
-    const int64_t n = std::min<int64_t>(rng::kTokenGroup, V - g0);
-    const double* rg = r + g0;
-    const double gmax = *std::max_element(rg, rg + n) - lse_r;
-    if (gmax == -kInf) continue;
-    const double mass = logsumexp_given_max([&](int64_t v) { return rg[v] - lse_r; }, n, gmax);
-    const double val = mass + rng::gumbel(group_key, g);
+    if (group_sum[g] == 0.0) continue;  // no finite entry (or none within e^-745 of the max)
+    const double val = (std::log(group_sum[g]) + shift_r - lse_r) + rng::gumbel(group_key, g);
     if (val > best_group) {
       best_group = val;
       group = g0;
