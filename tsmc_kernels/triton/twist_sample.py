@@ -517,9 +517,9 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
         step: int64 0-dim / 1-element tensor on the device (read inside the kernel), an int, or an
             int64 ``[M]`` tensor (one step per row).
         num_splits: programs per row along V (default: automatic, >1 only when ``M`` is small).
-        block_v, num_warps: vocabulary tile and warps per program (default 1024 and 8 on GPU:
-            4 elements per thread, ~80 registers, 3 programs per H100 SM; up to 4096 under the
-            interpreter, where bigger tiles are faster).
+        block_v, num_warps: vocabulary tile (a power of two in ``[8, 1024]``, default
+            ``min(1024, next_power_of_2(V))``: with 1024 a tile pair is one group of the draw) and
+            warps per program (default ``block_v // 128``, at most 8).
     Returns:
         ``(token int64[M], logp, logq, log_zpi, log_psi, entropy fp32[M])``.
     """
