@@ -18,6 +18,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from tsmc_kernels import rng  # noqa: E402
 from tsmc_kernels.triton import twist_sample as ts  # noqa: E402
 
 BLOCK, NUM_WARPS = 1024, 8  # the kernel's GPU defaults
@@ -30,8 +31,7 @@ def compile_sass(dtype: str, twist: bool) -> str:
            "step_ptr": "*i64", "step_stride": "i32", "key_base": "i32", "group_key_base": "i32", "inv_temp": "fp32",
            "V": "i32", "tiles_per_split": "i32", "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **OUTS}
     consts = dict(HAS_TWIST=twist, TEMPERED=False, TOPK=False, SAME_R=True, BASE_PAIRS=not twist, SPLIT=False,
-                  BLOCK=BLOCK,
-                  TILES_PER_GROUP=2 * 1024 // BLOCK)
+                  BLOCK=BLOCK, TILES_PER_GROUP=rng.TOKEN_GROUP // BLOCK)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
              if sig[n].startswith("*") or n.startswith("stride") or n == "V"}
     sig = dict(sig, **{k: "constexpr" for k in consts})

@@ -97,13 +97,16 @@ void one_row(const TwistSampleArgs& a, int64_t m, double* r, double* kth_buf) {
   // (the reference's own sum gives 0 within an ulp); with a twist at T = 1 and no top-k s = r, the
   // same sum; otherwise a pass of its own.
   const double shift_r = base_is_proposal ? shift0 - (dead0 ? 0.0 : lse0) : std::isinf(mr) ? 0.0 : mr;
-  double total = base_is_proposal ? s0 : 0.0;
-  for (int64_t g0 = 0, g = 0; g0 < V && !base_is_proposal; g0 += rng::kTokenGroup, ++g) {
-    const int64_t g_end = std::min<int64_t>(g0 + rng::kTokenGroup, V);
-    double sg = 0.0;
-    for (int64_t v = g0; v < g_end; ++v) sg += std::exp(r[v] - shift_r);
-    group_sum[g] = sg;
-    total += sg;
+  double total = s0;
+  if (!base_is_proposal) {
+    total = 0.0;
+    for (int64_t g0 = 0, g = 0; g0 < V; g0 += rng::kTokenGroup, ++g) {
+      const int64_t g_end = std::min<int64_t>(g0 + rng::kTokenGroup, V);
+      double sg = 0.0;
+      for (int64_t v = g0; v < g_end; ++v) sg += std::exp(r[v] - shift_r);
+      group_sum[g] = sg;
+      total += sg;
+    }
   }
   const double lse_r_sum = std::log(total) + shift_r;
   const double log_zpi = tw == nullptr ? (dead0 ? -kInf : 0.0)

@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent('''
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from tsmc_kernels import rng
     from tsmc_kernels.triton import kv_gather as kv, twist_sample as ts, weights as w
 
     target = GPUTarget("cuda", 90, 32)
@@ -40,12 +41,13 @@ SCRIPT = textwrap.dedent('''
         for block in (1024, 256):  # a pair per group (the default), and four
             same_r = not (temp or topk)
             compile_(ts._twist_sample_kernel, sig, dict(HAS_TWIST=tw, TEMPERED=temp, TOPK=topk, SAME_R=same_r,
-                     BASE_PAIRS=same_r and not tw, SPLIT=split, BLOCK=block, TILES_PER_GROUP=2048 // block), 8)
+                     BASE_PAIRS=same_r and not tw, SPLIT=split, BLOCK=block,
+                     TILES_PER_GROUP=rng.TOKEN_GROUP // block), 8)
     sig = {"logits_ptr": "*fp16", "stride_l": "i32", "twist_ptr": "*fp16", "stride_t": "i32", "thr_ptr": "*fp32",
            "step_ptr": "*i64", "step_stride": "i32", "key_base": "i32", "inv_temp": "fp32", "V": "i32",
            "nsplit": "i32", "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **out}
     compile_(ts._twist_combine_kernel, sig, dict(HAS_TWIST=True, TEMPERED=True, TOPK=True, BLOCK_S=64, BLOCK=1024,
-             TILES_PER_GROUP=2), 8)
+             TILES_PER_GROUP=rng.TOKEN_GROUP // 1024), 8)
     sig = {"lw_ptr": "*fp32", "stride_lw": "i32", "inc_ptr": "*fp32", "stride_inc": "i32", "mask_ptr": "*i1",
            "step_ptr": "*i64", "key_base": "i32", "ess_thr_n": "fp32", "N": "i32", "out_w_ptr": "*fp32",
            "ess_ptr": "*fp32", "lz_ptr": "*fp32", "flag_ptr": "*i1", "anc_ptr": "*i64", "pos_ptr": "*fp64",
