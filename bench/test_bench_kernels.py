@@ -106,10 +106,10 @@ def test_twist_sample(benchmark, gpu, impl, variant, M, V):
 
 
 @pytest.mark.benchmark(group="twist_sample_tuning")
-@pytest.mark.parametrize("block_v,num_warps", [(256, 2), (256, 4), (512, 4), (512, 8), (1024, 4), (1024, 8),
-                                             (1024, 16)])
-@pytest.mark.parametrize("M,V,splits", [(256, 151936, None), (1024, 151936, None), (16, 151936, None),
-                                        (16, 151936, 1)])
+@pytest.mark.parametrize("block_v,num_warps", [(256, 1), (256, 2), (512, 2), (512, 4), (1024, 2), (1024, 4),
+                                             (1024, 8)])
+@pytest.mark.parametrize("M,V,splits", [(64, 151936, None), (256, 151936, None), (1024, 151936, None),
+                                        (16, 151936, None), (16, 151936, 1)])
 def test_twist_sample_configs(benchmark, gpu, block_v, num_warps, M, V, splits):
     """Tile / warp / split sweep on one shape: pick the defaults of ``twist_sample_triton`` from it."""
     from tsmc_kernels.triton.twist_sample import twist_sample_triton
@@ -189,6 +189,27 @@ def test_reweight(benchmark, gpu, impl, B, N):
         info["naive_eager_us"] = round(naive_us, 2)
         info["speedup_vs_naive_eager"] = round(naive_us / info["eager_us"], 2)
     benchmark.extra_info.update(info)
+
+
+@pytest.mark.benchmark(group="reweight_tuning")
+@pytest.mark.parametrize("num_warps", [1, 2, 4, 8])
+@pytest.mark.parametrize("B,N", [(1, 64), (8, 64), (8, 256)])
+def test_reweight_configs(benchmark, gpu, num_warps, B, N):
+    """Warps per prompt's program of the fused reweight: pick ``weights._launch``'s default from it."""
+    from tsmc_kernels.triton.weights import reweight_triton
+
+    torch.manual_seed(0)
+    log_w = torch.randn(B, N, device="cuda") * 2
+    inc = torch.randn(B, N, device="cuda")
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def kernel():
+        return reweight_triton(log_w, inc, ess_threshold=0.99, scheme="systematic", seed=SEED, step=step,
+                               num_warps=num_warps)
+
+    benchmark.pedantic(_sync(kernel), rounds=20, warmup_rounds=3, iterations=1)
+    benchmark.extra_info.update({"impl": "triton", "B": B, "N": N, "num_warps": num_warps,
+                                 "eager_us": round(gpu.eager_us(kernel), 2), "device_us": round(gpu.graph_us(kernel), 2)})
 
 
 # ----------------------------------------------------------------------------- kv_gather

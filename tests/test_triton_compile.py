@@ -1,4 +1,5 @@
-"""The Triton kernels compile for an H100 (sm_90) even on a machine without a GPU.
+"""The Triton kernels compile for an H100 (sm_90) even on a machine without a GPU, and pass the
+check that Triton makes at every compiled launch.
 
 CPU CI runs the kernels in the interpreter, which accepts code the compiler would reject; this
 test compiles a representative set of variants ahead of time for ``cuda:90`` (LLVM + the bundled
@@ -78,3 +79,33 @@ def test_kernels_compile_for_sm90():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "ALL OK" in res.stdout, res.stdout[-3000:] + res.stderr[-6000:]
+
+
+GLOBALS_SCRIPT = textwrap.dedent('''
+    from triton.runtime.jit import JITFunction
+    from tsmc_kernels.triton import _common, kv_gather, twist_sample, weights
+
+    bad, n = [], 0
+    for mod in (_common, kv_gather, twist_sample, weights):
+        for name, fn in vars(mod).items():
+            if isinstance(fn, JITFunction):
+                fn.cache_key  # Triton's dependency finder: fills used_global_vals, as the first launch does
+                n += 1
+                for (g, _), (val, globs) in fn.used_global_vals.items():
+                    if globs.get(g) != val:  # the comparison JITFunction.run makes before every launch
+                        bad.append(f"{mod.__name__}.{name}: global {g} = {val!r}")
+    assert n >= 10, n
+    print("BAD" if bad else "ALL OK", bad)
+''')
+
+
+def test_globals_pass_the_launch_check():
+    """Compiled (not interpreted) Triton compares every global a kernel uses with the value it was
+    compiled with before each launch; a global that is not equal to itself (``tl.constexpr(nan)``)
+    makes every launch raise "Global variable ... has changed". The interpreter skips this check,
+    so CPU CI would never see it: this runs Triton's own dependency finder without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", GLOBALS_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and "ALL OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

@@ -1,10 +1,11 @@
 """Log-weight normalisation, resampling and the fused reweight step (SPEC §6.2–6.3) in Triton.
 
-One program per prompt handles all its ``N`` particles in one block (``BLOCK = next_pow2(N+1)``,
-``N <= 16383``): add the increments, normalise (fp64 logsumexp), ESS, ``log Zhat`` increment,
-resample decision, and — for the prompts that resample — systematic / stratified / multinomial
-resampling with the ancestor permutation of SPEC §2, all in one launch for all prompts, with no
-host synchronisation (the decision stays on the device).
+One program per prompt handles all its ``N`` particles in one block (``BLOCK = next_pow2(N)``,
+``next_pow2(N + 1)`` for multinomial resampling; ``N <= 16383``): add the increments, normalise
+(fp64 logsumexp), ESS, ``log Zhat`` increment, resample decision, and — for the prompts that
+resample — systematic / stratified / multinomial resampling with the ancestor permutation of
+SPEC §2, all in one launch for all prompts, with no host synchronisation (the decision stays on
+the device).
 
 Resampling follows :func:`tsmc_kernels.reference.resample` step by step in fp64 (weights
 ``exp(lw - logsumexp lw)``, inclusive cumulative sum normalised by its last element, positions
@@ -168,7 +169,8 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _launch(mode: int, log_w: torch.Tensor, log_w_inc, mask, ess_threshold: float, scheme: str, seed: int, step):
+def _launch(mode: int, log_w: torch.Tensor, log_w_inc, mask, ess_threshold: float, scheme: str, seed: int, step,
+            num_warps: int | None = None):
     if log_w.dim() != 2:
         raise ValueError(f"log_w must be [B, N], got shape {tuple(log_w.shape)}")
     B, N = log_w.shape
@@ -195,9 +197,14 @@ def _launch(mode: int, log_w: torch.Tensor, log_w_inc, mask, ess_threshold: floa
     if mask is None:
         mask = flag  # unused outside mode 1
     step_t = step_tensor(step, dev)
-    block = max(16, triton.next_power_of_2(N + 1))
+    # Multinomial resampling draws N + 1 exponentials (lane N is the normaliser); the other schemes
+    # use lanes < N only, so N = 64 takes a 64-lane block, not 128 (half the work per thread).
+    multinomial = mode != 0 and scheme == "multinomial"
+    block = max(16, triton.next_power_of_2(N + 1 if multinomial else N))
     log = int(math.ceil(math.log2(N + 1))) + 1
-    num_warps = 1 if block <= 128 else 4 if block <= 2048 else 8 if block <= 8192 else 16
+    if num_warps is None:
+        lanes = triton.next_power_of_2(N + 1)
+        num_warps = 1 if lanes <= 128 else 4 if lanes <= 2048 else 8 if lanes <= 8192 else 16
     _weights_kernel[(B,)](
         log_w, log_w.stride(0), inc, inc.stride(0), mask, step_t, host_key_base(int(seed), rng.STREAM_RESAMPLE),
         float(ess_threshold) * N, N, out_w, ess, lz, flag, anc, pos, cw, ext,
@@ -237,9 +244,10 @@ def resample_triton(log_w: torch.Tensor, mask: torch.Tensor | None = None, *, sc
 
 
 def reweight_triton(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = None, *, ess_threshold: float = 0.5,
-                    scheme: str = "systematic", seed: int = 0, step=0):
+                    scheme: str = "systematic", seed: int = 0, step=0, num_warps: int | None = None):
     """Fused normalise + resample + reset in ONE launch for all prompts.
 
+    ``num_warps`` per prompt's program: default 1 up to N = 127, then 4, 8, 16 (a tuning knob).
     Returns ``(log_w_after fp32 [B,N] (-log N where resampled), ess fp32 [B], log_z_inc fp32 [B],
     resampled bool [B], ancestors int64 [B,N])``. ``seed`` must already be folded to 32 bits.
     """
@@ -248,4 +256,4 @@ def reweight_triton(log_w: torch.Tensor, log_w_inc: torch.Tensor | None = None, 
         anc = reference.resample(norm.log_w, norm.resample, scheme=scheme, seed=seed, step=step)
         new_w = torch.where(norm.resample[:, None], torch.full_like(norm.log_w, -math.log(log_w.shape[1])), norm.log_w)
         return new_w, norm.ess, norm.log_z_inc, norm.resample, anc
-    return _launch(2, log_w, log_w_inc, None, ess_threshold, scheme, seed, step)
+    return _launch(2, log_w, log_w_inc, None, ess_threshold, scheme, seed, step, num_warps)
