@@ -6,6 +6,7 @@
 #   bench/device_session.sh kernels    # kernel microbenchmarks (issue 3), the tile sweep included
 #   bench/device_session.sh smc        # smc_generate throughput (issue 4): B x N = 1x64 and 8x64 (SMC_FILTER)
 #   bench/device_session.sh power      # power_sample vs model.generate proposals (issue 7; POWER_ARGS)
+#   bench/device_session.sh retry      # ~5 minutes: twist tests, SMC 1 x 64 (128 tokens), power, split-path kernels
 #
 # A lease is 15 minutes of device time with the machine's start (a minute or more) in it, so `all`
 # runs every phase in one call under one clock of BUDGET_S seconds (default 540), most needed first:
@@ -117,11 +118,18 @@ run_phase() {
       phase smc-unpacked-gqa 60 40 'TSMC_PACKED_GQA=0 STAG=smc-unpacked-gqa smc -k "1-64] and graph and not twisted and not compiled"'
       phase all-tests 330 120 all_tests
       ;;
+    retry)  # a short second lease after a fix: the fixed path's tests, then what the fix unblocked
+      phase install 120 30 install
+      phase gpu-tests-twist 60 20 '"$PY" -m pytest -v -p no:cacheprovider -m gpu -x tests/test_triton_twist_sample.py tests/test_rng.py tests/test_ops_twist_sample.py -rs'
+      phase smc-1x64 110 60 'BENCH_SMC_NEW_TOKENS=128 smc -k "1-64] and not compiled"'
+      phase power 90 40 power
+      phase kernels-split 45 20 'KTAG=kernels-split kernels -k "(test_twist_sample and triton and not 1024 and not lm_logits and not top50) or (reweight and triton)"'
+      ;;
     tests) phase install 240 30 install; phase gpu-tests 200 30 gpu_tests; phase all-tests 330 60 all_tests ;;
     kernels) phase install 240 30 install; phase kernels 560 30 kernels ;;
     smc) phase install 240 30 install; phase smc 560 30 "smc -k \"${SMC_FILTER:-64]}\"" ;;
     power) phase install 240 30 install; phase power 560 30 power ;;
-    *) echo "unknown phase $1 (all|tests|kernels|smc|power)" >&2; return 2 ;;
+    *) echo "unknown phase $1 (all|retry|tests|kernels|smc|power)" >&2; return 2 ;;
   esac
 }
 
