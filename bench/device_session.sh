@@ -6,11 +6,11 @@
 #   bench/device_session.sh kernels    # kernel microbenchmarks (issue 3), the tile sweep included
 #   bench/device_session.sh smc        # smc_generate throughput (issue 4): B x N = 1x64 and 8x64 (SMC_FILTER)
 #   bench/device_session.sh power      # power_sample vs model.generate proposals (issue 7; POWER_ARGS)
-#   bench/device_session.sh retry      # ~5 minutes: twist tests, SMC 1 x 64 (128 tokens), power, split-path kernels
+#   bench/device_session.sh retry      # ~5 minutes: twist tests, SMC 1 x 64 (64 tokens), power, split-path kernels
 #
 # A lease is 15 minutes of device time with the machine's start (a minute or more) in it, so `all`
 # runs every phase in one call under one clock of BUDGET_S seconds (default 540), most needed first:
-# install (builds the CUDA gather), GPU tests, kernels (the issue's grid), SMC at 1 x 64 with 256 new
+# install (builds the CUDA gather), GPU tests, kernels (the issue's grid), SMC at 1 x 64 with 128 new
 # tokens, power MH; then, with the time left, SMC at 8 x 64, the kernel tile sweep, the compiled
 # decode (compile_decode=True), the packed-GQA attention A/B and the whole suite on CUDA. Each phase
 # has a cap and is skipped when the clock cannot fit its minimum; a phase that fails or times out
@@ -90,7 +90,7 @@ all_tests() { "$PY" -m pytest -q -p no:cacheprovider tests -rs; }
 # bench TAG FILE PYTEST-ARGS...: bench/run_all.sh on FILE, results to bench/results/<device>-TAG.json
 bench() { local tag=$1 file=$2; shift 2; BENCH_TAG=$tag BENCH_PATHS=$file bench/run_all.sh "$@"; }
 kernels() { bench "${KTAG:-kernels}" bench/test_bench_kernels.py "$@"; }
-smc() { BENCH_SMC_NEW_TOKENS=${BENCH_SMC_NEW_TOKENS:-256} bench "${STAG:-smc}" bench/test_bench_smc.py "$@"; }
+smc() { BENCH_SMC_NEW_TOKENS=${BENCH_SMC_NEW_TOKENS:-128} bench "${STAG:-smc}" bench/test_bench_smc.py "$@"; }
 
 power() {
   local dev
@@ -110,7 +110,7 @@ run_phase() {
       phase install 240 30 install
       phase gpu-tests 200 30 gpu_tests
       phase kernels 150 40 'kernels -k "not configs"'
-      phase smc-1x64 150 60 'smc -k "1-64] and not compiled"'
+      phase smc-1x64 200 60 'smc -k "1-64] and not compiled"'
       phase power 140 60 power
       phase smc-8x64 150 60 'STAG=smc-8x64 smc -k "8-64] and not compiled"'
       phase kernel-tuning 90 40 'KTAG=kernel-tuning kernels -k configs'
@@ -121,7 +121,7 @@ run_phase() {
     retry)  # a short second lease after a fix: the fixed path's tests, then what the fix unblocked
       phase install 120 30 install
       phase gpu-tests-twist 60 20 '"$PY" -m pytest -v -p no:cacheprovider -m gpu -x tests/test_triton_twist_sample.py tests/test_rng.py tests/test_ops_twist_sample.py -rs'
-      phase smc-1x64 110 60 'BENCH_SMC_NEW_TOKENS=128 smc -k "1-64] and not compiled"'
+      phase smc-1x64 150 60 'BENCH_SMC_NEW_TOKENS=64 smc -k "1-64] and not compiled"'
       phase power 90 40 power
       phase kernels-split 45 20 'KTAG=kernels-split kernels -k "(test_twist_sample and triton and not 1024 and not lm_logits and not top50) or (reweight and triton)"'
       ;;
