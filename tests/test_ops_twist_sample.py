@@ -255,6 +255,9 @@ def test_ops_validates_arguments():
         ops.twist_score(x, None, torch.tensor([0, 1]), temperature=float("nan"))
     with pytest.raises(ValueError, match="temperature must be a finite number"):  # -inf / inf = NaN at -inf logits
         ops.twist_sample(x, temperature=math.inf)
+    with pytest.raises(ValueError, match="temperature must be >= 1e-30"):  # x / T overflows fp32 (Triton: token 0)
+        ops.twist_sample(x, temperature=1e-38)
+    ops.twist_sample(x, temperature=1e-30)
 
 
 def test_ops_under_torch_compile_fullgraph(gen, monkeypatch):

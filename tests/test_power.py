@@ -383,7 +383,7 @@ def test_same_seed_same_chain_and_progress_bar(capsys):
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(alpha=0.0), "alpha"), (dict(alpha=-1.0), "alpha"), (dict(alpha=math.inf), "alpha"),
+    (dict(alpha=0.0), "alpha"), (dict(alpha=-1.0), "alpha"), (dict(alpha=math.inf), "alpha"), (dict(alpha=1e31), "alpha"),
     (dict(cut="middle"), "cut rule"), (dict(cut_power=0.0), "cut_power"),
     (dict(block_size=0), "block_size"), (dict(n_mcmc=-1), "n_mcmc"), (dict(num_chains=0), "num_chains"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_k=-1), "top_k"), (dict(seed=-1), "seed"),
@@ -395,6 +395,16 @@ def test_bad_arguments_raise(kwargs, match):
         power_sample(model, torch.tensor([[1, 2]]), **{"max_new_tokens": 2, **kwargs})
 
 
+def test_numpy_and_torch_integers_are_ints():
+    import numpy as np
+    model = tiny_random_model(V, seed=0)
+    ids = torch.tensor([[1, 2]])
+    plain = power_sample(model, ids, num_chains=2, max_new_tokens=3, block_size=2, n_mcmc=2, top_k=3, seed=4)
+    other = power_sample(model, ids, num_chains=np.int64(2), max_new_tokens=torch.tensor(3), block_size=np.int16(2),
+                         n_mcmc=np.uint8(2), top_k=np.int32(3), seed=np.int64(4))
+    assert torch.equal(plain.completions, other.completions) and torch.equal(plain.acceptance, other.acceptance)
+
+
 def test_bad_inputs_raise():
     model = tiny_random_model(V, seed=0)
     with pytest.raises(ValueError, match="input_ids must be"):
@@ -403,7 +413,7 @@ def test_bad_inputs_raise():
         power_sample(model, torch.tensor([[1.0, 2.0]]))
     with pytest.raises(ValueError, match="only 0 .*and 1"):
         power_sample(model, torch.tensor([[1, 2]]), torch.full((1, 2), 0.5))
-    with pytest.raises(ValueError, match="alpha must be a finite Python number"):
+    with pytest.raises(ValueError, match="alpha must be a Python number"):
         power_sample(model, torch.tensor([[1, 2]]), alpha=torch.tensor(2.0))
     with pytest.raises(ValueError, match="vocabulary"):
         power_sample(model, torch.tensor([[1, V]]))

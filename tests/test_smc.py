@@ -484,6 +484,8 @@ def test_all_particles_dead_gives_minus_inf_not_nan(model):
     (dict(cuda_graph=True), "CUDA"),
     (dict(ess_threshold=float("nan")), "ess_threshold"),
     (dict(top_k=2.5), "top_k"),
+    (dict(num_particles=torch.tensor([2])), "num_particles"),  # a 1-element tensor is not a scalar
+    (dict(seed=-1), "seed"),
     (dict(pad_token_id=V), "pad_token_id"),
     (dict(pad_token_id=-1), "pad_token_id"),
     (dict(eos_token_id=V), "eos_token_id"),  # an id the model cannot sample silently meant "no EOS"
@@ -498,6 +500,15 @@ def test_all_particles_dead_gives_minus_inf_not_nan(model):
 def test_bad_arguments(model, kw, match):
     with pytest.raises(ValueError, match=match):
         smc_generate(model, replicas(1), **{"max_new_tokens": 2, **kw})
+
+
+def test_numpy_and_torch_integers_are_ints(model):
+    """Integer arguments computed with numpy or torch (0-dim) give the run of the Python ints."""
+    import numpy as np
+    plain = smc_generate(model, replicas(1), num_particles=4, max_new_tokens=3, top_k=3, seed=5)
+    other = smc_generate(model, replicas(1), num_particles=np.int64(4), max_new_tokens=torch.tensor(3),
+                         top_k=np.int32(3), seed=np.uint8(5))
+    assert torch.equal(plain.sequences, other.sequences) and torch.equal(plain.log_weights, other.log_weights)
 
 
 def test_bad_inputs(model):

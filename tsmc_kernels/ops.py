@@ -118,11 +118,18 @@ def _as_int(name: str, value) -> int:
         raise TypeError(f"{name} must be an int, got {value!r}") from None
 
 
+MIN_TEMPERATURE = 1e-30  # below it logits / T overflow fp32 (the kernels' arithmetic) from |logit| ~ 3e8 on
+
+
 def check_temperature(temperature: float) -> None:
-    """Raise ``ValueError`` unless ``0 < temperature < inf`` (NaN refused; an infinite temperature
-    would give ``-inf / inf = NaN`` at ``-inf`` logits)."""
+    """Raise ``ValueError`` unless ``MIN_TEMPERATURE <= temperature < inf`` (NaN refused; an infinite
+    temperature would give ``-inf / inf = NaN`` at ``-inf`` logits; a smaller one would overflow the
+    fp32 scores ``logits / T`` to ``inf``: ``top_k=1`` is the greedy proposal)."""
     if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE} (logits / T would overflow fp32; top_k=1 "
+                         f"samples greedily), got {temperature}")
 
 
 def _check_proposal_options(temperature: float, top_k: int) -> None:
@@ -155,9 +162,7 @@ def _step_tensor(step, device: torch.device, rows: int | None = None) -> torch.T
 
 
 def _seed32(seed: int) -> int:
-    if not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return rng.fold_seed(seed)
+    return rng.fold_seed(_as_int("seed", seed))
 
 
 def _check_scheme(scheme: str) -> None:

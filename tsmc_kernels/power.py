@@ -133,32 +133,34 @@ class PowerOutput:
 
 # ----------------------------------------------------------------------------- validation
 
-def _validate(model, input_ids, attention_mask, pad_token_id, *, alpha, cut, cut_power, num_chains, max_new_tokens,
-              block_size, n_mcmc, top_k, seed):
+def _validate(model, input_ids, attention_mask, pad_token_id, *, alpha, cut, cut_power, max_new_tokens):
     input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, pad_token_id)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a finite Python number > 0, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1 / ops.MIN_TEMPERATURE:
+        raise ValueError(f"alpha must be a Python number in (0, {1 / ops.MIN_TEMPERATURE:g}] (the proposal's "
+                         f"temperature is 1 / alpha), got {alpha!r}")
     if cut not in CUT_RULES:
         raise ValueError(f"unknown cut rule {cut!r}; expected one of {CUT_RULES}")
     if isinstance(cut_power, bool) or not isinstance(cut_power, (int, float)) or not math.isfinite(cut_power) \
             or cut_power <= 0:
         raise ValueError(f"cut_power must be a finite Python number > 0, got {cut_power!r}")
-    for name, value, low in (("num_chains", num_chains, 1), ("max_new_tokens", max_new_tokens, 1),
-                             ("block_size", block_size, 1), ("n_mcmc", n_mcmc, 0), ("top_k", top_k, 0)):
-        check_int(name, value, low)
     check_positions(model, input_ids, attention_mask, max_new_tokens, "a completion would run past them")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return input_ids, attention_mask
 
 
-def _setup(model, input_ids, attention_mask, alpha, cut, cut_power, num_chains, max_new_tokens, block_size, n_mcmc,
-           top_k, seed, eos_token_id, pad_token_id):
+def _int_args(num_chains, max_new_tokens, block_size, n_mcmc, top_k, seed) -> tuple:
+    """The integer arguments as Python ints (numpy / 0-dim torch integers welcome; ``ValueError``
+    below their bounds); ``block_size=None`` becomes ``ceil(max_new_tokens / 16)``."""
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
     if block_size is None:
-        block_size = max(1, -(-max_new_tokens // 16)) if isinstance(max_new_tokens, int) else max_new_tokens
+        block_size = max(1, -(-max_new_tokens // 16))
+    return (check_int("num_chains", num_chains, 1), max_new_tokens, check_int("block_size", block_size, 1),
+            check_int("n_mcmc", n_mcmc, 0), check_int("top_k", top_k, 0), check_int("seed", seed, 0))
+
+
+def _setup(model, input_ids, attention_mask, alpha, cut, cut_power, max_new_tokens, block_size, eos_token_id,
+           pad_token_id):
     input_ids, attention_mask = _validate(model, input_ids, attention_mask, pad_token_id, alpha=alpha, cut=cut,
-                                          cut_power=cut_power, num_chains=num_chains, max_new_tokens=max_new_tokens,
-                                          block_size=block_size, n_mcmc=n_mcmc, top_k=top_k, seed=seed)
+                                          cut_power=cut_power, max_new_tokens=max_new_tokens)
     input_ids = input_ids.long()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -644,9 +646,10 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         :class:`PowerOutput` (completions ``[B, num_chains, T']``, ``log_p0``, per-block ``acceptance``,
         ``tokens_decoded``).
     """
+    num_chains, max_new_tokens, block_size, n_mcmc, top_k, seed = _int_args(num_chains, max_new_tokens, block_size,
+                                                                            n_mcmc, top_k, seed)
     input_ids, attention_mask, eos, pad, ends = _setup(model, input_ids, attention_mask, alpha, cut, cut_power,
-                                                       num_chains, max_new_tokens, block_size, n_mcmc, top_k, seed,
-                                                       eos_token_id, pad_token_id)
+                                                       max_new_tokens, block_size, eos_token_id, pad_token_id)
     if cuda_graph and input_ids.device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
     chains = _Chains(model, input_ids, attention_mask, num_chains, max_new_tokens, eos, pad, alpha=float(alpha),
@@ -727,9 +730,10 @@ def power_sample_reference(model, input_ids: torch.Tensor, attention_mask: torch
     instead of using stored per-token values. Cost ``O(M (P + T)^2)`` per token and ``O(M T V)``
     memory: tiny models only.
     """
+    num_chains, max_new_tokens, block_size, n_mcmc, top_k, seed = _int_args(num_chains, max_new_tokens, block_size,
+                                                                            n_mcmc, top_k, seed)
     input_ids, attention_mask, eos, pad, ends = _setup(model, input_ids, attention_mask, alpha, cut, cut_power,
-                                                       num_chains, max_new_tokens, block_size, n_mcmc, top_k, seed,
-                                                       eos_token_id, pad_token_id)
+                                                       max_new_tokens, block_size, eos_token_id, pad_token_id)
     T, M = max_new_tokens, input_ids.shape[0] * num_chains
     device = input_ids.device
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device)

@@ -67,10 +67,18 @@ def in_eval_mode(sampler):
     return wrapped
 
 
-def check_int(name: str, value, low: int, why: str = "") -> None:
-    """Raise ``ValueError`` unless ``value`` is an int (not a bool) ``>= low``; ``why`` follows the bound."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+def check_int(name: str, value, low: int, why: str = "") -> int:
+    """``value`` as a Python int ``>= low``: Python, numpy and 0-dim torch integers pass (not bools,
+    floats or 1-element tensors); else ``ValueError`` (``why`` follows the bound in its message)."""
+    try:
+        if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dim() != 0):
+            raise TypeError
+        as_int = operator.index(value)
+    except TypeError:
+        as_int = None
+    if as_int is None or as_int < low:
         raise ValueError(f"{name} must be an int >= {low}{why}, got {value!r}")
+    return as_int
 
 
 def check_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,

@@ -43,12 +43,8 @@ GRAPH_WARMUP_STEPS = 2  # eager steps before capture (compiles kernels, allocate
 def _validate(model, input_ids, attention_mask, pad_token_id, num_particles, max_new_tokens, ess_threshold, temperature,
               top_k, cache, cuda_graph, sync_every, reference_completions):
     input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, pad_token_id)
-    for name, value in (("num_particles", num_particles), ("max_new_tokens", max_new_tokens),
-                        ("sync_every", sync_every)):
-        check_int(name, value, 1)
     ops.check_ess_threshold(ess_threshold)
     ops.check_temperature(temperature)
-    check_int("top_k", top_k, 0)
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
     if cuda_graph and input_ids.device.type != "cuda":
@@ -159,6 +155,11 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     Returns:
         :class:`SMCOutput`.
     """
+    # Integers first, as Python ints (numpy / 0-dim torch integers are welcome).
+    num_particles, max_new_tokens, sync_every, top_k, seed = (
+        check_int(name, value, low) for name, value, low in (
+            ("num_particles", num_particles, 1), ("max_new_tokens", max_new_tokens, 1), ("sync_every", sync_every, 1),
+            ("top_k", top_k, 0), ("seed", seed, 0)))
     input_ids, attention_mask = _validate(model, input_ids, attention_mask, pad_token_id, num_particles, max_new_tokens,
                                           ess_threshold, temperature, top_k, cache, cuda_graph, sync_every,
                                           reference_completions)
@@ -167,7 +168,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     phi_fn = as_potential(potential) if potential is not None else None
     inter_fn = as_potential(intermediate_potential) if intermediate_potential is not None else None
     if intermediate_every is not None:
-        check_int("intermediate_every", intermediate_every, 1)
+        intermediate_every = check_int("intermediate_every", intermediate_every, 1)
     if intermediate_delimiters is not None:
         intermediate_delimiters = token_id_list("intermediate_delimiters", intermediate_delimiters, model_vocab(model))
     if inter_fn is None and (intermediate_every is not None or intermediate_delimiters):
