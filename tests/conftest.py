@@ -16,7 +16,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Files whose tests not marked `gpu` launch Triton kernels on CPU tensors, which only the interpreter
 # accepts: on a machine with a GPU (no TRITON_INTERPRET) they skip, and their `gpu` twins run.
-_INTERPRETER_FILES = {"test_triton_twist_sample.py", "test_triton_weights.py", "test_triton_kv_gather.py"}
+_INTERPRETER_FILES = {"test_triton_twist_sample.py", "test_triton_topk.py", "test_triton_weights.py", "test_triton_kv_gather.py"}
 
 
 def pytest_collection_modifyitems(config, items):

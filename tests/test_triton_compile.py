@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from tsmc_kernels import rng
-    from tsmc_kernels.triton import kv_gather as kv, twist_sample as ts, weights as w
+    from tsmc_kernels.triton import kv_gather as kv, topk as tk, twist_sample as ts, weights as w
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -56,6 +56,14 @@ SCRIPT = textwrap.dedent('''
     for mode, scheme, block in [(2, 2, 128), (1, 1, 4096)]:
         compile_(w._weights_kernel, sig, dict(MODE=mode, HAS_INC=mode == 2, ALWAYS=False, SCHEME=scheme, BLOCK=block,
                  LOG=int(math.log2(block)) + 1), 4)
+    for dt, p, tw in [("*bf16", 0, True), ("*bf16", 1, False), ("*fp32", 3, True)]:
+        sig = {"logits_ptr": dt, "stride_l": "i32", "twist_ptr": dt, "stride_t": "i32", "V": "i32", "k": "i32",
+               "tiles_per_split": "i32", "hist_in": "*i32", "hist_out": "*i32", "state_in": "*i64",
+               "state_out": "*i64"}
+        compile_(tk._radix_pass_kernel, sig, dict(PASS=p, HAS_TWIST=tw, BLOCK=2048), 4)
+    for passes in (2, 4):
+        sig = {"k": "i32", "nsplit": "i32", "hist_in": "*i32", "state_in": "*i64", "thr_ptr": "*fp32"}
+        compile_(tk._radix_finish_kernel, sig, dict(PASSES=passes), 1)
     compile_(kv._kv_gather_kernel, {"anc_ptr": "*i64", "table_ptr": "*i64", "M": "i64"}, dict(BLOCK=1024), 4)
     print("ALL OK")
 ''')
@@ -83,10 +91,10 @@ def test_kernels_compile_for_sm90():
 
 GLOBALS_SCRIPT = textwrap.dedent('''
     from triton.runtime.jit import JITFunction
-    from tsmc_kernels.triton import _common, kv_gather, twist_sample, weights
+    from tsmc_kernels.triton import _common, kv_gather, topk, twist_sample, weights
 
     bad, n = [], 0
-    for mod in (_common, kv_gather, twist_sample, weights):
+    for mod in (_common, kv_gather, topk, twist_sample, weights):
         for name, fn in vars(mod).items():
             if isinstance(fn, JITFunction):
                 fn.cache_key  # Triton's dependency finder: fills used_global_vals, as the first launch does

@@ -3,6 +3,8 @@
 
 * :mod:`.twist_sample` — ``twist_sample_triton``: fused twist scoring + Gumbel-max sampling, one
   pass over the vocabulary (split across programs when there are few rows);
+* :mod:`.topk` — ``topk_threshold_triton``: the per-row top-k threshold of the sampling kernel by
+  radix select (2-4 passes, no host sync);
 * :mod:`.weights` — ``normalize_triton``, ``resample_triton`` and the fused ``reweight_triton``
   (one launch for all prompts: normalise, ESS, log Zhat increment, decision, resampling with the
   SPEC §2 ancestor permutation);

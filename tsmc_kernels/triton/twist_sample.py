@@ -45,17 +45,16 @@ combines them and draws the token in the winning group (no atomics, the result d
 on the split). With one split the first kernel writes the outputs directly.
 
 Top-k (``top_k > 0``): the per-row k-th largest value of ``x + log psi`` (fp32, computed the same
-way as in the kernel) is found first with ``torch.topk``, a **second read** of the inputs; the
-kernel then keeps the entries ``>=`` it. The reference picks the k-th largest in fp64, so the
-kept sets can differ only where fp32 rounding creates a tie at the boundary.
+way as in the kernel) is found first by the radix select of :mod:`.topk` (2 to 4 more reads of
+the inputs, on the device, no host sync); the kernel then keeps the entries ``>=`` it. The
+reference picks the k-th largest in fp64, so the kept sets can differ only where fp32 rounding
+creates a tie at the boundary.
 
 Rows with bad values follow the convention of every backend (``ops.twist_sample``): token 0; a NaN
 or ``+inf`` logit makes ``logp``, ``logq``, ``log_zpi`` and ``entropy`` NaN, a NaN or ``+inf`` twist
 ``logq`` and ``log_zpi``. A row whose proposal has no finite entry returns token 0 and ``logq = -inf``.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -64,6 +63,7 @@ import triton.language as tl
 from .. import rng
 from ._common import (exp_neg_abs, gumbel_f32, helper, host_key_base, num_sms, rmax, rmin, row_key, rsum,
                       rsum_pair, step_tensor)
+from .topk import topk_threshold_triton
 
 __all__ = ["twist_sample_triton"]
 
@@ -480,20 +480,6 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _bad_to_neginf(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isnan(x) | torch.isposinf(x), torch.full_like(x, -math.inf), x)
-
-
-def _topk_threshold(logits: torch.Tensor, log_twist: torch.Tensor | None, top_k: int) -> torch.Tensor:
-    """Per-row k-th largest of ``x + log psi`` in fp32, computed exactly as the kernel does."""
-    u = _bad_to_neginf(logits.float())
-    if log_twist is not None:
-        tw = log_twist.float()
-        badt = torch.isnan(tw) | torch.isposinf(tw)
-        u = torch.where(badt, torch.full_like(u, -math.inf), u + tw)
-    return torch.topk(u, top_k, dim=-1).values[:, -1].contiguous()
-
-
 def _default_splits(M: int, n_groups: int, device: torch.device) -> int:
     """Programs per row: 1 when the rows alone fill the GPU, else ~8 programs per SM in all, each
     with whole vocabulary groups (the draw's groups: a split never cuts one)."""
@@ -511,8 +497,8 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     Args:
         logits: ``[M, V]`` fp32/bf16/fp16/fp64, unit stride along V (copied otherwise).
         log_twist: ``[M, V]`` or ``None``.
-        temperature, top_k: as in the reference. ``top_k`` in ``(0, V)`` costs one extra read of
-            the inputs (``torch.topk`` for the per-row threshold).
+        temperature, top_k: as in the reference. ``top_k`` in ``(0, V)`` costs 2-4 extra reads of
+            the inputs (the radix select of :func:`.topk.topk_threshold_triton`).
         seed: the seed already folded to 32 bits (``rng.fold_seed``; ops does it).
         step: int64 0-dim / 1-element tensor on the device (read inside the kernel), an int, or an
             int64 ``[M]`` tensor (one step per row).
@@ -539,7 +525,7 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     has_twist = log_twist is not None
     twist = _row_major(log_twist) if has_twist else logits
     topk = 0 < top_k < V
-    thr = _topk_threshold(logits, log_twist, top_k) if topk else outs[0]
+    thr = topk_threshold_triton(logits, twist if has_twist else None, top_k) if topk else outs[0]
     step_t = step_tensor(step, dev, rows=M).contiguous()
     tempered = float(temperature) != 1.0
     inv_temp = 1.0 / float(temperature)
