@@ -5,7 +5,8 @@ backend with its bundled ``ptxas`` / ``nvdisasm``) and reads the SASS of its mai
 instructions per vocabulary element on the loop's common path (a group that does not take the
 lead: the token draw of the few that do is left out), and how many are MUFU (``ex2`` / ``lg2`` /
 ``rcp``) ops. Divided into the SM's issue rate (4 warp instructions per cycle) this bounds the
-loop's speed on compute before a GPU measures it. Run: ``python bench/sass_profile.py`` (a few seconds per variant).
+loop's speed on compute before a GPU measures it. Run: ``python bench/sass_profile.py`` (a few seconds per variant); ``NUM_WARPS=8`` / ``STAGES=3``
+profile other launch options, ``VERBOSE=1`` lists every opcode.
 """
 import collections
 import os
@@ -21,7 +22,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from tsmc_kernels import rng  # noqa: E402
 from tsmc_kernels.triton import twist_sample as ts  # noqa: E402
 
-BLOCK, NUM_WARPS = 1024, 8  # the kernel's GPU defaults
+BLOCK = 1024  # the kernel's GPU default tile
+NUM_WARPS = int(os.environ.get("NUM_WARPS", "4"))  # its default warps at that tile (H200 sweep); 8 before
+STAGES = int(os.environ.get("STAGES", "1"))  # num_stages: 1 = register prefetch (default), >= 2 = cp.async pipeline
 OUTS = {"token_ptr": "*i64", "logp_ptr": "*fp32", "logq_ptr": "*fp32", "lzpi_ptr": "*fp32", "lpsi_ptr": "*fp32",
         "ent_ptr": "*fp32"}
 
@@ -31,7 +34,7 @@ def compile_sass(dtype: str, twist: bool) -> str:
            "step_ptr": "*i64", "step_stride": "i32", "key_base": "i32", "group_key_base": "i32", "inv_temp": "fp32",
            "V": "i32", "tiles_per_split": "i32", "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **OUTS}
     consts = dict(HAS_TWIST=twist, TEMPERED=False, TOPK=False, SAME_R=True, BASE_PAIRS=not twist, SPLIT=False,
-                  BLOCK=BLOCK, TILES_PER_GROUP=rng.TOKEN_GROUP // BLOCK)
+                  BLOCK=BLOCK, TILES_PER_GROUP=rng.TOKEN_GROUP // BLOCK, STAGES=STAGES)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
              if sig[n].startswith("*") or n.startswith("stride") or n == "V"}
     sig = dict(sig, **{k: "constexpr" for k in consts})
@@ -81,6 +84,8 @@ def main():
             kinds = collections.Counter(op.split(".")[0] for op in ops)
             print(f"{dtype[1:]:5s} twist={twist!s:5s}: {len(ops) / per_iter:5.1f} instructions / element, "
                   f"{kinds['MUFU'] / per_iter:.1f} MUFU; most common {kinds.most_common(6)}")
+            if os.environ.get("VERBOSE"):
+                print("   ", sorted(((n / per_iter, k) for k, n in kinds.items()), reverse=True))
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_twist_sample(benchmark, gpu, impl, variant, M, V):
             info["speedup_vs_naive_eager"] = round(naive_us / info["eager_us"], 2)
             info["speedup_vs_naive_device"] = round(naive_us / info["device_us"], 2)
         if top_k:
-            info["note"] = "bytes_moved counts the inputs once; top-k adds a torch.topk pass over x + log psi"
+            info["note"] = "bytes_moved counts the inputs once; the top-k radix select reads x + log psi 4 more times"
     else:
         info.update(gpu.bandwidth(nbytes, info["eager_us"]))
         info["note"] = "GB/s relative to the fused kernel's input bytes; the chain moves several fp32 copies"
@@ -128,6 +128,31 @@ def test_twist_sample_configs(benchmark, gpu, block_v, num_warps, M, V, splits):
             "num_splits": "auto" if splits is None else splits, "eager_us": round(gpu.eager_us(kernel), 2),
             "device_us": round(gpu.graph_us(kernel), 2)}
     info.update(gpu.bandwidth(2 * logits.numel() * 2 + M * 28, info["device_us"]))
+    benchmark.extra_info.update(info)
+
+
+@pytest.mark.benchmark(group="twist_sample_stages")
+@pytest.mark.parametrize("num_stages,num_warps", [(1, 4), (2, 4), (3, 4), (4, 4), (3, 8)])
+@pytest.mark.parametrize("twisted", [True, False])
+@pytest.mark.parametrize("M", [64, 256, 1024])
+def test_twist_sample_stages(benchmark, gpu, num_stages, num_warps, twisted, M):
+    """Register prefetch of the next tile pair (``num_stages=1``, the default) against Triton's
+    cp.async software pipeline (``num_stages >= 2``: more bytes in flight per program), V = 151936."""
+    from tsmc_kernels.triton.twist_sample import twist_sample_triton
+
+    torch.manual_seed(0)
+    V = 151936
+    logits = make_logits(M, V, "randn")
+    twist = torch.randn(M, V, device="cuda").to(torch.bfloat16) if twisted else None
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+
+    def kernel():
+        return twist_sample_triton(logits, twist, seed=SEED, step=step, num_warps=num_warps, num_stages=num_stages)
+
+    benchmark.pedantic(_sync(kernel), rounds=10, warmup_rounds=2, iterations=1)
+    info = {"impl": "triton", "M": M, "V": V, "twisted": twisted, "num_stages": num_stages, "num_warps": num_warps,
+            "device_us": round(gpu.graph_us(kernel), 2)}
+    info.update(gpu.bandwidth(logits.numel() * 2 * (2 if twisted else 1) + M * 28, info["device_us"]))
     benchmark.extra_info.update(info)
 
 

@@ -31,6 +31,7 @@ SCRIPT = textwrap.dedent('''
         k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options={"num_warps": num_warps})
         assert "ld.global" in k.asm["ptx"]
         print("compiled", fn.__name__, consts)
+        return k
 
     out = {"token_ptr": "*i64", "logp_ptr": "*fp32", "logq_ptr": "*fp32", "lzpi_ptr": "*fp32", "lpsi_ptr": "*fp32",
            "ent_ptr": "*fp32"}
@@ -41,9 +42,11 @@ SCRIPT = textwrap.dedent('''
                "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **out}
         for block in (1024, 256):  # a pair per group (the default), and four
             same_r = not (temp or topk)
-            compile_(ts._twist_sample_kernel, sig, dict(HAS_TWIST=tw, TEMPERED=temp, TOPK=topk, SAME_R=same_r,
-                     BASE_PAIRS=same_r and not tw, SPLIT=split, BLOCK=block,
-                     TILES_PER_GROUP=rng.TOKEN_GROUP // block), 8)
+            for stages in (1, 3):  # register prefetch (the default); Triton's software pipeline
+                k = compile_(ts._twist_sample_kernel, sig, dict(
+                    HAS_TWIST=tw, TEMPERED=temp, TOPK=topk, SAME_R=same_r, BASE_PAIRS=same_r and not tw, SPLIT=split,
+                    BLOCK=block, TILES_PER_GROUP=rng.TOKEN_GROUP // block, STAGES=stages), 4)
+                assert ("cp.async" in k.asm["ptx"]) == (stages > 1), "the tiles are not streamed by cp.async"
     sig = {"logits_ptr": "*fp16", "stride_l": "i32", "twist_ptr": "*fp16", "stride_t": "i32", "thr_ptr": "*fp32",
            "step_ptr": "*i64", "step_stride": "i32", "key_base": "i32", "inv_temp": "fp32", "V": "i32",
            "nsplit": "i32", "part_f_ptr": "*fp64", "part_i_ptr": "*i32", **out}

@@ -63,18 +63,18 @@ def test_rows_larger_than_a_chunk(gen, monkeypatch):
     kvg.clear_table_cache()
 
 
-def test_record_limit_grows_chunks(gen, monkeypatch):
+@pytest.mark.parametrize("row_groups", [1, 2, 5, None])
+def test_row_groups_walk_every_row(gen, monkeypatch, row_groups):
+    """A program walks rows ``g, g + G, ...``: any number of groups moves every row once."""
     monkeypatch.setattr(kvg, "CHUNK_BYTES", 64)
-    monkeypatch.setattr(kvg, "_MAX_RECORDS", 5)
     kvg.clear_table_cache()
-    B, N = 1, 6
+    B, N = 2, 7
     anc = random_ancestors(gen, B, N, p_dead=0.6)
-    t = random_data(gen, (N, 300), torch.int16)
-    src = t.clone()
-    kv_gather_triton_([t], anc)
-    assert_gathered(t, src, reference.flat_ancestors(anc))
-    (table, _), = kvg._cache.values()
-    assert table.shape[0] <= 5
+    ts = [random_data(gen, (B * N, 300), torch.int16), random_data(gen, (B * N, 3), torch.float32)]
+    srcs = [t.clone() for t in ts]
+    kv_gather_triton_(ts, anc, row_groups=row_groups)
+    for t, s in zip(ts, srcs):
+        assert_gathered(t, s, reference.flat_ancestors(anc))
     kvg.clear_table_cache()
 
 

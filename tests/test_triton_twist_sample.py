@@ -142,6 +142,22 @@ def test_split_vocabulary_same_result(gen, splits):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("twist,temperature,top_k,splits,block_v", [
+    (True, 1.0, 0, 1, None), (False, 1.0, 0, 1, None), (True, 0.8, 7, 2, 256), (False, 1.3, 0, 3, 512)])
+def test_pipelined_loop_same_result(gen, twist, temperature, top_k, splits, block_v):
+    """``num_stages >= 2`` (Triton's software pipeline instead of the register prefetch) runs the
+    same per-pair work: identical outputs, and the reference's."""
+    x, t = make_inputs(gen, 3, 2 * rng.TOKEN_GROUP + 700, twist=twist)
+    x[1, :900] = -math.inf
+    kw = dict(temperature=temperature, top_k=top_k, seed=5, step=2, num_splits=splits, block_v=block_v)
+    base = run_kernel(x, t, **kw)
+    out, _ = check_against_reference(x, t, num_stages=3, **kw)
+    for a, b in zip(out, base):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="num_stages"):
+        twist_sample_triton(x, t, num_stages=0)
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_peaked_logits_winner_in_any_group(gen, splits):
     # LM-like rows: a few tokens far above the rest, in any of the three groups; the winner of
@@ -395,6 +411,22 @@ def test_cuda_neg_inf_and_splits(gen, cuda_device):
     x[2, 10:] = -math.inf
     for splits in (1, 4, 9):
         check_against_reference(x, t, seed=3, step=3, num_splits=splits)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_stages", [2, 3, 4])
+def test_cuda_pipelined_loop(gen, cuda_device, num_stages):
+    x, t = make_inputs(gen, 300, 151936, dtype=torch.bfloat16, device=cuda_device)
+    x[0] = -math.inf
+    x[1, 5000:] = -math.inf
+    base = run_kernel(x, t, seed=8, step=1)
+    out, _ = check_against_reference(x, t, seed=8, step=1, num_stages=num_stages)
+    for a, b in zip(out, base):
+        assert torch.equal(a, b)
+    for splits in (1, 4):
+        check_against_reference(x[:6], None, temperature=0.7, top_k=50, seed=8, step=1, num_splits=splits,
+                                num_stages=num_stages)
 
 
 @requires_cuda

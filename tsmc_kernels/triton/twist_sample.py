@@ -295,13 +295,54 @@ def _close_group(gm, gs, group, m2, s2, best_val, best_idx, group_key, key, l_ba
     return m2, s2, best_val, best_idx
 
 
+@helper
+def _pair_step(xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key, key,
+               l_base, t_base, thr, inv_temp, V, lanes, HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr,
+               TOPK: tl.constexpr, SAME_R: tl.constexpr, BASE_PAIRS: tl.constexpr, SPLIT: tl.constexpr,
+               BLOCK: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
+    """The main loop's work on the tile pair ``t, t + 1`` (raw loads ``xa, xb`` / ``ta, tb``): every
+    accumulator updated, the group closed when the pair completes one."""
+    xa = xa.to(tl.float32)
+    xb = xb.to(tl.float32)
+    if HAS_TWIST:
+        ta = ta.to(tl.float32)
+        tb = tb.to(tl.float32)
+    else:
+        ta = xa
+        tb = xb
+    if BASE_PAIRS:  # the proposal is the base: one exp per element serves both sums
+        pm, ps, pa = _pair_lse_entropy(xa, xb)
+        m0, s0, a0 = _fold_entropy(m0, s0, a0, pm, ps, pa)
+    else:
+        m0, s0, a0, m1, s1, ra = _tile_stats(xa, ta, thr, inv_temp, m0, s0, a0, m1, s1,
+                                             HAS_TWIST, TEMPERED, TOPK, SAME_R)
+        m0, s0, a0, m1, s1, rb = _tile_stats(xb, tb, thr, inv_temp, m0, s0, a0, m1, s1,
+                                             HAS_TWIST, TEMPERED, TOPK, SAME_R)
+        pm, ps = _pair_lse(ra, rb)
+    # A pair that is a whole group (the GPU default) closes it without running group sums or a
+    # branch; the two calls differ only in those (bench/sass_profile.py counts the first).
+    if TILES_PER_GROUP == 2:
+        m2, s2, best_val, best_idx = _close_group(
+            pm, ps, t // 2, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr, inv_temp, V, lanes,
+            HAS_TWIST, TEMPERED, TOPK, SPLIT, BLOCK, TILES_PER_GROUP)
+    else:
+        gm, gs = _fold(gm, gs, pm, ps)
+        if ((t + 2) % TILES_PER_GROUP == 0) | (t + 2 >= t_end):
+            m2, s2, best_val, best_idx = _close_group(
+                gm, gs, t // TILES_PER_GROUP, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr,
+                inv_temp, V, lanes, HAS_TWIST, TEMPERED, TOPK, SPLIT, BLOCK, TILES_PER_GROUP)
+            gm = tl.full((), 0, tl.float32) + _FLOOR
+            gs = tl.full((), 0, tl.float32)
+    return m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx
+
+
 @triton.jit(do_not_specialize=["key_base", "group_key_base", "inv_temp", "tiles_per_split"])
 def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, step_ptr, step_stride, key_base,
                          group_key_base, inv_temp, V, tiles_per_split, part_f_ptr, part_i_ptr,
                          token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr,
                          HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr,
                          BASE_PAIRS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
-                         TILES_PER_GROUP: tl.constexpr):
+                         TILES_PER_GROUP: tl.constexpr, STAGES: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     row64 = row.to(tl.int64)
@@ -340,51 +381,48 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, (V + BLOCK - 1) // BLOCK)
     v_end = tl.minimum(t_end * BLOCK, V)
-    # Two tiles per iteration (a group holds an even number of them). The next pair is loaded
-    # while this one is reduced (registers, double-buffered): otherwise every iteration would wait
-    # out a full memory latency with one load per program in flight.
-    offs = t_begin * BLOCK + lanes
-    xa_next, xb_next = _load_pair(l_base, offs, v_end, _NEG_INF, BLOCK)
-    if HAS_TWIST:
-        ta_next, tb_next = _load_pair(t_base, offs, v_end, 0.0, BLOCK)
+    # Two tiles per iteration (a group holds an even number of them).
+    if STAGES > 1:
+        # Triton's software pipeline: the next STAGES - 1 pairs are streamed into shared memory
+        # (cp.async) while this one is reduced, so registers do not bound the bytes in flight.
+        for t in tl.range(t_begin, t_end, 2, num_stages=STAGES):
+            offs = t * BLOCK + lanes
+            xa, xb = _load_pair(l_base, offs, v_end, _NEG_INF, BLOCK)
+            if HAS_TWIST:
+                ta, tb = _load_pair(t_base, offs, v_end, 0.0, BLOCK)
+            else:
+                ta = xa
+                tb = xb
+            m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx = _pair_step(
+                xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key, key,
+                l_base, t_base, thr, inv_temp, V, lanes,
+                HAS_TWIST, TEMPERED, TOPK, SAME_R, BASE_PAIRS, SPLIT, BLOCK, TILES_PER_GROUP)
     else:
-        ta_next = xa_next
-        tb_next = xb_next
-    for t in range(t_begin, t_end, 2):
-        offs = t * BLOCK + lanes
-        xa = xa_next.to(tl.float32)
-        xb = xb_next.to(tl.float32)
-        xa_next, xb_next = _load_pair(l_base, offs + 2 * BLOCK, v_end, _NEG_INF, BLOCK)
+        # The next pair is loaded while this one is reduced (registers, double-buffered): otherwise
+        # every iteration would wait out a full memory latency with one load per program in flight.
+        offs = t_begin * BLOCK + lanes
+        xa_next, xb_next = _load_pair(l_base, offs, v_end, _NEG_INF, BLOCK)
         if HAS_TWIST:
-            ta = ta_next.to(tl.float32)
-            tb = tb_next.to(tl.float32)
-            ta_next, tb_next = _load_pair(t_base, offs + 2 * BLOCK, v_end, 0.0, BLOCK)
+            ta_next, tb_next = _load_pair(t_base, offs, v_end, 0.0, BLOCK)
         else:
-            ta = xa
-            tb = xb
-        if BASE_PAIRS:  # the proposal is the base: one exp per element serves both sums
-            pm, ps, pa = _pair_lse_entropy(xa, xb)
-            m0, s0, a0 = _fold_entropy(m0, s0, a0, pm, ps, pa)
-        else:
-            m0, s0, a0, m1, s1, ra = _tile_stats(xa, ta, thr, inv_temp, m0, s0, a0, m1, s1,
-                                                 HAS_TWIST, TEMPERED, TOPK, SAME_R)
-            m0, s0, a0, m1, s1, rb = _tile_stats(xb, tb, thr, inv_temp, m0, s0, a0, m1, s1,
-                                                 HAS_TWIST, TEMPERED, TOPK, SAME_R)
-            pm, ps = _pair_lse(ra, rb)
-        # A pair that is a whole group (the GPU default) closes it without running group sums or a
-        # branch; the two calls differ only in those (bench/sass_profile.py counts the first).
-        if TILES_PER_GROUP == 2:
-            m2, s2, best_val, best_idx = _close_group(
-                pm, ps, t // 2, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr, inv_temp, V, lanes,
-                HAS_TWIST, TEMPERED, TOPK, SPLIT, BLOCK, TILES_PER_GROUP)
-        else:
-            gm, gs = _fold(gm, gs, pm, ps)
-            if ((t + 2) % TILES_PER_GROUP == 0) | (t + 2 >= t_end):
-                m2, s2, best_val, best_idx = _close_group(
-                    gm, gs, t // TILES_PER_GROUP, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr,
-                    inv_temp, V, lanes, HAS_TWIST, TEMPERED, TOPK, SPLIT, BLOCK, TILES_PER_GROUP)
-                gm = tl.full((), 0, tl.float32) + _FLOOR
-                gs = tl.full((), 0, tl.float32)
+            ta_next = xa_next
+            tb_next = xb_next
+        for t in range(t_begin, t_end, 2):
+            offs = t * BLOCK + lanes
+            xa = xa_next
+            xb = xb_next
+            xa_next, xb_next = _load_pair(l_base, offs + 2 * BLOCK, v_end, _NEG_INF, BLOCK)
+            if HAS_TWIST:
+                ta = ta_next
+                tb = tb_next
+                ta_next, tb_next = _load_pair(t_base, offs + 2 * BLOCK, v_end, 0.0, BLOCK)
+            else:
+                ta = xa
+                tb = xb
+            m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx = _pair_step(
+                xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key, key,
+                l_base, t_base, thr, inv_temp, V, lanes,
+                HAS_TWIST, TEMPERED, TOPK, SAME_R, BASE_PAIRS, SPLIT, BLOCK, TILES_PER_GROUP)
 
     if not BASE_PAIRS:
         m0, s0, a0 = _lanes_to_scalar(m0, s0, a0, True)
@@ -491,7 +529,7 @@ def _default_splits(M: int, n_groups: int, device: torch.device) -> int:
 
 def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *, temperature: float = 1.0,
                         top_k: int = 0, seed: int = 0, step=0, num_splits: int | None = None,
-                        block_v: int | None = None, num_warps: int | None = None):
+                        block_v: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
     """Triton implementation of :func:`tsmc_kernels.reference.twist_sample`.
 
     Args:
@@ -506,6 +544,10 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
         block_v, num_warps: vocabulary tile (a power of two in ``[8, 1024]``, default
             ``min(1024, next_power_of_2(V))``: with 1024 a tile pair is one group of the draw) and
             warps per program (default ``block_v // 128``, at most 4).
+        num_stages: ``None`` or 1 (default): the next tile pair is prefetched into registers;
+            ``>= 2``: Triton's software pipeline streams the next ``num_stages - 1`` pairs into
+            shared memory instead (more bytes in flight per program; a tuning knob that
+            ``bench/test_bench_kernels.py::test_twist_sample_configs`` sweeps on the GPU).
     Returns:
         ``(token int64[M], logp, logq, log_zpi, log_psi, entropy fp32[M])``.
     """
@@ -542,6 +584,9 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     splits = _default_splits(M, n_groups, dev) if num_splits is None else max(1, min(int(num_splits), n_groups))
     tiles_per_split = tiles_per_group * triton.cdiv(n_groups, splits)  # whole groups
     splits = triton.cdiv(n_tiles, tiles_per_split)
+    stages = 1 if num_stages is None else int(num_stages)
+    if stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if num_warps is None:
         num_warps = max(1, min(4, block_v // 128))  # H200 sweep: 4 warps beat 8 at block 1024 (M 16, 1024)
     if splits > 1:
@@ -556,7 +601,7 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
         host_key_base(int(seed), rng.STREAM_TOKEN_GROUP), inv_temp, V, tiles_per_split, part_f, part_i, token, *outs,
         HAS_TWIST=has_twist, TEMPERED=tempered, TOPK=topk, SAME_R=same_r, BASE_PAIRS=same_r and not has_twist,
         SPLIT=splits > 1,
-        BLOCK=block_v, TILES_PER_GROUP=tiles_per_group, num_warps=num_warps)
+        BLOCK=block_v, TILES_PER_GROUP=tiles_per_group, STAGES=stages, num_warps=num_warps)
     if splits > 1:
         _twist_combine_kernel[(M,)](
             logits, logits.stride(0), twist, twist.stride(0), thr, step_t, step_stride, key_base, inv_temp, V, splits,
