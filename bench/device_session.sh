@@ -9,12 +9,14 @@
 #   bench/device_session.sh retry      # ~5 minutes: twist tests, SMC 1 x 64 (64 tokens), power, split-path kernels
 #
 # A lease is 15 minutes of device time with the machine's start (a minute or more) in it, so `all`
-# runs every phase in one call under one clock of BUDGET_S seconds (default 540), most needed first:
-# install (builds the CUDA gather), GPU tests, kernels (the grid), SMC at 1 x 64 with 128 new
-# tokens, power MH; then, with the time left, SMC at 8 x 64, the kernel tile sweep, the compiled
-# decode (compile_decode=True), the packed-GQA attention A/B and the whole suite on CUDA. Each phase
-# has a cap and is skipped when the clock cannot fit its minimum; a phase that fails or times out
-# does not stop the next.
+# runs every phase in one call under one clock of BUDGET_S seconds (default 540), what no GPU has
+# measured yet first (2026-12-05): install (builds the CUDA gather), the GPU tests of the kernels
+# changed since the H200 run (top-k radix select, pipelined twist_sample, row-group KV gather),
+# their benchmarks (num_stages sweep, top-50, KV gather incl. identity), SMC at N = 16 / 256 and
+# B = 8 (64 new tokens), the compiled decode (compile_decode=True) at 1 x 64; then, with the time
+# left, the other GPU tests, the kernel grid, SMC at 1 x 64 with 128 tokens, the kernel tile
+# sweep, power MH and the whole suite on CUDA. Each phase has a cap and is skipped when the clock
+# cannot fit its minimum; a phase that fails or times out does not stop the next.
 #
 # Under $OUT (what the tool brings back; at most 8 files): session.log (all output), summary.txt
 # (versions, then one line per phase: rc and seconds), results.jsonl (one line per benchmark, written
@@ -108,13 +110,15 @@ run_phase() {
   case "$1" in
     all)
       phase install 240 30 install
-      phase gpu-tests 200 30 gpu_tests
-      phase kernels 150 40 'kernels -k "not configs"'
+      phase gpu-tests-new 120 20 '"$PY" -m pytest -v -p no:cacheprovider -m gpu tests/test_triton_topk.py tests/test_triton_twist_sample.py tests/test_triton_kv_gather.py tests/test_ops_kv_gather.py -rs'
+      phase kernels-new 110 30 'KTAG=kernels-new kernels -k "stages or top50 or test_kv_gather"'
+      phase smc-n-b 200 60 'STAG=smc-n16-n256-b8 BENCH_SMC_NEW_TOKENS=64 smc -k "(1-16] or 1-256] or 8-16] or 8-64]) and not compiled and not naive"'
+      phase smc-compiled 130 80 'STAG=smc-compiled smc -k "1-64] and compiled"'
+      phase gpu-tests 150 30 gpu_tests
+      phase kernels 150 40 'kernels -k "not configs and not stages"'
       phase smc-1x64 200 60 'smc -k "1-64] and not compiled"'
-      phase power 140 60 power
-      phase smc-8x64 150 60 'STAG=smc-8x64 smc -k "8-64] and not compiled"'
       phase kernel-tuning 90 40 'KTAG=kernel-tuning kernels -k configs'
-      phase smc-compiled 150 90 'STAG=smc-compiled smc -k "1-64] and compiled"'
+      phase power 140 60 power
       phase smc-unpacked-gqa 60 40 'TSMC_PACKED_GQA=0 STAG=smc-unpacked-gqa smc -k "1-64] and graph and not twisted and not compiled"'
       phase all-tests 330 120 all_tests
       ;;

@@ -255,15 +255,15 @@ def half_dead_ancestors(M):
 
 @pytest.mark.benchmark(group="kv_gather")
 @pytest.mark.parametrize("M,L", [(64, 256), (64, 1024), (64, 2048), (256, 2048)])
-@pytest.mark.parametrize("impl", ["triton", "triton_identity", "native_cuda", "index_select"])
+@pytest.mark.parametrize("impl", ["triton", "triton_identity", "native_cuda", "native_cuda_identity", "index_select"])
 def test_kv_gather(benchmark, gpu, impl, M, L):
     from tsmc_kernels.triton.kv_gather import kv_gather_triton_
 
-    if impl == "native_cuda" and not ops.native_available(cuda=True):
+    if impl.startswith("native_cuda") and not ops.native_available(cuda=True):
         pytest.skip("tsmc_kernels._C was built without CUDA")
     torch.manual_seed(0)
     cache = qwen_kv_cache(M, L)
-    anc = half_dead_ancestors(M) if impl != "triton_identity" else torch.arange(M, device="cuda")
+    anc = torch.arange(M, device="cuda") if impl.endswith("identity") else half_dead_ancestors(M)
     row_bytes = KV_HEADS * L * HEAD_DIM * 2
     dead = int((anc != torch.arange(M, device="cuda")).sum())
     nbytes = 2 * dead * row_bytes * len(cache)
@@ -278,7 +278,8 @@ def test_kv_gather(benchmark, gpu, impl, M, L):
         for i in range(len(cache)):
             cache[i] = cache[i].index_select(0, anc)
 
-    fn = {"triton": kernel, "triton_identity": kernel, "native_cuda": native, "index_select": naive}[impl]
+    fn = {"triton": kernel, "triton_identity": kernel, "native_cuda": native, "native_cuda_identity": native,
+          "index_select": naive}[impl]
     benchmark.pedantic(_sync(fn), rounds=10, warmup_rounds=2, iterations=1)
     info = {"impl": impl, "M": M, "L": L, "layers": LAYERS, "dead_rows": dead,
             "cache_bytes": row_bytes * M * len(cache), "eager_us": round(gpu.eager_us(fn, iters=10))}

@@ -26,10 +26,11 @@ again from cache): about ``ln(#groups) + 0.6`` times per row (5 at V = 151936) u
 masses grow along the vocabulary (at worst every group). Token noise is thus drawn for a few
 groups instead of every entry.
 
-Compiled for sm_90 (bf16 inputs, 1024-wide tiles, 8 warps; ``exp`` is ``ex2.approx.ftz``), the loop
-issues 31 SASS instructions per element without a twist and 40 with one, group noise included
-(``bench/sass_profile.py``, Triton 3.9; 55 / 67 when every entry drew token noise). By issue rate
-that is about HBM speed with a twist (4 bytes per element) and ~2/3 of it without (2 bytes).
+Compiled for sm_90 (bf16 inputs, 1024-wide tiles, 4 warps; ``exp`` is ``ex2.approx.ftz``), the loop
+issues 20 SASS instructions per element without a twist and 32 with one, group noise included
+(``bench/sass_profile.py``, Triton 3.9; 31 / 40 at 8 warps, where the per-pair block reductions
+weigh twice as much). ``num_stages >= 2`` replaces the register prefetch of the next pair by
+Triton's cp.async pipeline into shared memory (22 / 35 instructions, more bytes in flight).
 
 Everything is fp32 inside (the cross-lane / cross-split sums of ``x`` in fp64, the row's proposal
 sum in fp64); inputs may be fp32/bf16/fp16/fp64.
