@@ -21,10 +21,12 @@ block reductions): those sums give each vocabulary group's log mass, and over th
 ``logsumexp(r)`` (``m2, S2``). The token is drawn by the two-level Gumbel-max of
 :func:`tsmc_kernels.reference.gumbel_max`: when a group of ``rng.TOKEN_GROUP = 2048`` ids (a tile
 pair by default) is complete, its log mass plus its group noise is compared with the best so
-far; only a group that takes the lead has its tokens drawn (``argmax r + g`` over the group, read
-again from cache): about ``ln(#groups) + 0.6`` times per row (5 at V = 151936) unless the groups'
-masses grow along the vocabulary (at worst every group). Token noise is thus drawn for a few
-groups instead of every entry.
+far (the leader's index is kept: a select, no branch); after the loop the winner's tokens are
+drawn (``argmax r + g`` over its 2048 entries, read again: 0.3-1.3% more bytes at V = 151936). Token
+noise is thus drawn for one group instead of every entry. (Until 2026-12-05 every group that took
+the lead was drawn inside the loop, ``ln(#groups) + 0.6`` times per row: that branch and its
+nested loop held ~25 registers per thread for the whole loop, 124 instead of 99 with a twist at
+4 warps, 90 instead of 52 without: fewer programs per SM, fewer bytes in flight.)
 
 Compiled for sm_90 (bf16 inputs, 1024-wide tiles, 4 warps; ``exp`` is ``ex2.approx.ftz``), the loop
 issues 20 SASS instructions per element without a twist and 32 with one, group noise included
@@ -276,31 +278,36 @@ def _group_draw(key, l_base, t_base, thr, inv_temp, g_start, V, lanes,
 
 
 @helper
-def _close_group(gm, gs, group, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr, inv_temp, V,
-                 lanes, HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
+def _close_group(gm, gs, group, m2, s2, best_val, best_idx, group_key):
     """A group is complete (log mass ``gm + log gs``): the upper level of reference.gumbel_max. It
-    leads when its log mass + group noise beats every earlier group's; only then are its tokens
-    drawn (read again, from cache; about ``log(#groups)`` times per row), or, when the row is split,
-    once for the winner by the combine kernel. Folds the group into the row's sums ``(m2, s2)``."""
+    leads when its log mass + group noise beats every earlier group's (earliest on ties); its index
+    is kept, and the winner's tokens are drawn once after the loop (:func:`_draw_in_group`; by the
+    combine kernel when the row is split). Folds the group into the row's sums ``(m2, s2)``."""
     group = tl.full((), 0, tl.int32) + group  # (a Python int under the interpreter)
     cand = tl.where(gs > 0.0, gm + tl.log(gs), _NEG_INF) + gumbel_f32(group_key, group)
-    if cand > best_val:
-        best_val = cand
-        if SPLIT:
-            best_idx = group
-        else:
-            best_idx = _group_draw(key, l_base, t_base, thr, inv_temp, group * TILES_PER_GROUP * BLOCK, V, lanes,
-                                   HAS_TWIST, TEMPERED, TOPK, BLOCK, TILES_PER_GROUP)
+    lead = cand > best_val
+    best_val = tl.where(lead, cand, best_val)
+    best_idx = tl.where(lead, group, best_idx)
     m2, s2 = _fold(m2, s2, gm, gs)
     return m2, s2, best_val, best_idx
 
 
 @helper
-def _pair_step(xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key, key,
-               l_base, t_base, thr, inv_temp, V, lanes, HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr,
-               TOPK: tl.constexpr, SAME_R: tl.constexpr, BASE_PAIRS: tl.constexpr, SPLIT: tl.constexpr,
-               BLOCK: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
+def _draw_in_group(best_val, group, key, l_base, t_base, thr, inv_temp, V, HAS_TWIST: tl.constexpr,
+                   TEMPERED: tl.constexpr, TOPK: tl.constexpr, BLOCK: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
+    """The token of the row: drawn in the winning ``group`` (its entries read again: 2048 ids, once
+    per row), 0 when no group has a finite mass (``best_val = -inf``)."""
+    tok = tl.full((), 0, tl.int32)
+    if best_val > _NEG_INF:
+        tok = _group_draw(key, l_base, t_base, thr, inv_temp, group * TILES_PER_GROUP * BLOCK, V, tl.arange(0, BLOCK),
+                          HAS_TWIST, TEMPERED, TOPK, BLOCK, TILES_PER_GROUP)
+    return tok
+
+
+@helper
+def _pair_step(xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key,
+               thr, inv_temp, HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr,
+               SAME_R: tl.constexpr, BASE_PAIRS: tl.constexpr, TILES_PER_GROUP: tl.constexpr):
     """The main loop's work on the tile pair ``t, t + 1`` (raw loads ``xa, xb`` / ``ta, tb``): every
     accumulator updated, the group closed when the pair completes one."""
     xa = xa.to(tl.float32)
@@ -323,15 +330,12 @@ def _pair_step(xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, bes
     # A pair that is a whole group (the GPU default) closes it without running group sums or a
     # branch; the two calls differ only in those (bench/sass_profile.py counts the first).
     if TILES_PER_GROUP == 2:
-        m2, s2, best_val, best_idx = _close_group(
-            pm, ps, t // 2, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr, inv_temp, V, lanes,
-            HAS_TWIST, TEMPERED, TOPK, SPLIT, BLOCK, TILES_PER_GROUP)
+        m2, s2, best_val, best_idx = _close_group(pm, ps, t // 2, m2, s2, best_val, best_idx, group_key)
     else:
         gm, gs = _fold(gm, gs, pm, ps)
         if ((t + 2) % TILES_PER_GROUP == 0) | (t + 2 >= t_end):
-            m2, s2, best_val, best_idx = _close_group(
-                gm, gs, t // TILES_PER_GROUP, m2, s2, best_val, best_idx, group_key, key, l_base, t_base, thr,
-                inv_temp, V, lanes, HAS_TWIST, TEMPERED, TOPK, SPLIT, BLOCK, TILES_PER_GROUP)
+            m2, s2, best_val, best_idx = _close_group(gm, gs, t // TILES_PER_GROUP, m2, s2, best_val, best_idx,
+                                                      group_key)
             gm = tl.full((), 0, tl.float32) + _FLOOR
             gs = tl.full((), 0, tl.float32)
     return m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx
@@ -377,7 +381,7 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     m2 = tl.full((), 0, tl.float32) + _FLOOR
     s2 = tl.full((), 0, tl.float64)
     best_val = tl.full((), 0, tl.float32) + _NEG_INF  # the leading group's log mass + group noise
-    best_idx = tl.full((), 0, tl.int32)  # SPLIT: that group's index; else the token drawn in it
+    best_idx = tl.full((), 0, tl.int32)  # that group's index
 
     t_begin = split * tiles_per_split
     t_end = tl.minimum(t_begin + tiles_per_split, (V + BLOCK - 1) // BLOCK)
@@ -395,9 +399,8 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
                 ta = xa
                 tb = xb
             m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx = _pair_step(
-                xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key, key,
-                l_base, t_base, thr, inv_temp, V, lanes,
-                HAS_TWIST, TEMPERED, TOPK, SAME_R, BASE_PAIRS, SPLIT, BLOCK, TILES_PER_GROUP)
+                xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key,
+                thr, inv_temp, HAS_TWIST, TEMPERED, TOPK, SAME_R, BASE_PAIRS, TILES_PER_GROUP)
     else:
         # The next pair is loaded while this one is reduced (registers, double-buffered): otherwise
         # every iteration would wait out a full memory latency with one load per program in flight.
@@ -421,9 +424,8 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
                 ta = xa
                 tb = xb
             m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx = _pair_step(
-                xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key, key,
-                l_base, t_base, thr, inv_temp, V, lanes,
-                HAS_TWIST, TEMPERED, TOPK, SAME_R, BASE_PAIRS, SPLIT, BLOCK, TILES_PER_GROUP)
+                xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key,
+                thr, inv_temp, HAS_TWIST, TEMPERED, TOPK, SAME_R, BASE_PAIRS, TILES_PER_GROUP)
 
     if not BASE_PAIRS:
         m0, s0, a0 = _lanes_to_scalar(m0, s0, a0, True)
@@ -454,8 +456,10 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
         tl.store(p + 9, bad_tw.to(tl.float64))
         tl.store(part_i_ptr + row64 * nsplit + split, best_idx)
     else:
+        tok = _draw_in_group(best_val, best_idx, key, l_base, t_base, thr, inv_temp, V, HAS_TWIST, TEMPERED, TOPK,
+                             BLOCK, TILES_PER_GROUP)
         _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
-                  m0, s0, a0, m1, s1, m2, s2, best_idx, bad_x, bad_tw,
+                  m0, s0, a0, m1, s1, m2, s2, tok, bad_x, bad_tw,
                   token_ptr, logp_ptr, logq_ptr, lzpi_ptr, lpsi_ptr, ent_ptr, HAS_TWIST, TEMPERED)
 
 
@@ -499,16 +503,13 @@ def _twist_combine_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, st
     # The winning group is the splits' best (earliest on ties); its token is drawn here.
     best_val = rmax(bvv, axis=0)
     group = rmin(tl.where(ok & (bvv == best_val), biv, 2147483647), axis=0)
-    tok = tl.full((), 0, tl.int32)
-    if best_val > float("-inf"):
-        if TOPK:
-            thr = tl.load(thr_ptr + row)
-        else:
-            thr = 0.0
-        key = row_key(key_base, step_ptr + row * step_stride, row)
-        tok = _group_draw(key, logits_ptr + row64 * stride_l, twist_ptr + row64 * stride_t, thr, inv_temp,
-                          group * TILES_PER_GROUP * BLOCK, V, tl.arange(0, BLOCK), HAS_TWIST, TEMPERED, TOPK,
-                          BLOCK, TILES_PER_GROUP)
+    if TOPK:
+        thr = tl.load(thr_ptr + row)
+    else:
+        thr = 0.0
+    key = row_key(key_base, step_ptr + row * step_stride, row)
+    tok = _draw_in_group(best_val, group, key, logits_ptr + row64 * stride_l, twist_ptr + row64 * stride_t, thr,
+                         inv_temp, V, HAS_TWIST, TEMPERED, TOPK, BLOCK, TILES_PER_GROUP)
     _finalize(row, logits_ptr, stride_l, twist_ptr, stride_t, inv_temp,
               m0.to(tl.float32), s0, a0, m1.to(tl.float32), s1, m2.to(tl.float32), s2,
               tok, bad_x, bad_tw,
