@@ -66,15 +66,41 @@ if is_interpreter():
     def rsum_pair(a, b):
         """``(sum of a, sum of b)`` over axis 0."""
         return rsum(a, 0), rsum(b, 0)
+
+    def rsum_triple(a, b, c):
+        """``(sum of a, sum of b, sum of c)`` over axis 0."""
+        return rsum(a, 0), rsum(b, 0), rsum(c, 0)
+
+    def rmax_pair(a, b):
+        """``(max of a, max of b)`` over axis 0 (NaN ignored, as ``tl.max``)."""
+        return rmax(a, 0), rmax(b, 0)
 else:
     @triton.jit
     def _add_pair(a0, b0, a1, b1):
         return a0 + a1, b0 + b1
 
     @triton.jit
+    def _add_triple(a0, b0, c0, a1, b1, c1):
+        return a0 + a1, b0 + b1, c0 + c1
+
+    @triton.jit
+    def _max_pair(a0, b0, a1, b1):
+        return tl.maximum(a0, a1), tl.maximum(b0, b1)
+
+    @triton.jit
     def rsum_pair(a, b):
         """``(sum of a, sum of b)`` over axis 0 in one reduction (one shared-memory exchange)."""
         return tl.reduce((a, b), 0, _add_pair)
+
+    @triton.jit
+    def rsum_triple(a, b, c):
+        """``(sum of a, sum of b, sum of c)`` over axis 0 in one reduction."""
+        return tl.reduce((a, b, c), 0, _add_triple)
+
+    @triton.jit
+    def rmax_pair(a, b):
+        """``(max of a, max of b)`` over axis 0 in one reduction (NaN ignored, as ``tl.max``)."""
+        return tl.reduce((a, b), 0, _max_pair)
 
 
 def _host_mix32(x: int) -> int:

@@ -1,32 +1,34 @@
 """Fused twist scoring + Gumbel-max sampling (SPEC §6.1), one pass over the vocabulary per row.
 
 Each program streams a range of vocabulary tiles of one row, reading every logit and twist
-once, two tiles per iteration with the next two already being loaded. Every lane keeps online
-accumulators (one ``exp`` per element and quantity: see :func:`_online`), reduced once at the end, for
+once, two tiles per iteration with the next two already being loaded. Per tile pair, one max
+and one sum block reduction (tuples: one shared-memory exchange each) give
 
-* ``logsumexp(x)`` (max ``m0``, sum ``S0``) and the entropy of ``p0``: ``A0 = sum e^(x-m0) (x-m0)``
-  (rescaled as ``A <- e^(m-m')(A + (m-m') S)``; maxima start at ``-1e30`` and ``x - m`` is
-  clamped there, so that ``-inf`` entries add exactly 0 and ``0 * inf`` never appears; entries
-  below ``-1e30`` count as ``-inf``, and a row with nothing above it as a row without a finite
-  entry), giving ``H = log S0 - A0 / S0``;
-* ``logsumexp(x + log psi)`` (``m1, S1``), giving ``log Zpi = (m1 - m0) + log S1 - log S0``, when the
-  proposal differs from ``x + log psi`` (a temperature or top-k).
+* the base's ``(max, sum e^(x-max), sum e^(x-max) (x-max))``, folded into the row's ``logsumexp(x)``
+  (max ``m0``, sum ``S0``) and entropy sum ``A0 = sum e^(x-m0) (x-m0)`` (fp64 scalars, rescaled as
+  ``A <- e^(m-m')(A + (m-m') S)``; maxima start at ``-1e30`` and ``x - max`` is clamped there, so
+  that ``-inf`` entries add exactly 0 and ``0 * inf`` never appears; entries below ``-1e30`` count
+  as ``-inf``, and a row with nothing above it as a row without a finite entry), giving
+  ``H = log S0 - A0 / S0``;
+* the proposal's ``(max, sum e^(r-max))`` for ``r = (x + log psi) / T`` (top-k restricted): the
+  group's log mass, folded into the row's ``logsumexp(r)`` (``m2, S2``).
 
-Without a twist, at ``T = 1`` and without top-k the proposal is ``x`` itself: then the base's sums
-(entropy included) are taken per tile pair as the proposal's are (below), one ``exp`` per element
-for both.
+Without a twist, at ``T = 1`` and without top-k the proposal is ``x`` itself: one ``exp`` per
+element serves both. ``logsumexp(x + log psi)`` (``m1, S1``), giving
+``log Zpi = (m1 - m0) + log S1 - log S0``, is the proposal's own unless a temperature or top-k
+makes them differ; then every lane keeps it online (one ``exp`` per element: :func:`_online`),
+reduced once at the end.
 
-The proposal ``r = (x + log psi) / T`` (top-k restricted) is summed per tile pair instead (two
-block reductions): those sums give each vocabulary group's log mass, and over the row
-``logsumexp(r)`` (``m2, S2``). The token is drawn by the two-level Gumbel-max of
+The token is drawn by the two-level Gumbel-max of
 :func:`tsmc_kernels.reference.gumbel_max`: when a group of ``rng.TOKEN_GROUP = 2048`` ids (a tile
 pair by default) is complete, its log mass plus its group noise is compared with the best so
 far (the leader's index is kept: a select, no branch); after the loop the winner's tokens are
-drawn (``argmax r + g`` over its 2048 entries, read again: 0.3-1.3% more bytes at V = 151936). Token
+drawn (``argmax r + g`` over its 2048 entries, read again: 1.3% more bytes at V = 151936). Token
 noise is thus drawn for one group instead of every entry. (Until 2026-12-05 every group that took
-the lead was drawn inside the loop, ``ln(#groups) + 0.6`` times per row: that branch and its
-nested loop held ~25 registers per thread for the whole loop, 124 instead of 99 with a twist at
-4 warps, 90 instead of 52 without: fewer programs per SM, fewer bytes in flight.)
+the lead was drawn inside the loop, ``ln(#groups) + 0.6`` times per row, and the base's sums were
+per-lane accumulators: the branch with its nested loop and those accumulators held registers for
+the whole loop, 124 per thread with a twist at 4 warps where it now takes 69, and 90 without
+where it takes 52: more programs per SM now, more bytes in flight.)
 
 Compiled for sm_90 (bf16 inputs, 1024-wide tiles, 4 warps; ``exp`` is ``ex2.approx.ftz``), the loop
 issues 20 SASS instructions per element without a twist and 32 with one, group noise included
@@ -64,8 +66,8 @@ import triton
 import triton.language as tl
 
 from .. import rng
-from ._common import (exp_neg_abs, gumbel_f32, helper, host_key_base, num_sms, rmax, rmin, row_key, rsum,
-                      rsum_pair, step_tensor)
+from ._common import (exp_neg_abs, gumbel_f32, helper, host_key_base, num_sms, rmax, rmax_pair, rmin, row_key,
+                      rsum, rsum_pair, rsum_triple, step_tensor)
 from .topk import topk_threshold_triton
 
 __all__ = ["twist_sample_triton"]
@@ -100,34 +102,14 @@ def _online(m, s, v):
 
 
 @helper
-def _online_entropy(m, s, a, v):
-    """:func:`_online` plus ``a = sum e^(v-m) (v-m)`` (rescaled as ``a <- e^(m-m')(a + (m-m') s)``).
-
-    On a new maximum ``a' = e a - (e d) s``: ``e d`` is formed first, so that when ``d`` is huge
-    (a lane's first ordinary value after entries at the floor) it is ``0 * d = 0`` rather than
-    ``0 * (d s) = 0 * inf``.
-    """
-    m_new, s_new, d, e, gt = _online(m, s, v)
-    ed = e * d
-    a_new = tl.where(gt, e * a - ed * s, a + ed)
-    return m_new, s_new, a_new
-
-
-@helper
-def _lanes_to_scalar(m, s, a, WITH_A: tl.constexpr):
-    """Combine per-lane (max, sum[, entropy sum]) into one: fp32 max (``-inf`` when no lane saw a
-    finite value), fp64 sums (NaN when a lane saw a NaN)."""
+def _lanes_to_scalar(m, s):
+    """Combine per-lane (max, sum) into one: fp32 max (``-inf`` when no lane saw a finite value),
+    fp64 sum (NaN when a lane saw a NaN)."""
     live = s != 0.0
     mm = rmax(tl.where(live, m, _NEG_INF), axis=0)
     safe = tl.where(mm == _NEG_INF, 0.0, mm)
     sc = tl.where(live, tl.exp(m - safe), 0.0).to(tl.float64)
-    ss = rsum(sc * s.to(tl.float64), axis=0)
-    if WITH_A:
-        d = tl.where(live, m - safe, 0.0).to(tl.float64)
-        aa = rsum(tl.where(live, sc * (a.to(tl.float64) + d * s.to(tl.float64)), 0.0), axis=0)
-    else:
-        aa = ss * 0.0
-    return mm, ss, aa
+    return mm, rsum(sc * s.to(tl.float64), axis=0)
 
 
 @helper
@@ -184,30 +166,6 @@ def _proposal_r(u, thr, inv_temp, TEMPERED: tl.constexpr, TOPK: tl.constexpr):
 
 
 @helper
-def _tile_stats(x, tw, thr, inv_temp, m0, s0, a0, m1, s1,
-                HAS_TWIST: tl.constexpr, TEMPERED: tl.constexpr, TOPK: tl.constexpr, SAME_R: tl.constexpr):
-    """One tile's update of the per-lane accumulators; returns them and the proposal ``r``."""
-    # NaN / +inf logits and twists are not masked: they surface in m0 / s0 and m1 / s1 (see
-    # _online) or in the proposal's sums (_pair_lse), which flag the row (its token is then 0).
-    m0, s0, a0 = _online_entropy(m0, s0, a0, x)  # log p0 and its entropy
-    if HAS_TWIST:
-        u = x + tw
-        if not SAME_R:  # else r = u: its sums are the proposal's
-            m1, s1, _d1, _e1, _g1 = _online(m1, s1, u)  # log p0 + log psi
-    else:
-        u = x
-    return m0, s0, a0, m1, s1, _proposal_r(u, thr, inv_temp, TEMPERED, TOPK)
-
-
-@helper
-def _pair_lse(ra, rb):
-    """``(max, sum e^(r - max))`` of two tiles as fp32 scalars, the max at least ``_FLOOR`` (an all
-    ``-inf`` pair: ``(_FLOOR, 0)``); a NaN or ``+inf`` entry makes the sum NaN."""
-    mx = tl.maximum(rmax(tl.maximum(ra, rb), axis=0), _FLOOR)
-    return mx, rsum(exp_neg_abs(ra - mx) + exp_neg_abs(rb - mx), axis=0)
-
-
-@helper
 def _fold(m, s, m_add, s_add):
     """Online logsumexp of scalars, one ``exp``: ``(m, s)`` and ``(m_add, s_add)`` (sums relative to
     maxima that are at least ``_FLOOR``, so ``m_add - m`` is never NaN) into one, in ``s``'s dtype."""
@@ -217,22 +175,45 @@ def _fold(m, s, m_add, s_add):
 
 
 @helper
-def _pair_lse_entropy(xa, xb):
-    """``(max, sum e^(x - max), sum e^(x - max) (x - max))`` of two tiles as fp32 scalars, with
-    ``x - max`` clamped at ``-1e30`` as in :func:`_online` (the max at least ``_FLOOR``)."""
-    mx = tl.maximum(rmax(tl.maximum(xa, xb), axis=0), _FLOOR)
+def _entropy_terms(xa, xb, mx):
+    """Per lane ``e^(x - mx)`` and ``e^(x - mx) (x - mx)`` summed over two tiles, with ``x - mx``
+    clamped at ``-1e30`` as in :func:`_online` (``mx`` at least ``_FLOOR``): a ``-inf`` entry adds
+    exactly 0, a NaN entry (or ``+inf``, through ``mx``) NaN."""
     da = tl.maximum(xa - mx, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
     db = tl.maximum(xb - mx, _D_MIN, propagate_nan=tl.PropagateNan.ALL)
     ea = exp_neg_abs(da)
     eb = exp_neg_abs(db)
-    s, a = rsum_pair(ea + eb, ea * da + eb * db)
+    return ea + eb, ea * da + eb * db
+
+
+@helper
+def _pair_lse_entropy(xa, xb):
+    """``(max, sum e^(x - max), sum e^(x - max) (x - max))`` of two tiles as fp32 scalars (the max
+    at least ``_FLOOR``): the base's pair sums, which are also the proposal's when ``r = x``."""
+    mx = tl.maximum(rmax(tl.maximum(xa, xb), axis=0), _FLOOR)
+    s_terms, a_terms = _entropy_terms(xa, xb, mx)
+    s, a = rsum_pair(s_terms, a_terms)
     return mx, s, a
 
 
 @helper
+def _pair_sums(xa, xb, ra, rb):
+    """The base's pair sums (as :func:`_pair_lse_entropy`) and the proposal's ``(max, sum e^(r - max))``
+    (the max at least ``_FLOOR``; a NaN or ``+inf`` entry makes the sum NaN), with one max and one
+    sum reduction for both: ``(mr, sr, mx, sx, ax)``."""
+    mx, mr = rmax_pair(tl.maximum(xa, xb), tl.maximum(ra, rb))
+    mx = tl.maximum(mx, _FLOOR)
+    mr = tl.maximum(mr, _FLOOR)
+    s_terms, a_terms = _entropy_terms(xa, xb, mx)
+    sx, ax, sr = rsum_triple(s_terms, a_terms, exp_neg_abs(ra - mr) + exp_neg_abs(rb - mr))
+    return mr, sr, mx, sx, ax
+
+
+@helper
 def _fold_entropy(m, s, a, m_add, s_add, a_add):
-    """:func:`_fold` of ``(max, sum, entropy sum)`` scalars (the entropy sum rescaled as in
-    :func:`_online_entropy`; ``e * d`` first, so that a huge ``d`` next to a zero sum gives 0)."""
+    """:func:`_fold` of ``(max, sum, entropy sum)`` scalars (the entropy sum ``a = sum e^(x-m) (x-m)``
+    rescaled as ``a <- e^(m-m')(a + (m-m') s)``; ``e * d`` first, so that a huge ``d`` next to a
+    zero sum gives 0 rather than ``0 * inf``)."""
     d = m_add - m
     gt = d > 0
     e = exp_neg_abs(d)
@@ -318,15 +299,26 @@ def _pair_step(xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, bes
     else:
         ta = xa
         tb = xb
+    # NaN / +inf logits and twists are not masked: they surface in the sums (m0 / s0, m1 / s1, the
+    # proposal's), which flag the row (its token is then 0).
     if BASE_PAIRS:  # the proposal is the base: one exp per element serves both sums
-        pm, ps, pa = _pair_lse_entropy(xa, xb)
-        m0, s0, a0 = _fold_entropy(m0, s0, a0, pm, ps, pa)
+        bm, bs, ba = _pair_lse_entropy(xa, xb)
+        pm = bm
+        ps = bs
     else:
-        m0, s0, a0, m1, s1, ra = _tile_stats(xa, ta, thr, inv_temp, m0, s0, a0, m1, s1,
-                                             HAS_TWIST, TEMPERED, TOPK, SAME_R)
-        m0, s0, a0, m1, s1, rb = _tile_stats(xb, tb, thr, inv_temp, m0, s0, a0, m1, s1,
-                                             HAS_TWIST, TEMPERED, TOPK, SAME_R)
-        pm, ps = _pair_lse(ra, rb)
+        if HAS_TWIST:
+            ua = xa + ta
+            ub = xb + tb
+            if not SAME_R:  # else r = u: its sums are the proposal's
+                m1, s1, _d, _e, _g = _online(m1, s1, ua)  # log p0 + log psi, per lane
+                m1, s1, _d, _e, _g = _online(m1, s1, ub)
+        else:
+            ua = xa
+            ub = xb
+        ra = _proposal_r(ua, thr, inv_temp, TEMPERED, TOPK)
+        rb = _proposal_r(ub, thr, inv_temp, TEMPERED, TOPK)
+        pm, ps, bm, bs, ba = _pair_sums(xa, xb, ra, rb)
+    m0, s0, a0 = _fold_entropy(m0, s0, a0, bm, bs, ba)
     # A pair that is a whole group (the GPU default) closes it without running group sums or a
     # branch; the two calls differ only in those (bench/sass_profile.py counts the first).
     if TILES_PER_GROUP == 2:
@@ -361,17 +353,13 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
     else:
         thr = 0.0
 
-    # Per-lane accumulators (no cross-lane reduction inside the loop for them); BASE_PAIRS (no
-    # twist, T = 1, no top-k): the base's are scalars summed per pair instead.
+    # The base's sums (max m0, sum S0 and entropy sum A0 in fp64) are scalars folded once per tile
+    # pair, from the same block reductions as the proposal's. Only logsumexp(x + log psi), needed
+    # on its own when the proposal is tempered or top-k, is kept per lane (m1, s1) and reduced at the end.
+    m0 = tl.full((), 0, tl.float32) + _FLOOR
+    s0 = tl.full((), 0, tl.float64)
+    a0 = tl.full((), 0, tl.float64)
     zero = tl.full((BLOCK,), 0, tl.float32)
-    if BASE_PAIRS:
-        m0 = tl.full((), 0, tl.float32) + _FLOOR
-        s0 = tl.full((), 0, tl.float64)
-        a0 = tl.full((), 0, tl.float64)
-    else:
-        m0 = zero + _FLOOR
-        s0 = zero
-        a0 = zero
     m1 = zero + _FLOOR
     s1 = zero
     # The proposal's sums are scalars, reduced once per pair: this group's (gm, gs) (unused when
@@ -427,20 +415,18 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
                 xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key,
                 thr, inv_temp, HAS_TWIST, TEMPERED, TOPK, SAME_R, BASE_PAIRS, TILES_PER_GROUP)
 
-    if not BASE_PAIRS:
-        m0, s0, a0 = _lanes_to_scalar(m0, s0, a0, True)
     if HAS_TWIST:
         if SAME_R:
             m1 = m2
             s1 = s2
         else:
-            m1, s1, _a1 = _lanes_to_scalar(m1, s1, s1, False)
+            m1, s1 = _lanes_to_scalar(m1, s1)
         bad_tw = ((m1 == _POS_INF) | (s1 != s1)).to(tl.int32)  # a +inf / NaN in logit + twist
     else:
         m1 = m0
         s1 = s0
         bad_tw = tl.full((), 0, tl.int32)
-    bad_x = ((m0 == _POS_INF) | (s0 != s0)).to(tl.int32)  # a +inf / NaN logit (see _online)
+    bad_x = ((m0 == _POS_INF) | (s0 != s0)).to(tl.int32)  # a +inf / NaN logit (see _entropy_terms)
     if SPLIT:
         nsplit = tl.num_programs(1)
         p = part_f_ptr + (row64 * nsplit + split) * 10
