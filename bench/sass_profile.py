@@ -2,9 +2,10 @@
 
 Compiles the kernel ahead of time (as ``tests/test_triton_compile.py`` does; needs Triton's NVIDIA
 backend with its bundled ``ptxas`` / ``nvdisasm``) and reads the SASS of its main loop: the
-instructions per vocabulary element on the loop's common path (since 2026-12-05 the loop has no
-branch: the token is drawn after it; before, the draw of a group that took the lead was left out),
-and how many are MUFU (``ex2`` / ``lg2`` / ``rcp``) ops. Divided into the SM's issue rate (4 warp instructions per cycle) this bounds the
+instructions per vocabulary element on the loop's common path (the longest forward branch left
+out: since 2026-12-05 the group noise of a group too light to take the lead, the common case on LM
+rows, ~2 instructions per element; before, the token draw of a group that took the lead), and how
+many are MUFU (``ex2`` / ``lg2`` / ``rcp``) ops. Divided into the SM's issue rate (4 warp instructions per cycle) this bounds the
 loop's speed on compute before a GPU measures it. Run: ``python bench/sass_profile.py`` (a few seconds per variant); ``NUM_WARPS=8`` / ``STAGES=3``
 profile other launch options, ``VERBOSE=1`` lists every opcode.
 """

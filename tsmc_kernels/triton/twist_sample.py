@@ -31,10 +31,11 @@ the whole loop, 124 per thread with a twist at 4 warps where it now takes 69, an
 where it takes 52: more programs per SM now, more bytes in flight.)
 
 Compiled for sm_90 (bf16 inputs, 1024-wide tiles, 4 warps; ``exp`` is ``ex2.approx.ftz``), the loop
-issues 20 SASS instructions per element without a twist and 32 with one, group noise included
-(``bench/sass_profile.py``, Triton 3.9; 31 / 40 at 8 warps, where the per-pair block reductions
-weigh twice as much). ``num_stages >= 2`` replaces the register prefetch of the next pair by
-Triton's cp.async pipeline into shared memory (22 / 35 instructions, more bytes in flight).
+issues 18 SASS instructions per element without a twist and 29 with one for a group too light to
+take the lead (its group noise skipped; 20 / 31 with it; ``bench/sass_profile.py``, Triton 3.9; 31 / 40
+at 8 warps before 2026-12-05, where the per-pair block reductions weigh twice as much).
+``num_stages >= 2`` replaces the register prefetch of the next pair by Triton's cp.async
+pipeline into shared memory (about 2 more instructions per element, more bytes in flight).
 
 Everything is fp32 inside (the cross-lane / cross-split sums of ``x`` in fp64, the row's proposal
 sum in fp64); inputs may be fp32/bf16/fp16/fp64.
@@ -82,6 +83,7 @@ _NEG_INF = tl.constexpr(float("-inf"))
 _FLOOR = tl.constexpr(-1e30)
 _D_MIN = tl.constexpr(-1e30)  # v - m is clamped here: exp(-1e30) = 0 and 0 * -1e30 = 0
 _POS_INF = tl.constexpr(float("inf"))
+_GUMBEL_MAX = tl.constexpr(23.0)  # above every value of gumbel_f32 (at most 33 log 2 = 22.87 + rounding)
 
 
 @helper
@@ -265,10 +267,14 @@ def _close_group(gm, gs, group, m2, s2, best_val, best_idx, group_key):
     is kept, and the winner's tokens are drawn once after the loop (:func:`_draw_in_group`; by the
     combine kernel when the row is split). Folds the group into the row's sums ``(m2, s2)``."""
     group = tl.full((), 0, tl.int32) + group  # (a Python int under the interpreter)
-    cand = tl.where(gs > 0.0, gm + tl.log(gs), _NEG_INF) + gumbel_f32(group_key, group)
-    lead = cand > best_val
-    best_val = tl.where(lead, cand, best_val)
-    best_idx = tl.where(lead, group, best_idx)
+    log_mass = tl.where(gs > 0.0, gm + tl.log(gs), _NEG_INF)
+    # The noise never exceeds 33 log 2 = 22.87 (32-bit uniforms): a group that cannot take the lead
+    # even with more skips it (~40 instructions per pair; LM rows hold few groups of any weight).
+    if log_mass + _GUMBEL_MAX > best_val:
+        cand = log_mass + gumbel_f32(group_key, group)
+        lead = cand > best_val
+        best_val = tl.where(lead, cand, best_val)
+        best_idx = tl.where(lead, group, best_idx)
     m2, s2 = _fold(m2, s2, gm, gs)
     return m2, s2, best_val, best_idx
 
