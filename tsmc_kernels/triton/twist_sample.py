@@ -233,6 +233,19 @@ def _load_pair(base, offs, v_end, other, BLOCK: tl.constexpr):
 
 
 @helper
+def _load_inputs(l_base, t_base, offs, v_end, HAS_TWIST: tl.constexpr, BLOCK: tl.constexpr):
+    """The logits and twists of the tile pair at ``offs`` as loaded (the logits stand in for the
+    twists when there are none: unused then)."""
+    xa, xb = _load_pair(l_base, offs, v_end, _NEG_INF, BLOCK)
+    if HAS_TWIST:
+        ta, tb = _load_pair(t_base, offs, v_end, 0.0, BLOCK)
+    else:
+        ta = xa
+        tb = xb
+    return xa, xb, ta, tb
+
+
+@helper
 def _tile_draw(key, r, offs, bv, bi):
     """Gumbel-max over one tile: per-lane running maxima ``bv`` of ``r + g`` at indices ``bi``."""
     val = r + gumbel_f32(key, offs)  # the noise is finite: -inf entries stay -inf
@@ -385,38 +398,22 @@ def _twist_sample_kernel(logits_ptr, stride_l, twist_ptr, stride_t, thr_ptr, ste
         # Triton's software pipeline: the next STAGES - 1 pairs are streamed into shared memory
         # (cp.async) while this one is reduced, so registers do not bound the bytes in flight.
         for t in tl.range(t_begin, t_end, 2, num_stages=STAGES):
-            offs = t * BLOCK + lanes
-            xa, xb = _load_pair(l_base, offs, v_end, _NEG_INF, BLOCK)
-            if HAS_TWIST:
-                ta, tb = _load_pair(t_base, offs, v_end, 0.0, BLOCK)
-            else:
-                ta = xa
-                tb = xb
+            xa, xb, ta, tb = _load_inputs(l_base, t_base, t * BLOCK + lanes, v_end, HAS_TWIST, BLOCK)
             m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx = _pair_step(
                 xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key,
                 thr, inv_temp, HAS_TWIST, TEMPERED, TOPK, SAME_R, BASE_PAIRS, TILES_PER_GROUP)
     else:
         # The next pair is loaded while this one is reduced (registers, double-buffered): otherwise
         # every iteration would wait out a full memory latency with one load per program in flight.
-        offs = t_begin * BLOCK + lanes
-        xa_next, xb_next = _load_pair(l_base, offs, v_end, _NEG_INF, BLOCK)
-        if HAS_TWIST:
-            ta_next, tb_next = _load_pair(t_base, offs, v_end, 0.0, BLOCK)
-        else:
-            ta_next = xa_next
-            tb_next = xb_next
+        xa_next, xb_next, ta_next, tb_next = _load_inputs(l_base, t_base, t_begin * BLOCK + lanes, v_end, HAS_TWIST,
+                                                          BLOCK)
         for t in range(t_begin, t_end, 2):
-            offs = t * BLOCK + lanes
             xa = xa_next
             xb = xb_next
-            xa_next, xb_next = _load_pair(l_base, offs + 2 * BLOCK, v_end, _NEG_INF, BLOCK)
-            if HAS_TWIST:
-                ta = ta_next
-                tb = tb_next
-                ta_next, tb_next = _load_pair(t_base, offs + 2 * BLOCK, v_end, 0.0, BLOCK)
-            else:
-                ta = xa
-                tb = xb
+            ta = ta_next
+            tb = tb_next
+            xa_next, xb_next, ta_next, tb_next = _load_inputs(l_base, t_base, (t + 2) * BLOCK + lanes, v_end,
+                                                              HAS_TWIST, BLOCK)
             m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx = _pair_step(
                 xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, best_val, best_idx, group_key,
                 thr, inv_temp, HAS_TWIST, TEMPERED, TOPK, SAME_R, BASE_PAIRS, TILES_PER_GROUP)
