@@ -225,6 +225,16 @@ def num_sms(device: torch.device) -> int:
     return 2
 
 
+def default_splits(M: int, units: int, device: torch.device) -> int:
+    """Programs per row along the vocabulary: 1 when ``M`` rows alone fill the GPU (``>= 4`` per
+    SM), else ~8 programs per SM in all, at most one per ``units`` (the indivisible pieces of a
+    row: vocabulary groups, tiles)."""
+    sms = num_sms(device)
+    if M >= 4 * sms or units < 2:
+        return 1
+    return max(1, min(-(-8 * sms // M), units))
+
+
 def step_tensor(step, device: torch.device, rows: int | None = None) -> torch.Tensor:
     """An int64 tensor on ``device`` holding ``step``: ``[1]``, or ``[rows]`` (one step per row) when
     ``rows`` is given and ``step`` has that many elements (a tensor is used as is, no copy)."""

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cumsum, helper, num_sms, rmax, rsum
+from ._common import cumsum, default_splits, helper, rmax, rsum
 
 __all__ = ["topk_threshold_triton"]
 
@@ -146,8 +146,7 @@ def topk_threshold_triton(logits: torch.Tensor, log_twist: torch.Tensor | None, 
     block = min(block, max(16, triton.next_power_of_2(V)))
     n_tiles = triton.cdiv(V, block)
     if num_splits is None:
-        sms = num_sms(dev)
-        num_splits = 1 if M >= 4 * sms else -(-8 * sms // M)
+        num_splits = default_splits(M, n_tiles, dev)
     tiles_per_split = triton.cdiv(n_tiles, max(1, min(int(num_splits), n_tiles)))
     splits = triton.cdiv(n_tiles, tiles_per_split)
     hist = torch.empty(2, M, splits, 256, dtype=torch.int32, device=dev)

@@ -67,8 +67,8 @@ import triton
 import triton.language as tl
 
 from .. import rng
-from ._common import (exp_neg_abs, gumbel_f32, helper, host_key_base, num_sms, rmax, rmax_pair, rmin, row_key,
-                      rsum, rsum_pair, rsum_triple, step_tensor)
+from ._common import (default_splits, exp_neg_abs, gumbel_f32, helper, host_key_base, rmax, rmax_pair, rmin,
+                      row_key, rsum, rsum_pair, rsum_triple, step_tensor)
 from .topk import topk_threshold_triton
 
 __all__ = ["twist_sample_triton"]
@@ -312,12 +312,9 @@ def _pair_step(xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, bes
     accumulator updated, the group closed when the pair completes one."""
     xa = xa.to(tl.float32)
     xb = xb.to(tl.float32)
-    if HAS_TWIST:
+    if HAS_TWIST:  # (else ta, tb are unused)
         ta = ta.to(tl.float32)
         tb = tb.to(tl.float32)
-    else:
-        ta = xa
-        tb = xb
     # NaN / +inf logits and twists are not masked: they surface in the sums (m0 / s0, m1 / s1, the
     # proposal's), which flag the row (its token is then 0).
     if BASE_PAIRS:  # the proposal is the base: one exp per element serves both sums
@@ -338,8 +335,8 @@ def _pair_step(xa, xb, ta, tb, t, t_end, m0, s0, a0, m1, s1, gm, gs, m2, s2, bes
         rb = _proposal_r(ub, thr, inv_temp, TEMPERED, TOPK)
         pm, ps, bm, bs, ba = _pair_sums(xa, xb, ra, rb)
     m0, s0, a0 = _fold_entropy(m0, s0, a0, bm, bs, ba)
-    # A pair that is a whole group (the GPU default) closes it without running group sums or a
-    # branch; the two calls differ only in those (bench/sass_profile.py counts the first).
+    # A pair that is a whole group (the GPU default) closes it without running group sums; the
+    # two calls differ only in those (bench/sass_profile.py counts the first).
     if TILES_PER_GROUP == 2:
         m2, s2, best_val, best_idx = _close_group(pm, ps, t // 2, m2, s2, best_val, best_idx, group_key)
     else:
@@ -509,15 +506,6 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
-def _default_splits(M: int, n_groups: int, device: torch.device) -> int:
-    """Programs per row: 1 when the rows alone fill the GPU, else ~8 programs per SM in all, each
-    with whole vocabulary groups (the draw's groups: a split never cuts one)."""
-    sms = num_sms(device)
-    if M >= 4 * sms or n_groups < 2:
-        return 1
-    return max(1, min(-(-8 * sms // M), n_groups))
-
-
 def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = None, *, temperature: float = 1.0,
                         top_k: int = 0, seed: int = 0, step=0, num_splits: int | None = None,
                         block_v: int | None = None, num_warps: int | None = None, num_stages: int | None = None):
@@ -572,7 +560,7 @@ def twist_sample_triton(logits: torch.Tensor, log_twist: torch.Tensor | None = N
     tiles_per_group = group // block_v  # even: the kernel takes tiles in pairs
     n_tiles = triton.cdiv(V, block_v)
     n_groups = triton.cdiv(V, group)
-    splits = _default_splits(M, n_groups, dev) if num_splits is None else max(1, min(int(num_splits), n_groups))
+    splits = default_splits(M, n_groups, dev) if num_splits is None else max(1, min(int(num_splits), n_groups))
     tiles_per_split = tiles_per_group * triton.cdiv(n_groups, splits)  # whole groups
     splits = triton.cdiv(n_tiles, tiles_per_split)
     stages = 1 if num_stages is None else int(num_stages)
