@@ -193,10 +193,11 @@ def checked_settle(settle, prompt_mask):
     return wrapped
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+# Mistral: sliding-window layers whose window (18) just holds the arena (Pp + 2T + room = 3 + 14 + 1 columns).
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
 @pytest.mark.parametrize("cut", ["entropy", "uniform"])
 def test_cached_chain_equals_redecoding_chain(arch, cut, monkeypatch):
-    model = tiny_random_model(V, arch=arch, seed=1)
+    model = tiny_random_model(V, arch=arch, seed=1, sliding_window=18)
     ids = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 2], [4, 4, 4, 3]])
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]])  # left padding; a 1-token prompt
     kw = dict(num_chains=4, max_new_tokens=7, block_size=3, n_mcmc=3, cut=cut, cut_power=2.0, alpha=2.0,
@@ -214,6 +215,17 @@ def test_cached_chain_equals_redecoding_chain(arch, cut, monkeypatch):
     assert a.tokens_decoded == b.tokens_decoded
     torch.testing.assert_close(a.log_p0, b.log_p0, atol=1e-4, rtol=0)
     assert 0 < a.acceptance.mean() < 1, "the test should see both accepts and rejects"
+
+
+def test_sliding_window_must_hold_the_run():
+    """A window shorter than the arena (Pp + 2T + room columns) is refused, naming the numbers; the
+    reference sampler (plain HF decoding) runs it."""
+    model = tiny_random_model(V, arch="mistral", seed=1, sliding_window=17)
+    ids = torch.tensor([[0, 1, 2, 3]])
+    kw = dict(max_new_tokens=7, block_size=3, n_mcmc=1)
+    with pytest.raises(NotImplementedError, match="spans 18 key/value columns.*sliding window of 17"):
+        power_sample(model, ids, **kw)
+    assert power_sample_reference(model, ids, **kw).completions.shape == (1, 1, 7)
 
 
 def test_worst_case_cuts_fit_the_fixed_arena(monkeypatch):

@@ -76,11 +76,12 @@ def load_default_model(*, device: str | torch.device = "cpu", dtype: torch.dtype
 
 def tiny_random_model(vocab_size: int = 8, *, arch: str = "llama", hidden_size: int = 16, num_layers: int = 2,
                       num_heads: int = 2, num_kv_heads: int | None = None, max_positions: int = 128, seed: int = 0,
-                      eos_token_id: int | None = None, dtype: torch.dtype = torch.float32):
+                      eos_token_id: int | None = None, dtype: torch.dtype = torch.float32, sliding_window: int = 4096):
     """A small randomly initialised causal LM for tests (deterministic given ``seed``).
 
     Args:
-        vocab_size: vocabulary size V. arch: ``"llama"``, ``"qwen2"`` or ``"gpt2"``.
+        vocab_size: vocabulary size V. arch: ``"llama"``, ``"qwen2"``, ``"gpt2"`` or ``"mistral"`` (every
+            layer sliding-window attention over ``sliding_window`` positions, Mistral's default 4096).
         eos_token_id: EOS id (default ``vocab_size - 1``); also used as pad id.
     Returns:
         the model in eval mode (no tokenizer: tests work on ids).
@@ -104,8 +105,14 @@ def tiny_random_model(vocab_size: int = 8, *, arch: str = "llama", hidden_size: 
         cfg = transformers.GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
                                       n_positions=max_positions, **common)
         cls = transformers.GPT2LMHeadModel
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                                         num_key_value_heads=kv, max_position_embeddings=max_positions,
+                                         sliding_window=sliding_window, **common)
+        cls = transformers.MistralForCausalLM
     else:
-        raise ValueError(f"unknown arch {arch!r}; expected 'llama', 'qwen2' or 'gpt2'")
+        raise ValueError(f"unknown arch {arch!r}; expected 'llama', 'qwen2', 'gpt2' or 'mistral'")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(cfg)

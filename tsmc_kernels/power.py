@@ -243,15 +243,41 @@ def _uniforms(bases: torch.Tensor, moves: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the KV arena
 
-def _check_full_attention(model) -> None:
-    """Raise for models whose cache is not plain full attention (sliding-window or linear layers)."""
+def _arena_config(model, columns: int):
+    """The config the arena's caches are built from (plain full attention in every layer).
+
+    A model with sliding-window layers runs when every position of the run fits in the window
+    (``columns``: the arena's width, ``P - 1 + 2T + room(T)``, which bounds both the column and the
+    position distance of any query and key): then a sliding layer attends to exactly what a full one
+    does, and the caches are built from a copy of the config with those layers made full (HF's
+    sliding caches would drop columns that this run still reads). Raises ``NotImplementedError``
+    otherwise, and for linear-attention / chunked / hybrid layers.
+    """
+    import copy
+
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    probe = DynamicCache(config=model.config)
-    kinds = {type(layer).__name__ for layer in probe.layers}
-    if probe.layers and kinds != {DynamicLayer.__name__}:
-        raise NotImplementedError(f"power_sample supports full-attention decoder models; this model's cache has "
-                                  f"layers of type {sorted(kinds)} (sliding-window or linear attention)")
+    kinds = lambda config: {type(layer).__name__ for layer in DynamicCache(config=config).layers}  # noqa: E731
+    found = kinds(model.config)
+    if found <= {DynamicLayer.__name__}:
+        return model.config
+    text = model.config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    if found <= {DynamicLayer.__name__, "DynamicSlidingWindowLayer"} and isinstance(window, int):
+        if columns > window:
+            raise NotImplementedError(
+                f"power_sample: this run spans {columns} key/value columns (prompt - 1 + 2 * max_new_tokens + "
+                f"room), more than the model's sliding window of {window}: shorten the prompt or max_new_tokens "
+                f"(smc_generate runs sliding-window models at any length)")
+        config = copy.deepcopy(model.config)
+        full = config.get_text_config(decoder=True)
+        full.sliding_window = None
+        if getattr(full, "layer_types", None) is not None:
+            full.layer_types = ["full_attention" if kind == "sliding_attention" else kind for kind in full.layer_types]
+        if kinds(config) <= {DynamicLayer.__name__}:
+            return config
+    raise NotImplementedError(f"power_sample supports full-attention decoder models (and sliding-window ones whose "
+                              f"window holds the whole run); this model's cache has layers of type {sorted(found)}")
 
 
 def _room(limit: int) -> int:
@@ -288,8 +314,8 @@ class _Arena:
         self.M, self.Pp = B * num_chains, P - 1
         device = prompt_ids.device
         self.max_capacity = self.capacity = self.Pp + 2 * T + _room(T)
-        _check_full_attention(model)
-        self.cache = StaticCache(config=model.config, max_cache_len=self.max_capacity)
+        self.config = _arena_config(model, self.max_capacity)
+        self.cache = StaticCache(config=self.config, max_cache_len=self.max_capacity)
         self._full = None  # (layer, full keys, full values) once allocated and narrowed by widen()
         self.mask = torch.zeros(self.M, self.max_capacity + 1, dtype=torch.long, device=device)
         self.prop = torch.zeros_like(self.mask)
@@ -336,7 +362,7 @@ class _Arena:
         """Prefill the ``B`` prompts once and copy each into its ``num_chains`` rows of the arena."""
         from transformers import DynamicCache
 
-        pre = DynamicCache(config=self.model.config)
+        pre = DynamicCache(config=self.config)
         self._forward(ids, mask, (mask.cumsum(1) - 1).clamp_min(0), torch.arange(ids.shape[1], device=ids.device), pre)
         kv = [(layer.keys, layer.values) for layer in pre.layers]
         heads, dims = [k.shape[1] for k, _ in kv], [k.shape[3] for k, _ in kv]
@@ -618,10 +644,10 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     equal to the pad id mark padding when it is not an EOS id, as in ``generate``). ``num_chains``
     independent chains run per prompt, all ``M = B * num_chains`` of them batched in one forward
     pass per token. The model runs in eval mode (switched for the call, with a warning, if training).
-    Full-attention decoders only (Llama, Qwen2, GPT-2, Gemma, Phi3, ...): a model with sliding-window
-    or linear-attention layers (Mistral with ``sliding_window``, Gemma2/3, hybrid models) raises
-    ``NotImplementedError``, since its chains' tokens sit in shared arena columns, not at their
-    positions; ``smc_generate`` runs those models.
+    Full-attention decoders (Llama, Qwen2, GPT-2, Gemma, Phi3, ...), and sliding-window ones (Mistral,
+    Gemma2/3) when the window holds the whole run (``P - 1 + 2.25 * max_new_tokens`` columns): the
+    chains' tokens sit in shared arena columns, not at their positions, so a longer run, and models
+    with linear-attention or chunked layers, raise ``NotImplementedError``; ``smc_generate`` runs those.
 
     Args:
         alpha: power of the target ``p0^alpha`` (> 0); the proposal is the model at temperature ``1/alpha``.
