@@ -415,6 +415,12 @@ def test_numpy_and_torch_integers_are_ints():
     other = power_sample(model, ids, num_chains=np.int64(2), max_new_tokens=torch.tensor(3), block_size=np.int16(2),
                          n_mcmc=np.uint8(2), top_k=np.int32(3), seed=np.int64(4))
     assert torch.equal(plain.completions, other.completions) and torch.equal(plain.acceptance, other.acceptance)
+    # **tok(...) of a tokenizer that returns token_type_ids (all 0) works as with generate.
+    typed = power_sample(model, input_ids=ids, token_type_ids=torch.zeros_like(ids), num_chains=2, max_new_tokens=3,
+                         block_size=2, n_mcmc=2, top_k=3, seed=4)
+    assert torch.equal(plain.completions, typed.completions)
+    with pytest.raises(ValueError, match="token_type_ids"):
+        power_sample(model, ids, token_type_ids=torch.ones_like(ids), max_new_tokens=3)
 
 
 def test_bad_inputs_raise():

@@ -592,8 +592,49 @@ def test_attention_mask_must_be_zeros_and_ones(model):
 
 
 def test_twist_returning_none_is_an_error(model):
-    with pytest.raises(TypeError, match="returned NoneType, expected log psi"):
+    with pytest.raises(TypeError, match="returned NoneType at step 0, expected log psi"):
         smc_generate(model, replicas(1), max_new_tokens=2, twist=lambda h, c: None)
+    # At a later step too (a missing return on one path of the head would silently mean psi = 1).
+    late = lambda h, c: None if c.shape[1] >= 2 else torch.zeros(h.shape[0], V)  # noqa: E731
+    with pytest.raises(TypeError, match="returned NoneType at step 2, expected log psi"):
+        smc_generate(model, replicas(1), max_new_tokens=4, twist=late, eos_token_id=[])
+
+
+def test_deferred_text_potential_sees_each_completion_up_to_its_end(model):
+    """With sync_every > 1 a particle that ended steps ago is scored with pad ids after its EOS; its
+    text is decoded up to its length (here the pad id is a plain token the decoder does not skip), so
+    the potential sees the texts sync_every=1 sees, and log phi / log Zhat are the same."""
+    class Letters:  # decodes every id, the pad id included
+        def batch_decode(self, rows, skip_special_tokens=True):
+            return ["".join("abcdefgh"[i] for i in row) for row in rows]
+
+    seen = {1: [], 4: []}
+    kw = dict(num_particles=6, max_new_tokens=6, eos_token_id=2, pad_token_id=3, ess_threshold=0.0,
+              tokenizer=Letters(), seed=fresh_seed())
+    for every, texts in seen.items():
+        def length(ids, texts, seen=texts):
+            seen.extend(texts)
+            return torch.tensor([-0.5 * len(x) for x in texts])
+
+        out = smc_generate(model, replicas(1), potential=length, sync_every=every, **kw)
+        want = [len(x) for x in out.texts(Letters())[0]]
+        assert sorted(len(x) for x in texts) == sorted(want), every
+        assert torch.equal(out.log_phi[0], -0.5 * torch.tensor(want, dtype=torch.float32))
+    assert sorted(seen[1]) == sorted(seen[4])
+    assert any(x.endswith("c") and len(x) < 6 for x in seen[4]), "no particle ended early: the test proves nothing"
+
+
+def test_token_type_ids_of_a_tokenizer(model):
+    """``smc_generate(model, **tok(...))`` with a tokenizer that returns token_type_ids (all 0), as
+    ``generate`` accepts; nonzero segments are refused, not ignored."""
+    ids = replicas(2)
+    kw = dict(num_particles=2, max_new_tokens=3, seed=fresh_seed())
+    a = smc_generate(model, input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids), **kw)
+    assert torch.equal(a.completions, smc_generate(model, ids, **kw).completions)
+    for bad in (dict(token_type_ids=torch.ones_like(ids)), dict()):
+        arg = {"input_ids": ids, "token_type_ids": torch.ones_like(ids)} if not bad else ids
+        with pytest.raises(ValueError, match="token_type_ids"):
+            smc_generate(model, arg, **bad, **kw)
 
 
 def test_short_reference_completions_must_end(model):

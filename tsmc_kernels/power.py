@@ -133,8 +133,9 @@ class PowerOutput:
 
 # ----------------------------------------------------------------------------- validation
 
-def _validate(model, input_ids, attention_mask, pad_token_id, *, alpha, cut, cut_power, max_new_tokens):
-    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, pad_token_id)
+def _validate(model, input_ids, attention_mask, pad_token_id, *, alpha, cut, cut_power, max_new_tokens,
+              token_type_ids=None):
+    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, pad_token_id, token_type_ids)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1 / ops.MIN_TEMPERATURE:
         raise ValueError(f"alpha must be a Python number in (0, {1 / ops.MIN_TEMPERATURE:g}] (the proposal's "
                          f"temperature is 1 / alpha), got {alpha!r}")
@@ -158,9 +159,10 @@ def _int_args(num_chains, max_new_tokens, block_size, n_mcmc, top_k, seed) -> tu
 
 
 def _setup(model, input_ids, attention_mask, alpha, cut, cut_power, max_new_tokens, block_size, eos_token_id,
-           pad_token_id):
+           pad_token_id, token_type_ids=None):
     input_ids, attention_mask = _validate(model, input_ids, attention_mask, pad_token_id, alpha=alpha, cut=cut,
-                                          cut_power=cut_power, max_new_tokens=max_new_tokens)
+                                          cut_power=cut_power, max_new_tokens=max_new_tokens,
+                                          token_type_ids=token_type_ids)
     input_ids = input_ids.long()
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -636,7 +638,8 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  cut: str = "entropy", cut_power: float = 4.0, num_chains: int = 1, max_new_tokens: int = 256,
                  block_size: int | None = None, n_mcmc: int = 10, top_k: int = 0, seed: int = 0,
                  progress: bool | str = False, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, cuda_graph: bool = False) -> PowerOutput:
+                 pad_token_id: int | None = None, cuda_graph: bool = False,
+                 token_type_ids: torch.Tensor | None = None) -> PowerOutput:
     """Sample completions from ``p0^alpha`` by block-wise Metropolis-Hastings with KV reuse (SPEC §5).
 
     Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (or ``[P]``), padding via
@@ -664,6 +667,7 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         progress: show a tqdm bar over moves (a string is its label).
         eos_token_id, pad_token_id: default from the model's generation config (the pad id also marks
             prompt padding when no attention_mask is given).
+        token_type_ids: accepted so that ``**tok(...)`` works like ``generate(**tok(...))``; must be all 0.
         cuda_graph: capture the per-token step (model forward on the KV arena, sampling, the MH
             decisions of completed proposals, the start of the next moves) in a CUDA graph after
             two eager steps and replay it (CUDA only). The chains are the same as with
@@ -675,7 +679,8 @@ def power_sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     num_chains, max_new_tokens, block_size, n_mcmc, top_k, seed = _int_args(num_chains, max_new_tokens, block_size,
                                                                             n_mcmc, top_k, seed)
     input_ids, attention_mask, eos, pad, ends = _setup(model, input_ids, attention_mask, alpha, cut, cut_power,
-                                                       max_new_tokens, block_size, eos_token_id, pad_token_id)
+                                                       max_new_tokens, block_size, eos_token_id, pad_token_id,
+                                                       token_type_ids)
     if cuda_graph and input_ids.device.type != "cuda":
         raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
     chains = _Chains(model, input_ids, attention_mask, num_chains, max_new_tokens, eos, pad, alpha=float(alpha),

@@ -218,7 +218,7 @@ def _inferred_attention_mask(model, input_ids: torch.Tensor, pad_token_id) -> to
     return (~is_pad).long()
 
 
-def check_prompts(model, input_ids, attention_mask=None, pad_token_id=None):
+def check_prompts(model, input_ids, attention_mask=None, pad_token_id=None, token_type_ids=None):
     """Validate ``input_ids`` ``[B, P]`` (or ``[P]``, or a tokenizer's ``BatchEncoding`` / a dict with
     ``input_ids`` and maybe ``attention_mask``) and ``attention_mask`` against ``model``.
 
@@ -229,7 +229,8 @@ def check_prompts(model, input_ids, attention_mask=None, pad_token_id=None):
     empty, on another device than the model, ids outside the vocabulary, a mask of another shape
     or device, a prompt that is all padding. Padding anywhere else than on the left (a tokenizer's
     right padding) is moved there (:func:`left_align`): the samplers continue every prompt after
-    its last real token.
+    its last real token. ``token_type_ids`` (some tokenizers return them, so ``**tok(...)`` passes them)
+    must be all 0, the segment every sampled token is fed as; a nonzero one raises ``ValueError``.
     Returns:
         ``(input_ids [B, P], attention_mask [B, P] or None)`` with a batch dimension, left-padded.
     """
@@ -238,7 +239,12 @@ def check_prompts(model, input_ids, attention_mask=None, pad_token_id=None):
             raise TypeError(f"input_ids is a mapping without an 'input_ids' entry (keys {sorted(input_ids)})")
         if attention_mask is None:
             attention_mask = input_ids.get("attention_mask")
+        if token_type_ids is None:
+            token_type_ids = input_ids.get("token_type_ids")
         input_ids = input_ids["input_ids"]
+    if token_type_ids is not None and bool(torch.as_tensor(token_type_ids).ne(0).any()):
+        raise ValueError("token_type_ids: segment ids other than 0 are not supported (every sampled token is "
+                         "fed as segment 0)")
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor (or a tokenizer's BatchEncoding), got "
                         f"{type(input_ids).__name__}")

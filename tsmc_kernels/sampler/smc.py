@@ -41,8 +41,8 @@ GRAPH_WARMUP_STEPS = 2  # eager steps before capture (compiles kernels, allocate
 
 
 def _validate(model, input_ids, attention_mask, pad_token_id, num_particles, max_new_tokens, ess_threshold, temperature,
-              top_k, cache, cuda_graph, sync_every, reference_completions):
-    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, pad_token_id)
+              top_k, cache, cuda_graph, sync_every, reference_completions, token_type_ids=None):
+    input_ids, attention_mask = check_prompts(model, input_ids, attention_mask, pad_token_id, token_type_ids)
     ops.check_ess_threshold(ess_threshold)
     ops.check_temperature(temperature)
     if cache not in CACHE_MODES:
@@ -103,7 +103,8 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  cache: str = "dynamic", cuda_graph: bool = False, sync_every: int = 1, progress: bool | str = False,
                  tokenizer=None, intermediate_potential=None, intermediate_every: int | None = None,
                  intermediate_delimiters: Sequence[int] | None = None,
-                 reference_completions: torch.Tensor | None = None, compile_decode: bool = False) -> SMCOutput:
+                 reference_completions: torch.Tensor | None = None, compile_decode: bool = False,
+                 token_type_ids: torch.Tensor | None = None) -> SMCOutput:
     """Sample ``num_particles`` completions per prompt from ``sigma ∝ p0 * phi`` by (twisted) SMC.
 
     Drop-in next to ``model.generate``: ``input_ids`` ``[B, P]`` (or the tokenizer's ``BatchEncoding``
@@ -125,6 +126,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             ``sigma`` restricted to such completions (``Z`` times their share of sigma's mass), not ``sigma``.
         eos_token_id, pad_token_id: default from the model's generation config (the pad id also marks
             prompt padding when no attention_mask is given).
+        token_type_ids: accepted so that ``**tok(...)`` works like ``generate(**tok(...))``; must be all 0.
         seed: all randomness is a function of ``(seed, step, row)`` (``row = b * N + n``: a prompt at
             another batch index draws other numbers); seeds are folded to 32 bits
             (:func:`~tsmc_kernels.rng.fold_seed`: seeds from 2**32 on can repeat a smaller seed's run).
@@ -162,7 +164,7 @@ def smc_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             ("top_k", top_k, 0), ("seed", seed, 0)))
     input_ids, attention_mask = _validate(model, input_ids, attention_mask, pad_token_id, num_particles, max_new_tokens,
                                           ess_threshold, temperature, top_k, cache, cuda_graph, sync_every,
-                                          reference_completions)
+                                          reference_completions, token_type_ids)
     ops._check_scheme(resampling)
     _check_twist_callable(twist)
     phi_fn = as_potential(potential) if potential is not None else None
@@ -329,9 +331,9 @@ class _SMCRun:
         log_twist = None
         if self.twist is not None:
             log_twist = self.twist(hidden, self.tokens[:, :t] if self.pass_ids else None)
-            if first and not isinstance(log_twist, torch.Tensor):  # None would silently mean psi = 1
-                raise TypeError(f"twist {type(self.twist).__name__} returned {type(log_twist).__name__}, expected "
-                                f"log psi [M, V] (a float tensor)")
+            if not isinstance(log_twist, torch.Tensor):  # None would silently mean psi = 1 (host-side check)
+                raise TypeError(f"twist {type(self.twist).__name__} returned {type(log_twist).__name__}"
+                                f"{'' if t is None else f' at step {t}'}, expected log psi [M, V] (a float tensor)")
         out = ops.twist_sample(logits, log_twist, seed=self.seed, step=self.t, validate=first, **self.sample_kw)
         tok, logp, logq, log_psi = out.token, out.logp, out.logq, out.log_psi
         if self.conditional:
@@ -423,7 +425,7 @@ class _SMCRun:
             raise FloatingPointError(f"NaN or +inf in the model logits or twist at {when} (rows {rows})")
         if flags[1]:
             idx = torch.nonzero(inter_due).flatten()
-            new = _call_potential(self.inter_fn, self.tokens[idx, : t + 1], idx // N, self.tokenizer)
+            new = _call_potential(self.inter_fn, self.tokens[idx, : t + 1], self.lengths[idx], idx // N, self.tokenizer)
             self.log_inter.index_copy_(0, idx, new.to(device))
         if flags[0]:
             idx = torch.nonzero(self.awaiting).flatten()
@@ -432,7 +434,7 @@ class _SMCRun:
                 new = check_log_phi(self.phi_fn.log_phi_cached(self.lm, idx, ids, idx // N), idx.numel(),
                                     self.phi_fn.name)
             else:
-                new = _call_potential(self.phi_fn, ids, idx // N, self.tokenizer)
+                new = _call_potential(self.phi_fn, ids, self.lengths[idx], idx // N, self.tokenizer)
             self.phi_value.index_copy_(0, idx, new.to(device))
             self.phi_due[idx] = True
             self.awaiting[idx] = False
@@ -469,12 +471,15 @@ class _SMCRun:
         )
 
 
-def _call_potential(fn, ids: torch.Tensor, prompt_index: torch.Tensor, tokenizer):
-    """Evaluate a potential on ``ids [R, t]`` (rows that just finished / are due), with text if it asks."""
+def _call_potential(fn, ids: torch.Tensor, lengths: torch.Tensor, prompt_index: torch.Tensor, tokenizer):
+    """Evaluate a potential on ``ids [R, t]`` (rows that finished / are due; padded after EOS), with the
+    text of each row's first ``lengths [R]`` tokens if it asks (with ``sync_every > 1`` a row may have
+    finished steps ago: the pad id after its EOS need not be a token the decoder skips)."""
     texts = None
     if fn.needs_text:
         try:
-            texts = tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
+            rows = [row[:n] for row, n in zip(ids.tolist(), lengths.tolist())]
+            texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
         except Exception as exc:  # noqa: BLE001 - re-raise with context
             raise ValueError(f"could not decode completions for potential {fn.name!r}: {exc}") from exc
     return check_log_phi(fn(ids, texts=texts, prompt_index=prompt_index), ids.shape[0], fn.name)
